@@ -59,6 +59,10 @@ class PassContext:
     parent_reports: dict[str, dict] = field(default_factory=dict)
     #: loads the teacher model (from an upstream stage's artifact or a model id), once
     load_teacher: Callable[[], nn.Module] | None = None
+    #: what the stage measured (task metrics, latency, sizes); saved as metrics.json
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: what the pass reports besides ``analyze`` (choices made, per-layer results); saved in report.json
+    report: dict[str, Any] = field(default_factory=dict)
     _teacher: nn.Module | None = None
 
     def teacher(self) -> nn.Module:

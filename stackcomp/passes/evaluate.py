@@ -1,0 +1,53 @@
+"""``evaluate``: the task metric on dev, CPU latency, and exact sizes. Changes nothing."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import nn
+
+from stackcomp.evaluate import measure_latency, size_report
+from stackcomp.passes.base import Pass, PassContext, PassParams
+
+
+class EvaluateParams(PassParams):
+    batch_size: int = Field(default=128, ge=1, description="batch size for the dev-set metric")
+    latency: bool = Field(default=True, description="measure CPU latency")
+    latency_batch_size: int = Field(default=32, ge=1, description="sequences per latency batch")
+    latency_batches: int = Field(default=8, ge=1, description="dev batches timed (the first ones, fixed order)")
+    latency_repeats: int = Field(default=3, ge=1)
+    threads: int | None = Field(default=None, ge=1, description="torch threads while timing (default: as set)")
+
+
+class EvaluatePass(Pass):
+    """Measure the model: task metric on the dev split, latency per batch, parameters and bytes."""
+
+    name = "evaluate"
+    version = "1"
+    Params = EvaluateParams
+    changes_model = False
+
+    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
+        import torch
+
+        p = self.params
+        ctx.metrics.update(size_report(model))
+        if ctx.data is not None:
+            from stackcomp.train import evaluate
+
+            ctx.metrics["main_metric"] = ctx.task.main_metric
+            ctx.metrics.update(evaluate(model, ctx.data.eval_loader(p.batch_size), ctx.data.compute_metrics))
+            if p.latency:
+                batches = []
+                for i, batch in enumerate(ctx.data.eval_loader(p.latency_batch_size, sort_by_length=False)):
+                    if i >= p.latency_batches:
+                        break
+                    batches.append({k: v.to("cpu") for k, v in batch.items()})
+                threads = torch.get_num_threads()
+                if p.threads:
+                    torch.set_num_threads(p.threads)
+                try:
+                    ctx.metrics.update(measure_latency(model.to("cpu"), batches, repeats=p.latency_repeats))
+                finally:
+                    torch.set_num_threads(threads)
+                    model.to(ctx.device)
+        return {}

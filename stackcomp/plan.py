@@ -1,0 +1,172 @@
+"""Plans: the recipe's stages as a networkx DAG, validated, each stage with a content key.
+
+Planning loads no model. It resolves every pass, validates its params against the pass's
+``Params`` model, checks what passes need and where they may stand, and gives each stage a
+key: the hash of its parents' keys, its pass name and version, and its resolved params. The
+root's parent is the source: model, task, data options and seed. Equal keys mean equal work,
+so the engine reuses artifacts by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from pydantic import ValidationError
+
+from stackcomp.errors import PlanError
+from stackcomp.passes.base import KNOWN_NEEDS, Pass, PassParams, get_pass
+from stackcomp.recipe import Recipe, _format_validation
+
+KEY_SCHEMA = "stackcomp-key-1"
+
+
+@dataclass
+class Stage:
+    name: str
+    pass_name: str
+    pass_cls: type[Pass]
+    params: PassParams
+    #: the first parent gives the input model; later ones are extra dependencies
+    parents: list[str]
+    key: str = ""
+    #: the stage whose model is the teacher, when ``params.teacher`` names a stage
+    teacher_stage: str | None = None
+    implicit: bool = False
+
+    def make_pass(self) -> Pass:
+        return self.pass_cls(self.params)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    graph: nx.DiGraph
+    stages: dict[str, Stage]
+    source_key: str
+    order: list[str] = field(default_factory=list)
+
+    def leaves(self) -> list[str]:
+        return [n for n in self.order if self.graph.out_degree(n) == 0]
+
+    def ancestors(self, name: str) -> list[str]:
+        return [n for n in self.order if n in nx.ancestors(self.graph, name)]
+
+    def path_to(self, name: str) -> list[str]:
+        """The chain of first parents from the root to ``name`` (the model's lineage)."""
+        chain = [name]
+        while self.stages[chain[-1]].parents:
+            chain.append(self.stages[chain[-1]].parents[0])
+        return chain[::-1]
+
+
+def build_plan(recipe: Recipe) -> Plan:
+    from stackcomp.passes.evaluate import EvaluatePass
+
+    stages: dict[str, Stage] = {}
+    allow = tuple(recipe.allow_plugins)
+    for name, spec in recipe.stages.items():
+        cls = _resolve_pass(name, spec.pass_name, allow)
+        stages[name] = Stage(
+            name=name, pass_name=spec.pass_name, pass_cls=cls, params=_validate_params(name, cls, spec.params),
+            parents=list(spec.after),
+        )
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(stages)
+    for name, stage in stages.items():
+        if len(set(stage.parents)) != len(stage.parents):
+            raise PlanError(f"stage {name!r}: `after` lists a stage twice")
+        for parent in stage.parents:
+            if parent == name:
+                raise PlanError(f"stage {name!r}: a stage cannot come after itself")
+            if parent not in stages:
+                raise PlanError(f"stage {name!r}: after {parent!r}, but there is no stage {parent!r} (stages: {', '.join(stages)})")
+            graph.add_edge(parent, name)
+        if stage.pass_cls.teacher_param:
+            teacher = getattr(stage.params, stage.pass_cls.teacher_param, None)
+            if isinstance(teacher, str) and teacher in stages:
+                if teacher == name:
+                    raise PlanError(f"stage {name!r}: a stage cannot be its own teacher")
+                stage.teacher_stage = teacher
+                graph.add_edge(teacher, name)
+
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = nx.find_cycle(graph)
+        raise PlanError("the stages form a cycle: " + " -> ".join([u for u, _ in cycle] + [cycle[0][0]]))
+
+    if recipe.evaluate_leaves:
+        for leaf in [n for n in graph.nodes if graph.out_degree(n) == 0]:
+            if stages[leaf].pass_cls.changes_model:
+                name = f"{leaf}.eval"
+                if name in stages:
+                    continue
+                stages[name] = Stage(name=name, pass_name="evaluate", pass_cls=EvaluatePass,
+                                     params=EvaluatePass.Params(), parents=[leaf], implicit=True)
+                graph.add_edge(leaf, name)
+
+    order = list(nx.lexicographical_topological_sort(graph, key=lambda n: list(stages).index(n)))
+    _check_needs_and_order(recipe, stages, graph)
+    source_key = _hash({
+        "schema": KEY_SCHEMA, "model": recipe.model, "task": recipe.task,
+        "data": recipe.data_options().model_dump(mode="json"), "seed": recipe.seed,
+        "trust_remote_code": recipe.trust_remote_code,
+    })
+    for name in order:
+        stage = stages[name]
+        parent_keys = [stages[p].key for p in stage.parents] or [source_key]
+        teacher_key = stages[stage.teacher_stage].key if stage.teacher_stage else None
+        stage.key = _hash({
+            "parents": parent_keys, "teacher": teacher_key, "pass": stage.pass_name,
+            "version": stage.pass_cls.version, "params": stage.params.model_dump(mode="json"),
+        })
+    return Plan(recipe=recipe, graph=graph, stages=stages, source_key=source_key, order=order)
+
+
+def _resolve_pass(stage: str, pass_name: str, allow: tuple[str, ...]) -> type[Pass]:
+    try:
+        return get_pass(pass_name, allow)
+    except PlanError as e:
+        raise PlanError(f"stage {stage!r}: {e}") from None
+
+
+def _validate_params(stage: str, cls: type[Pass], params: dict[str, Any]) -> PassParams:
+    try:
+        return cls.Params.model_validate(params)
+    except ValidationError as e:
+        raise PlanError(f"stage {stage!r} (pass {cls.name}): params.{_format_validation(e)}") from None
+
+
+def _check_needs_and_order(recipe: Recipe, stages: dict[str, Stage], graph: nx.DiGraph) -> None:
+    for name, stage in stages.items():
+        cls = stage.pass_cls
+        unknown = set(cls.needs) - KNOWN_NEEDS
+        if unknown:
+            raise PlanError(f"pass {cls.name!r} declares unknown needs {sorted(unknown)}")
+        if "task" in cls.needs and not recipe.task:
+            raise PlanError(f"stage {name!r}: pass {cls.name} needs a task; set `task:` in the recipe (e.g. glue/sst2)")
+        if "teacher" in cls.needs:
+            teacher = getattr(stage.params, cls.teacher_param or "teacher", None)
+            if not teacher:
+                raise PlanError(f"stage {name!r}: pass {cls.name} needs a teacher; set params.{cls.teacher_param or 'teacher'} "
+                                "to an upstream stage name or a model id")
+        if cls.changes_model is False and len(stage.parents) == 0:
+            raise PlanError(f"stage {name!r}: pass {cls.name} measures a model; give it `after:` a stage that makes one")
+        for anc in nx.ancestors(graph, name):
+            anc_cls = stages[anc].pass_cls
+            if anc_cls.must_be_last and anc_cls.changes_model and cls.changes_model:
+                raise PlanError(
+                    f"stage {name!r} ({cls.name}) comes after {anc!r} ({anc_cls.name}), but {anc_cls.name} must be "
+                    f"the last pass that changes the model; move {name!r} before {anc!r}"
+                )
+            reason = cls.forbid_after.get(anc_cls.name)
+            if reason:
+                raise PlanError(f"stage {name!r} ({cls.name}) cannot come after {anc!r} ({anc_cls.name}): {reason}")
+
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]

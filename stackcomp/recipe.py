@@ -1,0 +1,340 @@
+"""Recipes: YAML files that describe a compression DAG, parsed into pydantic models.
+
+Parsing runs nothing and loads no model. What happens here:
+
+- ``yaml.safe_load`` (tags that build Python objects are refused);
+- ``include:`` of other recipe files (paths relative to the including file), deep-merged
+  under the including recipe;
+- ``key=value`` overrides from the command line (``stages.ft.params.lr=3e-5``), values
+  parsed as YAML scalars or flow lists;
+- sweeps: an override whose value is a comma list (``stages.ds.params.nnz=4,8``) turns the
+  stage and everything downstream of it into sibling branches, one per value;
+- validation into :class:`Recipe`, with errors that name the file and the field.
+
+Pass parameters are checked later, by the plan, against each pass's own ``Params`` model.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stackcomp.errors import RecipeError
+
+MAX_INCLUDE_DEPTH = 16
+MAX_SWEEP_BRANCHES = 256
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-\[\]=,@+]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageSpec(Strict):
+    """One stage: which pass, after which stages, with which parameters."""
+
+    pass_name: str = Field(alias="pass", min_length=1)
+    after: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class Goal(Strict):
+    """What a stack must meet to count (read by ``stackcomp compare``)."""
+
+    metric_drop: float | None = Field(default=None, ge=0, description="max drop of the task metric, in points")
+    max_bytes: float | str | None = Field(default=None, description="max whole-model bytes, e.g. 20MB")
+    max_latency_ms: float | None = Field(default=None, gt=0)
+
+
+class Recipe(Strict):
+    """A whole recipe after includes, overrides and sweeps."""
+
+    name: str = Field(min_length=1, max_length=200)
+    model: str = Field(min_length=1, description="hub id, local directory, or the alias minilm-l6")
+    task: str | None = Field(default=None, description="e.g. glue/sst2")
+    data: dict[str, Any] = Field(default_factory=dict, description="stackcomp.data.DataOptions fields")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    device: str = Field(default="auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(default=False, description="allow loading pickle (.bin) weights")
+    allow_plugins: list[str] = Field(default_factory=list, description="module:Class passes allowed to be imported")
+    evaluate_leaves: bool = Field(default=True, description="add an evaluate stage under every leaf that has none")
+    goal: Goal | None = None
+    stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        for name in stages:
+            if not STAGE_NAME.match(str(name)):
+                raise ValueError(f"stage name {name!r} may use only letters, digits and _ . - [ ] = , @ +")
+        return stages
+
+    @model_validator(mode="after")
+    def _data_options(self) -> Recipe:
+        from stackcomp.data import DataOptions
+
+        try:
+            DataOptions.model_validate(self.data)
+        except ValidationError as e:
+            raise ValueError(_format_validation(e, prefix="data")) from None
+        return self
+
+    def data_options(self) -> Any:
+        from stackcomp.data import DataOptions
+
+        return DataOptions.model_validate(self.data)
+
+    def to_yaml(self) -> str:
+        raw = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, include, override, sweep and validate a recipe file."""
+    path = Path(path)
+    raw = _load_with_includes(path, stack=())
+    return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "<recipe>") -> Recipe:
+    raw = copy.deepcopy(raw)
+    sweeps: list[tuple[list[str], list[Any]]] = []
+    for item in overrides:
+        keys, values = parse_override(item)
+        if len(values) == 1:
+            _set_path(raw, keys, values[0], item)
+        else:
+            sweeps.append((keys, values))
+    if sweeps:
+        raw = _expand_sweeps(raw, sweeps)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_format_validation(e)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe path is a directory, expected a YAML file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        raise RecipeError(
+            f"{path}: YAML tag refused ({e.problem}); recipes are plain data, tags that build objects are not allowed"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}:{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: YAML nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with name, model, stages; got {type(data).__name__}")
+    return data
+
+
+def _load_with_includes(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(str(p) for p in (*stack, resolved))
+        raise RecipeError(f"include cycle: {chain}")
+    if len(stack) >= MAX_INCLUDE_DEPTH:
+        raise RecipeError(f"{path}: includes nested deeper than {MAX_INCLUDE_DEPTH}")
+    data = _read_yaml(path)
+    includes = data.pop("include", None)
+    if includes is None:
+        return data
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise RecipeError(f"{path}: include: expected a file path or a list of paths")
+    base: dict[str, Any] = {}
+    for inc in includes:
+        inc_path = (path.parent / inc) if not Path(inc).is_absolute() else Path(inc)
+        if not inc_path.exists():
+            raise RecipeError(f"{path}: include: file not found: {inc_path}")
+        base = deep_merge(base, _load_with_includes(inc_path, (*stack, resolved)))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- overrides and sweeps
+
+
+def parse_override(item: str) -> tuple[list[str], list[Any]]:
+    """``a.b.c=value`` -> (["a","b","c"], [value]); a comma list outside brackets is a sweep."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected key=value, e.g. stages.ft.params.lr=3e-5")
+    key, _, text = item.partition("=")
+    keys = [k for k in key.strip().split(".")]
+    if not key.strip() or any(not k for k in keys):
+        raise RecipeError(f"override {item!r}: the key must be a dotted path like stages.ft.params.lr")
+    parts = _split_top_level_commas(text)
+    return keys, [_parse_scalar(p, item) for p in parts]
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts if len(parts) > 1 else [text]
+
+
+def _parse_scalar(text: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise RecipeError(f"override {item!r}: cannot parse value {text!r}") from None
+
+
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {'.'.join(keys[:i])} is not a mapping")
+        if k not in node or node[k] is None:
+            if keys[0] == "stages" and i == 1:
+                raise RecipeError(f"override {item!r}: no stage named {k!r} (stages: {', '.join(raw.get('stages', {}))})")
+            node[k] = {}
+        node = node[k]
+    if not isinstance(node, dict):
+        raise RecipeError(f"override {item!r}: {'.'.join(keys[:-1])} is not a mapping")
+    node[keys[-1]] = value
+
+
+def _expand_sweeps(raw: dict[str, Any], sweeps: list[tuple[list[str], list[Any]]]) -> dict[str, Any]:
+    """Each sweep clones its stage and all stages downstream of it, once per value."""
+    stages = raw.get("stages")
+    if not isinstance(stages, dict):
+        raise RecipeError("a sweep needs a recipe with stages")
+    total = 1
+    for keys, values in sweeps:
+        if len(keys) < 3 or keys[0] != "stages":
+            raise RecipeError(
+                f"sweep over {'.'.join(keys)}: only stage keys can be swept (stages.NAME.params.KEY=v1,v2)"
+            )
+        if keys[1] not in stages:
+            raise RecipeError(f"sweep over {'.'.join(keys)}: no stage named {keys[1]!r}")
+        total *= len(values)
+    if total > MAX_SWEEP_BRANCHES:
+        raise RecipeError(f"the sweeps make {total} branches; at most {MAX_SWEEP_BRANCHES} are allowed")
+
+    for keys, values in sweeps:
+        stages = raw["stages"]
+        root = keys[1]
+        downstream = _downstream(stages, root)
+        new_stages: dict[str, Any] = {n: s for n, s in stages.items() if n not in downstream}
+        label = keys[-1]
+        for value in values:
+            suffix = f"[{label}={_short(value)}]"
+            rename = {n: n + suffix for n in downstream}
+            for n in downstream:
+                spec = copy.deepcopy(stages[n])
+                if isinstance(spec, dict):
+                    after = spec.get("after")
+                    if isinstance(after, str):
+                        spec["after"] = rename.get(after, after)
+                    elif isinstance(after, list):
+                        spec["after"] = [rename.get(a, a) if isinstance(a, str) else a for a in after]
+                    params = spec.get("params")
+                    if isinstance(params, dict) and isinstance(params.get("teacher"), str):
+                        params["teacher"] = rename.get(params["teacher"], params["teacher"])
+                new_stages[rename[n]] = spec
+            sub = {"stages": {rename[root]: new_stages[rename[root]]}}
+            _set_path(sub, ["stages", rename[root], *keys[2:]], value, ".".join(keys))
+        raw["stages"] = new_stages
+    return raw
+
+
+def _downstream(stages: dict[str, Any], root: str) -> list[str]:
+    children: dict[str, list[str]] = {}
+    for name, spec in stages.items():
+        after = spec.get("after") if isinstance(spec, dict) else None
+        parents = [after] if isinstance(after, str) else (after or [])
+        for p in parents:
+            if isinstance(p, str):
+                children.setdefault(p, []).append(name)
+    seen, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue  # a cycle; the plan reports it
+        seen.append(n)
+        todo.extend(children.get(n, []))
+    return seen
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    return text.replace("\n", " ")[:40]
+
+
+def sweep_product(sweeps: list[tuple[list[str], list[Any]]]) -> list[tuple[Any, ...]]:
+    return list(itertools.product(*(v for _, v in sweeps)))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _format_validation(e: ValidationError, prefix: str = "") -> str:
+    msgs = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc else prefix
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        msgs.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {len(e.errors()) - 5} more)" if len(e.errors()) > 5 else ""
+    return "; ".join(msgs) + more

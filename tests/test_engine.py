@@ -1,0 +1,145 @@
+"""Engine: cache by key, branches share their prefix, resume after an error, corrupt artifacts."""
+
+import json
+
+import pytest
+import torch
+from pydantic import Field
+
+from stackcomp import load
+from stackcomp.engine import Engine
+from stackcomp.passes.base import Pass, PassParams, register_pass
+from stackcomp.plan import build_plan
+from stackcomp.recipe import recipe_from_dict
+
+CALLS: list[str] = []
+FAIL: set[str] = set()
+
+
+class ScaleParams(PassParams):
+    factor: float = Field(default=2.0)
+
+
+@register_pass
+class _ScalePass(Pass):
+    """Test pass: multiplies the classifier weight, counts its calls."""
+
+    name = "_test_scale"
+    Params = ScaleParams
+
+    def transform(self, model, ctx):
+        CALLS.append(ctx.stage)
+        if ctx.stage in FAIL:
+            raise RuntimeError(f"boom in {ctx.stage}")
+        with torch.no_grad():
+            model.classifier.weight.mul_(self.params.factor)
+        ctx.metrics["classifier_norm"] = float(model.classifier.weight.norm())
+        return model
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+    FAIL.clear()
+
+
+def make_plan(model_dir, stages, **kw):
+    return build_plan(recipe_from_dict({"name": "t", "model": str(model_dir), "stages": stages, **kw}))
+
+
+BRANCHY = {
+    "a": {"pass": "_test_scale", "params": {"factor": 2.0}},
+    "b": {"pass": "_test_scale", "after": "a", "params": {"factor": 3.0}},
+    "c": {"pass": "_test_scale", "after": "a", "params": {"factor": 5.0}},
+}
+
+
+def test_branches_share_their_prefix_and_rerun_is_cached(tmp_path, tiny_model_dirs):
+    plan = make_plan(tiny_model_dirs["bert"], BRANCHY)
+    e = Engine(plan, tmp_path / "run")
+    summary = e.run()
+    assert sorted(CALLS) == ["a", "b", "c"]  # the shared prefix ran once
+    assert set(e.stage_runs) == {"a", "b", "c", "b.eval", "c.eval"}
+    base = torch.load  # noqa: F841  (no pickle anywhere: artifacts are safetensors)
+    norms = {s["stage"]: s["metrics"].get("classifier_norm") for s in summary["stages"]}
+    assert norms["b"] == pytest.approx(norms["a"] * 3, rel=1e-5)
+    assert norms["c"] == pytest.approx(norms["a"] * 5, rel=1e-5)
+    CALLS.clear()
+    e2 = Engine(make_plan(tiny_model_dirs["bert"], BRANCHY), tmp_path / "run")
+    s2 = e2.run()
+    assert CALLS == [] and e2.stage_runs == []
+    assert all(s["status"] == "cached" for s in s2["stages"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ran"] == []
+
+
+def test_changed_params_rerun_only_downstream(tmp_path, tiny_model_dirs):
+    Engine(make_plan(tiny_model_dirs["bert"], BRANCHY), tmp_path / "run").run()
+    CALLS.clear()
+    changed = {**BRANCHY, "c": {"pass": "_test_scale", "after": "a", "params": {"factor": 7.0}}}
+    e = Engine(make_plan(tiny_model_dirs["bert"], changed), tmp_path / "run")
+    e.run()
+    assert CALLS == ["c"]
+
+
+def test_resume_after_an_exception_mid_plan(tmp_path, tiny_model_dirs):
+    FAIL.add("b")
+    plan = make_plan(tiny_model_dirs["bert"], BRANCHY)
+    with pytest.raises(RuntimeError, match="boom in b"):
+        Engine(plan, tmp_path / "run").run()
+    assert CALLS == ["a", "b"]
+    leftovers = [p.name for p in (tmp_path / "run" / "artifacts").iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []  # the failed stage left nothing half-written
+    FAIL.clear()
+    CALLS.clear()
+    e = Engine(make_plan(tiny_model_dirs["bert"], BRANCHY), tmp_path / "run")
+    e.run()
+    assert sorted(CALLS) == ["b", "c"]  # 'a' was not recomputed
+
+
+def test_corrupt_artifact_is_detected_and_recomputed(tmp_path, tiny_model_dirs, caplog):
+    plan = make_plan(tiny_model_dirs["bert"], BRANCHY)
+    Engine(plan, tmp_path / "run").run()
+    weights = tmp_path / "run" / "artifacts" / plan.stages["a"].key / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    CALLS.clear()
+    e = Engine(make_plan(tiny_model_dirs["bert"], BRANCHY), tmp_path / "run")
+    assert e.status()["a"].startswith("corrupt")
+    with caplog.at_level("WARNING", logger="stackcomp"):
+        e.run()
+    assert "a" in CALLS and "checksum" in caplog.text
+
+
+def test_truncated_artifact_is_recomputed(tmp_path, tiny_model_dirs):
+    plan = make_plan(tiny_model_dirs["bert"], BRANCHY)
+    Engine(plan, tmp_path / "run").run()
+    weights = tmp_path / "run" / "artifacts" / plan.stages["b"].key / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    CALLS.clear()
+    Engine(make_plan(tiny_model_dirs["bert"], BRANCHY), tmp_path / "run").run()
+    assert CALLS == ["b"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "albert", "distilbert"])
+def test_artifact_model_reloads_with_stackcomp_load(tmp_path, tiny_model_dirs, kind):
+    stages = {"a": {"pass": "_test_scale", "params": {"factor": 2.0}}}
+    plan = make_plan(tiny_model_dirs[kind], stages, evaluate_leaves=False)
+    Engine(plan, tmp_path / "run").run()
+    model = load(tmp_path / "run" / "artifacts" / plan.stages["a"].key)
+    from transformers import AutoModelForSequenceClassification
+
+    ref = AutoModelForSequenceClassification.from_pretrained(tiny_model_dirs[kind]).eval()
+    x = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        ref.classifier.weight.mul_(2.0)
+        assert torch.allclose(model(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-5)
+
+
+def test_evaluate_stage_reports_sizes_without_storing_a_model(tmp_path, tiny_model_dirs):
+    plan = make_plan(tiny_model_dirs["bert"], {"a": {"pass": "_test_scale"}})
+    summary = Engine(plan, tmp_path / "run").run()
+    ev = next(s for s in summary["stages"] if s["stage"] == "a.eval")
+    assert ev["metrics"]["linear_layers"] == 14  # 12 encoder linears + pooler + classifier
+    assert not (tmp_path / "run" / "artifacts" / plan.stages["a.eval"].key / "model").exists()
+    assert load(tmp_path / "run" / "artifacts" / plan.stages["a.eval"].key) is not None
