@@ -1,0 +1,192 @@
+"""Layers for the factorizers DSFormer is compared against.
+
+* :class:`LowRankLinear`        -- ``W = U V`` (SVD, FWSVD, DRONE);
+* :class:`BlockLowRankLinear`   -- a p x q grid of rank-r blocks; Monarch is the case with an
+  interleaved output order (see :mod:`stackcomp.factorize.blocklr`);
+* :class:`SparseLowRankLinear`  -- LoSparse ``W = U V + S`` with ``S`` row-sparse;
+* :class:`DoubleSparseLinear`   -- DSF ``W = P Q`` with both factors sparse (CSR).
+
+Every layer stores exactly the tensors it reports in :meth:`storage` (values at their dtype,
+indices at the narrowest integer type that holds them), so the reported bytes are the bytes in
+the safetensors file. ``manifest()`` holds the shapes needed to rebuild an empty layer; the
+values come from the state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
+
+__all__ = [
+    "LayerInputError",
+    "index_dtype",
+    "LowRankLinear",
+    "BlockLowRankLinear",
+    "SparseLowRankLinear",
+    "DoubleSparseLinear",
+]
+
+
+class LayerInputError(StackcompError):
+    """Factors or arguments given to a compressed layer do not fit together."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer dtype holding indices ``0 .. n-1`` (uint8, int16, int32, int64)."""
+    if n <= 1 << 8:
+        return torch.uint8
+    if n <= 1 << 15:
+        return torch.int16
+    if n <= 1 << 31:
+        return torch.int32
+    return torch.int64
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _manifest_get(entry: dict[str, Any], key: str, cls: str, kind: type = int) -> Any:
+    if key not in entry:
+        raise ArtifactError(f"layer manifest for {cls} lacks field {key!r} (has {sorted(entry)})")
+    v = entry[key]
+    if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise ArtifactError(f"layer manifest for {cls}: field {key!r} must be a non-negative integer, got {v!r}")
+    if kind is bool and not isinstance(v, bool):
+        raise ArtifactError(f"layer manifest for {cls}: field {key!r} must be true/false, got {v!r}")
+    return v
+
+
+def _manifest_dtype(entry: dict[str, Any], cls: str) -> torch.dtype:
+    name = entry.get("dtype", "float32")
+    if name not in _DTYPES:
+        raise ArtifactError(f"layer manifest for {cls}: dtype {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _check_layout(entry: dict[str, Any], cls: type[CompressedLayer]) -> None:
+    v = entry.get("layout_version", cls.layout_version)
+    if v != cls.layout_version:
+        raise ArtifactError(
+            f"layer manifest for {cls.__name__} has layout_version {v}, this stackcomp reads {cls.layout_version}; "
+            "re-run the stage that produced it"
+        )
+
+
+def _dense_numbers(out_features: int, in_features: int, has_bias: bool) -> tuple[int, float]:
+    dense = out_features * in_features + (out_features if has_bias else 0)
+    return dense, float(dense * 4)
+
+
+def _as_param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
+
+
+def _check_bias(bias: torch.Tensor | None, out_features: int, who: str) -> None:
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise LayerInputError(f"{who}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+
+
+# ----------------------------------------------------------------------------- low rank
+
+
+@register_layer
+class LowRankLinear(CompressedLayer):
+    """``y = x V^T U^T + b``: two thin GEMMs, ``rank * (in + out)`` MACs per token.
+
+    Parameters ``U`` (out x rank), ``V`` (rank x in), ``bias`` (out) or none.
+    """
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if min(in_features, out_features, rank) < 1:
+            raise LayerInputError(
+                f"LowRankLinear: in_features, out_features and rank must be >= 1, got {in_features}, {out_features}, {rank}"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        self.V = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
+        """A layer computing ``x (U V)^T + bias``; the tensors are copied."""
+        if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0]:
+            raise LayerInputError(
+                f"LowRankLinear.from_factors: U {tuple(U.shape)} and V {tuple(V.shape)} must be (out x r) and (r x in)"
+            )
+        _check_bias(bias, U.shape[0], "LowRankLinear.from_factors")
+        layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, dtype=U.dtype)
+        layer.U, layer.V = _as_param(U), _as_param(V.to(U.dtype))
+        if bias is not None:
+            layer.bias = _as_param(bias.to(U.dtype))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, split: str = "sqrt") -> LowRankLinear:
+        """Truncated-SVD replacement of ``linear`` (the pass may use FWSVD/DRONE factors instead)."""
+        from stackcomp.factorize.lowrank import svd_factors
+
+        U, V = svd_factors(linear.weight.detach(), rank, split=split)
+        return cls.from_factors(U, V, None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.V), self.U, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.U @ self.V
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "layout_version": self.layout_version,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+            "dtype": _dtype_name(self.U.dtype),
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> LowRankLinear:
+        _check_layout(entry, cls)
+        n = cls.__name__
+        return cls(
+            _manifest_get(entry, "in_features", n),
+            _manifest_get(entry, "out_features", n),
+            _manifest_get(entry, "rank", n),
+            bias=_manifest_get(entry, "bias", n, bool),
+            dtype=_manifest_dtype(entry, n),
+        )
+
+    def storage(self) -> LayerStorage:
+        params = self.U.numel() + self.V.numel() + (self.bias.numel() if self.bias is not None else 0)
+        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
+        return LayerStorage(params=params, bytes=float(_nbytes(self.U, self.V, self.bias)),
+                            dense_params=dense, dense_bytes=dense_bytes)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}"
