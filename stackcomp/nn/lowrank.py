@@ -190,3 +190,109 @@ class LowRankLinear(CompressedLayer):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
                f"bias={self.bias is not None}"
+
+
+# ----------------------------------------------------------------------------- block low rank
+
+
+@register_layer
+class BlockLowRankLinear(CompressedLayer):
+    """A p x q grid of rank-r blocks: ``U`` (p, q, d, r), ``V`` (p, q, r, c), two batched GEMMs.
+
+    With ``interleave_out=True`` output group ``a`` holds rows ``a, a+p, a+2p, ...``: that is a
+    Monarch matrix (:func:`stackcomp.factorize.blocklr.monarch_factors`), stored in the same
+    numbers as its two block-diagonal factors.
+    """
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, grid: tuple[int, int], rank: int, bias: bool = True,
+                 interleave_out: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        p, q = (int(g) for g in grid)
+        if min(p, q, rank) < 1 or out_features % p or in_features % q:
+            raise LayerInputError(
+                f"BlockLowRankLinear: grid {p}x{q} with rank {rank} does not fit a {out_features}x{in_features} layer"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.grid, self.rank, self.interleave_out = (p, q), rank, bool(interleave_out)
+        d, c = out_features // p, in_features // q
+        self.U = nn.Parameter(torch.zeros(p, q, d, rank, dtype=dtype))
+        self.V = nn.Parameter(torch.zeros(p, q, rank, c, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
+                     interleave_out: bool = False) -> BlockLowRankLinear:
+        if U.dim() != 4 or V.dim() != 4 or U.shape[:2] != V.shape[:2] or U.shape[3] != V.shape[2]:
+            raise LayerInputError(
+                f"BlockLowRankLinear.from_factors: U {tuple(U.shape)} and V {tuple(V.shape)} must be "
+                "(p, q, d, r) and (p, q, r, c)"
+            )
+        p, q, d, r = U.shape
+        c = V.shape[3]
+        _check_bias(bias, p * d, "BlockLowRankLinear.from_factors")
+        layer = cls(q * c, p * d, (p, q), r, bias=bias is not None, interleave_out=interleave_out, dtype=U.dtype)
+        layer.U, layer.V = _as_param(U), _as_param(V.to(U.dtype))
+        if bias is not None:
+            layer.bias = _as_param(bias.to(U.dtype))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, grid: tuple[int, int], rank: int, interleave_out: bool = False,
+                    split: str = "sqrt") -> BlockLowRankLinear:
+        """Best block-wise fit of ``linear`` (per-block truncated SVD); Monarch with ``interleave_out``."""
+        from stackcomp.factorize.blocklr import blocklr_factors
+
+        U, V = blocklr_factors(linear.weight.detach(), grid, rank, interleave_out=interleave_out, split=split)
+        return cls.from_factors(U, V, None if linear.bias is None else linear.bias.detach(), interleave_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from stackcomp.factorize.blocklr import blocklr_matmul
+
+        y = blocklr_matmul(x, self.U, self.V, self.interleave_out)
+        return y + self.bias if self.bias is not None else y
+
+    def to_dense(self) -> torch.Tensor:
+        from stackcomp.factorize.blocklr import blocklr_to_dense
+
+        return blocklr_to_dense(self.U, self.V, self.interleave_out)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "layout_version": self.layout_version,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "grid": list(self.grid),
+            "rank": self.rank,
+            "interleave_out": self.interleave_out,
+            "bias": self.bias is not None,
+            "dtype": _dtype_name(self.U.dtype),
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> BlockLowRankLinear:
+        _check_layout(entry, cls)
+        n = cls.__name__
+        grid = _manifest_get(entry, "grid", n, list)
+        if not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
+            raise ArtifactError(f"layer manifest for {n}: field 'grid' must be [p, q] positive integers, got {grid!r}")
+        return cls(
+            _manifest_get(entry, "in_features", n),
+            _manifest_get(entry, "out_features", n),
+            tuple(grid),
+            _manifest_get(entry, "rank", n),
+            bias=_manifest_get(entry, "bias", n, bool),
+            interleave_out=_manifest_get(entry, "interleave_out", n, bool),
+            dtype=_manifest_dtype(entry, n),
+        )
+
+    def storage(self) -> LayerStorage:
+        params = self.U.numel() + self.V.numel() + (self.bias.numel() if self.bias is not None else 0)
+        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
+        return LayerStorage(params=params, bytes=float(_nbytes(self.U, self.V, self.bias)),
+                            dense_params=dense, dense_bytes=dense_bytes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, grid={self.grid}, "
+                f"rank={self.rank}, interleave_out={self.interleave_out}, bias={self.bias is not None}")
