@@ -296,3 +296,153 @@ class BlockLowRankLinear(CompressedLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, grid={self.grid}, "
                 f"rank={self.rank}, interleave_out={self.interleave_out}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------- LoSparse
+
+
+def _row_selection(keep: torch.Tensor | None, out_features: int, who: str) -> torch.Tensor:
+    """Sorted row indices from a boolean mask (out,) or an index tensor."""
+    if keep.dtype == torch.bool:
+        if keep.shape != (out_features,):
+            raise LayerInputError(f"{who}: boolean row mask has shape {tuple(keep.shape)}, expected ({out_features},)")
+        return torch.nonzero(keep.cpu()).flatten()
+    idx = torch.unique(keep.cpu().long().flatten())  # sorted, distinct
+    if idx.numel() and (idx[0] < 0 or idx[-1] >= out_features):
+        raise LayerInputError(f"{who}: row indices must lie in [0, {out_features}), got {idx[0]}..{idx[-1]}")
+    return idx
+
+
+@register_layer
+class SparseLowRankLinear(CompressedLayer):
+    """LoSparse: ``W = U V + S`` with ``S`` stored as its kept rows only.
+
+    ``sparse`` (n_rows x in) holds rows ``row_index`` (sorted, narrowest integer dtype) of ``S``;
+    every other row of ``S`` is zero. Forward: ``y = x V^T U^T + b``, then ``x sparse^T`` is added
+    into the kept output columns -- three dense GEMMs and an index add, no sparse kernel.
+
+    Training keeps all rows (``n_rows == out``) and zeroes pruned ones with :meth:`zero_rows_`;
+    :meth:`prune_rows` then returns the compact layer for inference and export.
+    """
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, rank: int, n_rows: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if min(in_features, out_features, rank) < 1 or not 0 <= n_rows <= out_features:
+            raise LayerInputError(
+                f"SparseLowRankLinear: need in, out, rank >= 1 and 0 <= n_rows <= out; got {in_features}, "
+                f"{out_features}, {rank}, {n_rows}"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
+        self.V = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype))
+        self.sparse = nn.Parameter(torch.zeros(n_rows, in_features, dtype=dtype))
+        self.register_buffer("row_index", torch.arange(n_rows).to(index_dtype(out_features)))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @property
+    def n_rows(self) -> int:
+        return self.sparse.shape[0]
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None = None,
+                     rows: torch.Tensor | None = None) -> SparseLowRankLinear:
+        """``U`` (out x r), ``V`` (r x in), dense ``S`` (out x in); keep the rows ``rows`` of ``S``
+        (boolean mask or indices; all rows if omitted)."""
+        who = "SparseLowRankLinear.from_factors"
+        if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0] or tuple(S.shape) != (U.shape[0], V.shape[1]):
+            raise LayerInputError(
+                f"{who}: U {tuple(U.shape)}, V {tuple(V.shape)}, S {tuple(S.shape)} must be (out x r), (r x in), (out x in)"
+            )
+        out_f, in_f = S.shape
+        _check_bias(bias, out_f, who)
+        idx = torch.arange(out_f) if rows is None else _row_selection(rows, out_f, who)
+        layer = cls(in_f, out_f, U.shape[1], idx.numel(), bias=bias is not None, dtype=U.dtype)
+        layer.U, layer.V = _as_param(U), _as_param(V.to(U.dtype))
+        layer.sparse = _as_param(S.detach()[idx.to(S.device)].to(U.dtype))
+        layer.row_index = idx.to(device=U.device, dtype=index_dtype(out_f))
+        if bias is not None:
+            layer.bias = _as_param(bias.to(U.dtype))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int) -> SparseLowRankLinear:
+        """LoSparse initialisation: SVD low-rank part, dense residual ``S`` (all rows kept)."""
+        from stackcomp.factorize.losparse import losparse_init
+
+        U, V, S = losparse_init(linear.weight.detach(), rank)
+        return cls.from_factors(U, V, S, None if linear.bias is None else linear.bias.detach())
+
+    @torch.no_grad()
+    def zero_rows_(self, keep: torch.Tensor) -> None:
+        """Training-time masking: zero the stored rows of ``S`` whose output row is not kept.
+
+        ``keep`` is a boolean mask over all ``out`` rows (as :func:`select_rows` returns)."""
+        if keep.dtype != torch.bool or keep.shape != (self.out_features,):
+            raise LayerInputError(f"zero_rows_: keep must be a boolean mask of shape ({self.out_features},)")
+        drop = ~keep.to(self.sparse.device)[self.row_index.long()]
+        self.sparse[drop] = 0
+
+    def prune_rows(self, keep: torch.Tensor | None = None) -> SparseLowRankLinear:
+        """A new compact layer storing only the kept rows of ``S``.
+
+        ``keep``: boolean mask over the ``out`` rows, or row indices; rows not stored now stay
+        absent. ``None`` keeps the stored rows that hold any nonzero.
+        """
+        stored = self.row_index.long().cpu()
+        if keep is None:
+            sel = (self.sparse.detach() != 0).any(dim=1).cpu()
+        else:
+            wanted = torch.zeros(self.out_features, dtype=torch.bool)
+            wanted[_row_selection(keep, self.out_features, "prune_rows")] = True
+            sel = wanted[stored]
+        S = torch.zeros(self.out_features, self.in_features, dtype=self.sparse.dtype, device=self.sparse.device)
+        S[stored.to(S.device)] = self.sparse.detach()
+        return type(self).from_factors(self.U.detach(), self.V.detach(), S,
+                                       None if self.bias is None else self.bias.detach(), rows=stored[sel])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(F.linear(x, self.V), self.U, self.bias)
+        if self.n_rows:
+            y = y.index_add(-1, self.row_index.long(), F.linear(x, self.sparse))
+        return y
+
+    def to_dense(self) -> torch.Tensor:
+        return (self.U @ self.V).index_add(0, self.row_index.long(), self.sparse)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "layout_version": self.layout_version,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "n_rows": self.n_rows,
+            "bias": self.bias is not None,
+            "dtype": _dtype_name(self.U.dtype),
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> SparseLowRankLinear:
+        _check_layout(entry, cls)
+        n = cls.__name__
+        return cls(
+            _manifest_get(entry, "in_features", n),
+            _manifest_get(entry, "out_features", n),
+            _manifest_get(entry, "rank", n),
+            _manifest_get(entry, "n_rows", n),
+            bias=_manifest_get(entry, "bias", n, bool),
+            dtype=_manifest_dtype(entry, n),
+        )
+
+    def storage(self) -> LayerStorage:
+        params = self.U.numel() + self.V.numel() + self.sparse.numel() + (
+            self.bias.numel() if self.bias is not None else 0)
+        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
+        nbytes = _nbytes(self.U, self.V, self.sparse, self.row_index, self.bias)
+        return LayerStorage(params=params, bytes=float(nbytes), dense_params=dense, dense_bytes=dense_bytes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"n_rows={self.n_rows}, bias={self.bias is not None}")
