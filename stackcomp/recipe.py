@@ -17,7 +17,7 @@ Pass parameters are checked later, by the plan, against each pass's own ``Params
 from __future__ import annotations
 
 import copy
-import itertools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -230,11 +230,17 @@ def _split_top_level_commas(text: str) -> list[str]:
     return parts if len(parts) > 1 else [text]
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _parse_scalar(text: str, item: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         raise RecipeError(f"override {item!r}: cannot parse value {text!r}") from None
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
+    return value
 
 
 def _set_path(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
@@ -315,12 +321,12 @@ def _downstream(stages: dict[str, Any], root: str) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
-    return text.replace("\n", " ")[:40]
-
-
-def sweep_product(sweeps: list[tuple[list[str], list[Any]]]) -> list[tuple[Any, ...]]:
-    return list(itertools.product(*(v for _, v in sweeps)))
+    """The value as it appears in a branch name: ``ds[nnz=4]``."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        text = str(value)
+    else:
+        text = json.dumps(value, separators=(",", ":"))
+    return re.sub(r"[^A-Za-z0-9_.\-,=+@]", "", text)[:40]
 
 
 # ----------------------------------------------------------------------------- errors

@@ -33,7 +33,7 @@ class _ScalePass(Pass):
             raise RuntimeError(f"boom in {ctx.stage}")
         with torch.no_grad():
             model.classifier.weight.mul_(self.params.factor)
-        ctx.metrics["classifier_norm"] = float(model.classifier.weight.norm())
+        ctx.metrics["classifier_norm"] = float(model.classifier.weight.detach().norm())
         return model
 
 
