@@ -1,0 +1,248 @@
+"""A task's data ready for a model: tokenized once, capped, and served as torch DataLoaders.
+
+Tokenization is lazy (a split is tokenized the first time something asks for it) and happens
+once per split, batched, truncating to ``max_length`` without padding; batches are padded to
+their own longest sequence (``DataCollatorWithPadding``). Training batches group sequences of
+similar length (``transformers``' ``LengthGroupedSampler``), evaluation batches are sorted by
+length, longest first; either way each label travels in the batch with its own sequence.
+
+Sample caps take a seeded random subset (``options.seed``) for train and eval alike, so a
+small eval cap still samples the whole dev set rather than its first rows (which in some GLUE
+files are ordered by source or genre); the subset keeps file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from stackcomp.data.glue import TaskSpec, get_task, load_split, resolve_split
+from stackcomp.data.metrics import compute_metrics as _compute_metrics
+from stackcomp.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
+    from torch.utils.data import DataLoader
+
+log = logging.getLogger("stackcomp.data")
+
+
+class DataOptions(BaseModel):
+    """How a recipe's task data is read, capped and tokenized (the recipe's ``data:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_train_samples: int | None = Field(default=None, ge=1, description="seeded random subset of train")
+    max_eval_samples: int | None = Field(default=None, ge=1, description="seeded random subset of the eval split")
+    max_length: int = Field(default=128, ge=2, description="tokens per example after truncation")
+    seed: int = Field(default=42, ge=0, description="seed for sample caps, shuffling and calibration picks")
+    group_by_length: bool = Field(default=True, description="train batches of similar length (less padding)")
+    data_dir: str | None = Field(default=None, description="folder holding glue/<TASK>/*.tsv; "
+                                 "default $STACKCOMP_DATA_DIR, else the hub")
+    eval_split: str | None = Field(default=None, description="evaluation split, default the task's dev split "
+                                   "(MNLI: dev_matched; dev_mismatched also works)")
+
+
+class _Collate:
+    """Dynamic padding to the batch's longest sequence; returns a plain dict of tensors."""
+
+    def __init__(self, tokenizer: Any):
+        from transformers import DataCollatorWithPadding
+
+        self.inner = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return dict(self.inner(features))
+
+
+@contextmanager
+def _quiet_datasets():
+    """No datasets progress bars while we map: the engine shows its own progress."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _subset(n: int, cap: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random subset of size ``cap``, or None to keep all ``n``."""
+    if cap is None or cap >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+class TaskData:
+    """Train/eval loaders, calibration batches and metrics for one task and one tokenizer."""
+
+    def __init__(self, task: str | TaskSpec, tokenizer: Any, options: DataOptions | dict | None = None):
+        self.task: TaskSpec = get_task(task)
+        self.tokenizer = tokenizer
+        self.options = options if isinstance(options, DataOptions) else DataOptions.model_validate(options or {})
+        if getattr(tokenizer, "pad_token", None) is None:
+            name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+            raise DataError(f"tokenizer {name!r} has no pad token, which batching needs; "
+                            "give it one (e.g. tokenizer.pad_token = tokenizer.eos_token) before building TaskData")
+        self.eval_split: str = resolve_split(self.task, self.options.eval_split or "dev")
+        self.collator = _Collate(tokenizer)
+        self._tokenized: dict[str, tuple[datasets.Dataset, np.ndarray]] = {}
+        self._sorted: dict[str, datasets.Dataset] = {}
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def num_labels(self) -> int:
+        return self.task.num_labels
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.task.label_names
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task.is_regression
+
+    @property
+    def main_metric(self) -> str:
+        return self.task.main_metric
+
+    # ------------------------------------------------------------------ tokenized splits
+
+    def dataset(self, split: str = "train") -> datasets.Dataset:
+        """The tokenized split: columns input_ids, attention_mask, [token_type_ids], labels."""
+        return self._split(split)[0]
+
+    def lengths(self, split: str = "train") -> np.ndarray:
+        """Tokens per example of the tokenized split, in dataset order."""
+        return self._split(split)[1]
+
+    @property
+    def train_dataset(self) -> datasets.Dataset:
+        return self.dataset("train")
+
+    @property
+    def eval_dataset(self) -> datasets.Dataset:
+        return self.dataset(self.eval_split)
+
+    def _split(self, split: str) -> tuple[datasets.Dataset, np.ndarray]:
+        split = resolve_split(self.task, split)
+        if split not in self._tokenized:
+            self._tokenized[split] = self._tokenize(split)
+        return self._tokenized[split]
+
+    def _tokenize(self, split: str) -> tuple[datasets.Dataset, np.ndarray]:
+        opts = self.options
+        raw = load_split(self.task, split, opts.data_dir)
+        cap = opts.max_train_samples if split == "train" else opts.max_eval_samples
+        keep = _subset(len(raw), cap, opts.seed)
+        if keep is not None:
+            raw = raw.select(keep, keep_in_memory=True)
+        tokenizer, fields, max_length = self.tokenizer, self.task.text_fields, opts.max_length
+        wanted = {"input_ids", *getattr(tokenizer, "model_input_names", ())}
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            enc = tokenizer(*(batch[f] for f in fields), truncation=True, max_length=max_length)
+            out = {k: v for k, v in enc.items() if k in wanted}
+            out["labels"] = batch["label"]
+            out["length"] = [len(ids) for ids in enc["input_ids"]]
+            return out
+
+        # An explicit fingerprint spares datasets from hashing the tokenizer through the closure.
+        fingerprint = hashlib.sha256(
+            f"{self.task.name}|{split}|{max_length}|{cap}|{opts.seed}|{id(tokenizer)}|{raw._fingerprint}".encode()
+        ).hexdigest()[:32]
+        start = time.perf_counter()
+        with _quiet_datasets():
+            ds = raw.map(encode, batched=True, batch_size=2000, remove_columns=raw.column_names,
+                         keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint)
+        lengths = ds.data.column("length").to_numpy().astype(np.int64)
+        ds = ds.remove_columns("length")
+        log.info("tokenized %s %s: %d examples in %.2f s (longest %d tokens, %d at max_length)", self.task.name, split,
+                 len(ds), time.perf_counter() - start, int(lengths.max(initial=0)),
+                 int((lengths >= max_length).sum()))
+        return ds, lengths
+
+    # ------------------------------------------------------------------ loaders
+
+    def train_loader(self, batch_size: int, seed: int | None = None, group_by_length: bool | None = None,
+                     *, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+        """Shuffled training batches (seeded), length-grouped unless told otherwise.
+
+        Each pass over the loader draws a new order from the same seeded generator, so epochs
+        differ and a rerun repeats them. Under accelerate's ``prepare`` every process builds the
+        same order from the same seed and takes its own shard of the batches.
+        """
+        from torch.utils.data import DataLoader, RandomSampler
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        _check_batch_size(batch_size)
+        ds, lengths = self._split("train")
+        generator = torch.Generator().manual_seed(self.options.seed if seed is None else seed)
+        group = self.options.group_by_length if group_by_length is None else group_by_length
+        if group:
+            sampler = LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=generator)
+        else:
+            sampler = RandomSampler(ds, generator=generator)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
+                          num_workers=num_workers, drop_last=drop_last)
+
+    def eval_loader(self, batch_size: int, *, split: str | None = None, sort_by_length: bool = True,
+                    num_workers: int = 0) -> DataLoader:
+        """Evaluation batches in a fixed order: longest first (least padding), or file order."""
+        from torch.utils.data import DataLoader
+
+        _check_batch_size(batch_size)
+        split = resolve_split(self.task, split or self.eval_split)
+        ds, lengths = self._split(split)
+        if sort_by_length:
+            if split not in self._sorted:
+                order = np.argsort(-lengths, kind="stable")
+                self._sorted[split] = ds.select(order, keep_in_memory=True)
+            ds = self._sorted[split]
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=self.collator,
+                          num_workers=num_workers)
+
+    def calibration_batches(self, n: int, batch_size: int, *, seed: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """``n`` training examples (not batches; all of train if fewer), picked at random (seeded).
+
+        Batched in order of length, longest first, so little of each batch is padding; use all
+        the batches, since early ones hold the longest sequences.
+        """
+        if n < 1:
+            raise DataError(f"calibration needs at least one example, got n={n}")
+        _check_batch_size(batch_size)
+        ds, lengths = self._split("train")
+        pick = _subset(len(ds), n, self.options.seed if seed is None else seed)
+        pick = np.arange(len(ds)) if pick is None else pick
+        pick = pick[np.argsort(-lengths[pick], kind="stable")]
+        return [self.collator(_rows(ds, pick[i:i + batch_size])) for i in range(0, len(pick), batch_size)]
+
+    # ------------------------------------------------------------------ metrics
+
+    def compute_metrics(self, predictions: Any, labels: Any) -> dict[str, float]:
+        """The task's metrics for logits (N, C) or regression scores (N,) against labels."""
+        return _compute_metrics(self.task, predictions, labels)
+
+    def __repr__(self) -> str:
+        return (f"TaskData({self.task.name}, eval={self.eval_split}, max_length={self.options.max_length}, "
+                f"tokenized={sorted(self._tokenized)})")
+
+
+def _rows(ds: datasets.Dataset, indices: np.ndarray) -> list[dict[str, Any]]:
+    return ds.__getitems__(indices.tolist())
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
