@@ -198,6 +198,12 @@ def test_data_dir_from_environment_and_glue_folder_itself(glue_dir, monkeypatch)
     assert len(load_split("rte", "dev", data_dir=glue_dir / "glue")) == 3
 
 
+def test_test_split_without_labels_gets_minus_one(tmp_path):
+    _write(tmp_path / "glue" / "SST-2" / "test.tsv", ["index", "sentence"], [["0", 'a "quoted'], ["1", "b"]])
+    ds = load_split("sst2", "test", data_dir=tmp_path)
+    assert ds["sentence"][:] == ['a "quoted', "b"] and ds["label"][:] == [-1, -1]
+
+
 def test_unknown_split_is_a_data_error(glue_dir):
     with pytest.raises(DataError, match="dev_mismatched.*splits are train, dev, test"):
         load_split("sst2", "dev_mismatched", data_dir=glue_dir)
@@ -255,6 +261,25 @@ def test_hub_fallback_offline_fails_fast_with_advice(monkeypatch, tmp_path):
     assert "Traceback" not in msg and len(msg) < 1000
 
 
+def test_hub_path_asks_for_the_hub_split_and_keeps_hub_columns(monkeypatch):
+    import datasets
+
+    asked = []
+
+    def fake_load_dataset(path, name, split):
+        asked.append((path, name, split))
+        features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=list(HUB_LABELS["glue/mnli"])),
+                                      "idx": datasets.Value("int32"), "extra": datasets.Value("string")})
+        return datasets.Dataset.from_dict({"premise": ["p"], "hypothesis": ["h"], "label": [2], "idx": [0],
+                                           "extra": ["x"]}, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_split("MNLI", "dev_mismatched")
+    assert asked == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert ds.column_names == ["premise", "hypothesis", "label", "idx"] and ds["label"][:] == [2]
+
+
 # ------------------------------------------------------------------------------------ real shared data
 
 
@@ -268,6 +293,7 @@ def test_real_sst2_dev_has_872_rows_444_positive():
     ds = load_split("sst2", "dev", data_dir=_shared("SST-2"))
     assert len(ds) == 872
     assert sum(ds["label"][:]) == 444
+    assert len(load_split("sst2", "test", data_dir=_shared("SST-2"))) == 1821
 
 
 def test_real_cola_dev_has_1043_rows_and_matches_a_plain_reading():
@@ -423,6 +449,8 @@ def test_taskdata_is_lazy_and_validates_options(tmp_path, tokenizer, glue_dir):
     assert tokenizer.decode(mm.eval_dataset[0]["input_ids"]).count("dev _ mismatched") == 2
     with pytest.raises(DataError, match="batch_size"):
         mm.eval_loader(0)
+    with pytest.raises(DataError, match="max_length 1024 exceeds the tokenizer's model_max_length 512"):
+        TaskData("sst2", tokenizer, {"max_length": 1024})
 
 
 # ------------------------------------------------------------------------------------ metrics

@@ -94,6 +94,10 @@ class TaskData:
             name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
             raise DataError(f"tokenizer {name!r} has no pad token, which batching needs; "
                             "give it one (e.g. tokenizer.pad_token = tokenizer.eos_token) before building TaskData")
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and limit < 1_000_000 and self.options.max_length > limit:
+            raise DataError(f"data.max_length {self.options.max_length} exceeds the tokenizer's model_max_length "
+                            f"{limit}; the model cannot take sequences that long")
         self.eval_split: str = resolve_split(self.task, self.options.eval_split or "dev")
         self.collator = _Collate(tokenizer)
         self._tokenized: dict[str, tuple[datasets.Dataset, np.ndarray]] = {}
