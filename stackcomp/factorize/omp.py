@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from stackcomp.errors import StackcompError
+# One shared error class for bad factorization input (a StackcompError subclass).
+from stackcomp.factorize.lowrank import FactorizeError
 
 __all__ = ["FactorizeError", "omp", "sparse_code", "gram_and_xy", "codes_to_dense"]
-
-
-class FactorizeError(StackcompError):
-    """Bad input to a factorization routine (shapes, sparsity, non-finite numbers)."""
-
 
 # Default relative tolerances, per working dtype: an atom whose squared distance to the span
 # of the chosen atoms is below ``eps * ||d||^2`` counts as dependent; the residual counts as

@@ -1,0 +1,196 @@
+"""Exact byte accounting for DSFormer and rank-r factors, and the choice of (B, K, s) for a budget.
+
+Conventions (shared with :mod:`stackcomp.factorize.lowrank` and ``LayerStorage``):
+
+* the dense reference is the fp32 ``nn.Linear``: ``(out*in + out) * 4`` bytes with a bias;
+* a compressed layer stores its float tensors (dictionary, values, bias; or U, V, bias) at
+  ``value_bits`` and its indices at the width of the integer type that actually holds them
+  (:func:`index_dtype`): uint8 for K <= 256, int16 for K <= 32768, int32 beyond. ``DSLinear``
+  stores its indices with that same type, so these numbers equal its ``storage()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from stackcomp.factorize.dictionary import DSFactors, factorize_ds
+from stackcomp.factorize.lowrank import lowrank_bytes
+from stackcomp.factorize.omp import FactorizeError
+
+__all__ = [
+    "index_dtype",
+    "index_bits_for",
+    "dense_bytes",
+    "ds_bytes",
+    "svd_bytes",
+    "svd_rank_for_bytes",
+    "ds_max_nnz",
+    "DSChoice",
+    "search_ds_config",
+]
+
+
+def index_dtype(atoms: int) -> torch.dtype:
+    """The integer type that stores atom indices 0..K-1: uint8, int16 or int32."""
+    if atoms <= 256:
+        return torch.uint8
+    if atoms <= 1 << 15:
+        return torch.int16
+    return torch.int32
+
+
+def index_bits_for(atoms: int) -> int:
+    """Bits per stored index for K atoms (``ceil(log2 K)`` rounded up to the storage type)."""
+    return {torch.uint8: 8, torch.int16: 16, torch.int32: 32}[index_dtype(atoms)]
+
+
+def _check_pos(name: str, **vals: int) -> None:
+    for k, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FactorizeError(f"{name}: {k} must be a positive int, got {v!r}")
+
+
+def dense_bytes(out_features: int, in_features: int, value_bits: int = 32, bias: bool = True) -> float:
+    """Bytes of a dense linear (weight + bias) at ``value_bits``."""
+    _check_pos("dense_bytes", out_features=out_features, in_features=in_features)
+    return (out_features * in_features + (out_features if bias else 0)) * value_bits / 8
+
+
+def ds_bytes(
+    out_features: int,
+    in_features: int,
+    block: int,
+    atoms: int,
+    nnz: int,
+    value_bits: int = 32,
+    index_bits: int | None = None,
+    bias: bool = True,
+) -> float:
+    """Bytes of a DS layer: dictionaries ``nb*K*B`` and values ``out*nb*s`` (and the bias) at
+    ``value_bits``, indices ``out*nb*s`` at ``index_bits`` (default: the storage type's width)."""
+    _check_pos("ds_bytes", out_features=out_features, in_features=in_features, block=block, atoms=atoms, nnz=nnz)
+    if in_features % block:
+        raise FactorizeError(f"ds_bytes: block={block} does not divide in_features={in_features}")
+    nb = in_features // block
+    ibits = index_bits_for(atoms) if index_bits is None else index_bits
+    floats = nb * atoms * block + out_features * nb * nnz + (out_features if bias else 0)
+    return floats * value_bits / 8 + out_features * nb * nnz * ibits / 8
+
+
+def svd_bytes(out_features: int, in_features: int, rank: int, value_bits: int = 32, bias: bool = True) -> float:
+    """Bytes of rank-r factors ``U (out x r)``, ``V (r x in)`` plus bias at ``value_bits``."""
+    _check_pos("svd_bytes", out_features=out_features, in_features=in_features, rank=rank)
+    return lowrank_bytes(out_features, in_features, rank, value_bits, bias)
+
+
+def svd_rank_for_bytes(
+    out_features: int, in_features: int, budget: float, value_bits: int = 32, bias: bool = True
+) -> int:
+    """The largest rank whose factors fit in ``budget`` bytes (0 if none does)."""
+    b = out_features if bias else 0
+    per_rank = (out_features + in_features) * value_bits / 8
+    return max(0, math.floor((budget - b * value_bits / 8) / per_rank + 1e-9))
+
+
+def ds_max_nnz(
+    out_features: int,
+    in_features: int,
+    block: int,
+    atoms: int,
+    budget: float,
+    value_bits: int = 32,
+    index_bits: int | None = None,
+    bias: bool = True,
+) -> int:
+    """The largest s whose DS layer fits in ``budget`` bytes (0 if none does)."""
+    base = ds_bytes(out_features, in_features, block, atoms, 1, value_bits, index_bits, bias)
+    step = ds_bytes(out_features, in_features, block, atoms, 2, value_bits, index_bits, bias) - base
+    if base > budget:
+        return 0
+    return 1 + math.floor((budget - base) / step + 1e-9)
+
+
+@dataclass
+class DSChoice:
+    """The chosen configuration, its bytes and ratio, its (proxy) error and factors, and every
+    candidate tried as ``(block, atoms, nnz, bytes, error)``."""
+
+    block: int
+    atoms: int
+    nnz: int
+    bytes: float
+    ratio: float
+    error: float
+    factors: DSFactors
+    tried: list[tuple[int, int, int, float, float]] = field(default_factory=list)
+
+
+def _default_candidates(in_features: int) -> list[tuple[int, int]]:
+    out = []
+    for B in (16, 32, 64, 128):
+        if B <= in_features and in_features % B == 0:
+            for K in (B, 2 * B, 4 * B):
+                out.append((B, K))
+    return out
+
+
+def search_ds_config(
+    W: torch.Tensor,
+    target_ratio: float,
+    candidates: list[tuple[int, ...]] | None = None,
+    *,
+    value_bits: int = 32,
+    index_bits: int | None = None,
+    bias: bool = True,
+    iters: int = 2,
+    method: str = "mod",
+    seed: int = 0,
+    name: str = "weight",
+) -> DSChoice:
+    """Pick (B, K, s) for one weight W (out x in) at ``target_ratio`` x smaller than dense fp32.
+
+    The budget is ``dense_bytes(out, in, 32, bias) / target_ratio``. Candidates are ``(B, K)``
+    pairs (s = the largest that fits, capped at min(K, B)) or ``(B, K, s)`` triples (skipped when
+    over budget); by default B in {16, 32, 64, 128} dividing ``in`` and K in {B, 2B, 4B}. Each is
+    scored by a cheap factorization (``iters`` rounds of ``method``); the least error wins.
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise FactorizeError(f"{name}: search_ds_config needs a 2-D weight, got {getattr(W, 'shape', W)!r}")
+    if not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio) and target_ratio > 0):
+        raise FactorizeError(f"{name}: target_ratio must be a positive number, got {target_ratio!r}")
+    out_f, in_f = W.shape
+    budget = dense_bytes(out_f, in_f, 32, bias) / target_ratio
+    trials: list[tuple[int, int, int]] = []
+    for c in candidates if candidates is not None else _default_candidates(in_f):
+        if len(c) not in (2, 3):
+            raise FactorizeError(f"{name}: a candidate must be (B, K) or (B, K, s), got {c!r}")
+        B, K = int(c[0]), int(c[1])
+        if B < 1 or K < 1 or in_f % B:
+            continue
+        if len(c) == 3:
+            s = int(c[2])
+            if s < 1 or s > K or ds_bytes(out_f, in_f, B, K, s, value_bits, index_bits, bias) > budget:
+                continue
+        else:
+            s = min(ds_max_nnz(out_f, in_f, B, K, budget, value_bits, index_bits, bias), K, B)
+            if s < 1:
+                continue
+        trials.append((B, K, s))
+    if not trials:
+        raise FactorizeError(
+            f"{name}: no (B, K, s) candidate fits {target_ratio:g}x ({budget:.0f} bytes) for a {out_f}x{in_f} weight; "
+            "try a smaller ratio or other candidates"
+        )
+    best: DSChoice | None = None
+    tried = []
+    for B, K, s in trials:
+        f = factorize_ds(W, B, K, s, iters=iters, method=method, seed=seed, name=name)
+        nbytes = ds_bytes(out_f, in_f, B, K, s, value_bits, index_bits, bias)
+        tried.append((B, K, s, nbytes, f.error))
+        if best is None or f.error < best.error:
+            best = DSChoice(B, K, s, nbytes, dense_bytes(out_f, in_f, 32, bias) / nbytes, f.error, f)
+    best.tried = tried
+    return best
