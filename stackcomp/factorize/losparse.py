@@ -155,7 +155,9 @@ class Importance:
         if grad is None:
             raise FactorizeError("Importance.update: the parameter has no gradient (call after backward)")
         if grad.shape != weight.shape:
-            raise FactorizeError(f"Importance.update: grad {tuple(grad.shape)} does not match weight {tuple(weight.shape)}")
+            raise FactorizeError(
+                f"Importance.update: grad {tuple(grad.shape)} does not match weight {tuple(weight.shape)}"
+            )
         sens = (weight.detach() * grad.detach()).abs().float()
         if self.ema is None:
             self.window = torch.zeros_like(sens)

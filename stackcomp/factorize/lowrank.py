@@ -336,7 +336,8 @@ def rank_for_ratio(
     top = min(out_features, in_features)
     if rank > top:
         raise FactorizeError(
-            f"{name}: {ratio:g}x for a {out_features}x{in_features} layer would need rank {rank} > min(out, in) = {top}; "
+            f"{name}: {ratio:g}x for a {out_features}x{in_features} layer would need rank {rank} > "
+            f"min(out, in) = {top}; "
             "low rank cannot help at so mild a ratio, keep the layer dense"
         )
     return rank

@@ -124,7 +124,8 @@ class LowRankLinear(CompressedLayer):
         super().__init__()
         if min(in_features, out_features, rank) < 1:
             raise LayerInputError(
-                f"LowRankLinear: in_features, out_features and rank must be >= 1, got {in_features}, {out_features}, {rank}"
+                "LowRankLinear: in_features, out_features and rank must be >= 1, "
+                f"got {in_features}, {out_features}, {rank}"
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.U = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype))
@@ -354,7 +355,8 @@ class SparseLowRankLinear(CompressedLayer):
         who = "SparseLowRankLinear.from_factors"
         if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[0] or tuple(S.shape) != (U.shape[0], V.shape[1]):
             raise LayerInputError(
-                f"{who}: U {tuple(U.shape)}, V {tuple(V.shape)}, S {tuple(S.shape)} must be (out x r), (r x in), (out x in)"
+                f"{who}: U {tuple(U.shape)}, V {tuple(V.shape)}, S {tuple(S.shape)} must be "
+                "(out x r), (r x in), (out x in)"
             )
         out_f, in_f = S.shape
         _check_bias(bias, out_f, who)
@@ -446,3 +448,139 @@ class SparseLowRankLinear(CompressedLayer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"n_rows={self.n_rows}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------- DSF
+
+
+def _csr(M: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, crow, col)`` of a dense matrix's nonzeros, row-major; narrow index dtypes."""
+    mask = M != 0
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    nnz = rows.numel()
+    ptr_dtype = torch.int32 if nnz < 1 << 31 else torch.int64
+    crow = torch.zeros(M.shape[0] + 1, dtype=torch.int64, device=M.device)
+    crow[1:] = torch.cumsum(mask.sum(1), 0)
+    return M[rows, cols], crow.to(ptr_dtype), cols.to(index_dtype(n_cols))
+
+
+def _csr_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Dense matrix from CSR, differentiable in ``values``."""
+    counts = (crow[1:] - crow[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(shape[0], device=values.device), counts)
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return out.index_put((rows, col.long()), values)
+
+
+@register_layer
+class DoubleSparseLinear(CompressedLayer):
+    """DSF: ``W = P Q`` with ``P`` (out x k) and ``Q`` (k x in) both sparse, stored as CSR.
+
+    Each factor is ``*_values`` (its nonzeros in row-major order, a trainable parameter),
+    ``*_col`` (column of each value, narrowest integer dtype that holds the column count) and
+    ``*_crow`` (row pointers, int32). Training updates only the stored values, i.e. the support is
+    frozen -- the same as masked-dense training with a fixed mask, without storing the dense
+    matrices. Forward scatters each factor to dense and runs two GEMMs, ``y = (x Q^T) P^T + b``;
+    sparse kernels belong to ``stackcomp.kernels``. ``storage()`` counts values, column indices and
+    row pointers at their stored widths.
+    """
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, inner: int, nnz_p: int, nnz_q: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if min(in_features, out_features, inner) < 1 or not (0 <= nnz_p <= out_features * inner) or not (
+                0 <= nnz_q <= inner * in_features):
+            raise LayerInputError(
+                f"DoubleSparseLinear: shapes ({out_features}x{inner})({inner}x{in_features}) cannot hold "
+                f"nnz_p={nnz_p}, nnz_q={nnz_q}"
+            )
+        self.in_features, self.out_features, self.inner = in_features, out_features, inner
+        self.p_values = nn.Parameter(torch.zeros(nnz_p, dtype=dtype))
+        self.q_values = nn.Parameter(torch.zeros(nnz_q, dtype=dtype))
+        ptr = lambda nnz: torch.int32 if nnz < 1 << 31 else torch.int64  # noqa: E731
+        self.register_buffer("p_crow", torch.zeros(out_features + 1, dtype=ptr(nnz_p)))
+        self.register_buffer("p_col", torch.zeros(nnz_p, dtype=index_dtype(inner)))
+        self.register_buffer("q_crow", torch.zeros(inner + 1, dtype=ptr(nnz_q)))
+        self.register_buffer("q_col", torch.zeros(nnz_q, dtype=index_dtype(in_features)))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_factors(cls, P: torch.Tensor, Q: torch.Tensor, bias: torch.Tensor | None = None) -> DoubleSparseLinear:
+        """From dense factors holding exact zeros (e.g. ``dsf_factors(...).P, .Q``)."""
+        if P.dim() != 2 or Q.dim() != 2 or P.shape[1] != Q.shape[0]:
+            raise LayerInputError(
+                f"DoubleSparseLinear.from_factors: P {tuple(P.shape)} and Q {tuple(Q.shape)} must be "
+                "(out x k), (k x in)"
+            )
+        out_f, k = P.shape
+        in_f = Q.shape[1]
+        _check_bias(bias, out_f, "DoubleSparseLinear.from_factors")
+        pv, pc, pcol = _csr(P.detach(), k)
+        qv, qc, qcol = _csr(Q.detach().to(P.dtype), in_f)
+        layer = cls(in_f, out_f, k, pv.numel(), qv.numel(), bias=bias is not None, dtype=P.dtype)
+        layer.p_values, layer.q_values = _as_param(pv), _as_param(qv)
+        layer.p_crow, layer.p_col, layer.q_crow, layer.q_col = pc, pcol, qc, qcol
+        if bias is not None:
+            layer.bias = _as_param(bias.to(P.dtype))
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, density: float, X: torch.Tensor | None = None,
+                    **dsf_kwargs: Any) -> DoubleSparseLinear:
+        """DSF of ``linear`` at ``density`` (kept fraction of out*in), data-aware when ``X`` is given."""
+        from stackcomp.factorize.dsf import dsf_factors
+
+        res = dsf_factors(linear.weight.detach(), density=density, X=X, **dsf_kwargs)
+        return cls.from_factors(res.P, res.Q, None if linear.bias is None else linear.bias.detach())
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(P, Q)``, differentiable in the stored values."""
+        P = _csr_dense(self.p_values, self.p_crow, self.p_col, (self.out_features, self.inner))
+        Q = _csr_dense(self.q_values, self.q_crow, self.q_col, (self.inner, self.in_features))
+        return P, Q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        P, Q = self.factors()
+        return F.linear(F.linear(x, Q), P, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        P, Q = self.factors()
+        return P @ Q
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "layout_version": self.layout_version,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "inner": self.inner,
+            "nnz_p": self.p_values.numel(),
+            "nnz_q": self.q_values.numel(),
+            "bias": self.bias is not None,
+            "dtype": _dtype_name(self.p_values.dtype),
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> DoubleSparseLinear:
+        _check_layout(entry, cls)
+        n = cls.__name__
+        return cls(
+            _manifest_get(entry, "in_features", n),
+            _manifest_get(entry, "out_features", n),
+            _manifest_get(entry, "inner", n),
+            _manifest_get(entry, "nnz_p", n),
+            _manifest_get(entry, "nnz_q", n),
+            bias=_manifest_get(entry, "bias", n, bool),
+            dtype=_manifest_dtype(entry, n),
+        )
+
+    def storage(self) -> LayerStorage:
+        params = self.p_values.numel() + self.q_values.numel() + (self.bias.numel() if self.bias is not None else 0)
+        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
+        nbytes = _nbytes(self.p_values, self.p_col, self.p_crow, self.q_values, self.q_col, self.q_crow, self.bias)
+        return LayerStorage(params=params, bytes=float(nbytes), dense_params=dense, dense_bytes=dense_bytes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, inner={self.inner}, "
+                f"nnz_p={self.p_values.numel()}, nnz_q={self.q_values.numel()}, bias={self.bias is not None}")
