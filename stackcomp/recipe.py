@@ -121,7 +121,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "<recipe>") -> Recipe:
-    raw = copy.deepcopy(raw)
+    # top-level x-* keys hold YAML anchors for reuse (as in docker-compose); they are not fields
+    raw = {k: copy.deepcopy(v) for k, v in raw.items() if not (isinstance(k, str) and k.startswith("x-"))}
     sweeps: list[tuple[list[str], list[Any]]] = []
     for item in overrides:
         keys, values = parse_override(item)
