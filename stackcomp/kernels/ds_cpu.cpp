@@ -1,0 +1,95 @@
+// Torch binding of the packed DS CPU kernels (ds_cpu_kernels.h); built by ds_cpu.py.
+#include <torch/extension.h>
+
+#include "ds_cpu_kernels.h"
+
+using namespace dskern;
+
+
+// int8 layers also take w16 (nb, OG, S, 8) int16 and flush (nb, OG*8) float32 (see gather_q15;
+// made once per layer by ds_cpu.py); empty tensors mean: use the few-token loop for every T.
+torch::Tensor ds_forward(torch::Tensor x, torch::Tensor dict, torch::Tensor dscale, torch::Tensor vals,
+                         torch::Tensor vscale, torch::Tensor w16, torch::Tensor flush, torch::Tensor idx,
+                         c10::optional<torch::Tensor> bias, int64_t out, int64_t small_max) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (T, in)");
+  TORCH_CHECK(dict.dim() == 3 && dict.is_contiguous(), "dict: contiguous (nb, K, B)");
+  TORCH_CHECK(vals.dim() == 4 && vals.size(3) == 8 && vals.is_contiguous(), "vals: contiguous (nb, OG, S, 8)");
+  TORCH_CHECK(idx.sizes() == vals.sizes() && idx.is_contiguous(), "idx: same shape as vals");
+  Geo g;
+  g.T = x.size(0);
+  g.in = x.size(1);
+  g.nb = dict.size(0);
+  g.K = dict.size(1);
+  g.B = dict.size(2);
+  g.OG = vals.size(1);
+  g.S = vals.size(2);
+  g.out = out;
+  TORCH_CHECK(g.nb * g.B == g.in, "x has ", g.in, " features, the layer ", g.nb * g.B);
+  TORCH_CHECK(vals.size(0) == g.nb && g.OG * 8 >= out && (g.OG - 1) * 8 < out, "vals shape does not match out");
+  const bool q = dict.scalar_type() == at::kChar;
+  TORCH_CHECK(q ? vals.scalar_type() == at::kChar : (dict.scalar_type() == at::kFloat && vals.scalar_type() == at::kFloat),
+              "dict and vals: both float32 or both int8");
+  if (q) {
+    TORCH_CHECK(dscale.scalar_type() == at::kFloat && dscale.numel() == g.nb * g.K && dscale.is_contiguous(),
+                "dscale: float32 (nb*K)");
+    TORCH_CHECK(vscale.scalar_type() == at::kFloat && vscale.numel() == g.OG * 8 && vscale.is_contiguous(),
+                "vscale: float32 (OG*8)");
+    if (w16.numel() > 0) {
+      TORCH_CHECK(w16.scalar_type() == at::kShort && w16.sizes() == vals.sizes() && w16.is_contiguous(),
+                  "w16: int16, same shape as vals");
+      TORCH_CHECK(flush.scalar_type() == at::kFloat && flush.numel() == g.nb * g.OG * 8 && flush.is_contiguous(),
+                  "flush: float32 (nb*OG*8)");
+    }
+  }
+  const float* bp = nullptr;
+  torch::Tensor bt;
+  if (bias.has_value() && bias->defined()) {
+    bt = bias->contiguous();
+    TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.numel() == out, "bias: float32 (out)");
+    bp = bt.data_ptr<float>();
+  }
+  auto y = torch::empty({g.T, out}, x.options());
+  if (g.T == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* dsp = q ? dscale.data_ptr<float>() : nullptr;
+  const float* vsp = q ? vscale.data_ptr<float>() : nullptr;
+  auto go = [&](auto* ip) {
+    using IT = std::remove_const_t<std::remove_pointer_t<decltype(ip)>>;
+    if (q)
+      run_i8<IT>(g, xp, dict.data_ptr<int8_t>(), dsp, vals.data_ptr<int8_t>(), vsp,
+                 w16.numel() > 0 ? w16.data_ptr<int16_t>() : nullptr,
+                 w16.numel() > 0 ? flush.data_ptr<float>() : nullptr, ip, bp, yp, small_max);
+    else
+      run_f32<IT>(g, xp, dict.data_ptr<float>(), vals.data_ptr<float>(), ip, bp, yp, small_max);
+  };
+  if (idx.scalar_type() == at::kByte)
+    go(idx.data_ptr<uint8_t>());
+  else if (idx.scalar_type() == at::kShort)
+    go(idx.data_ptr<int16_t>());
+  else
+    TORCH_CHECK(false, "idx: uint8 or int16");
+  return y;
+}
+
+std::string build_info() {
+  std::string s;
+#if defined(__AVX512F__)
+  s += "avx512f ";
+#endif
+#if defined(__AVX2__)
+  s += "avx2 ";
+#endif
+#if defined(__FMA__)
+  s += "fma ";
+#endif
+#if defined(_OPENMP)
+  s += "openmp ";
+#endif
+  return s.empty() ? "generic" : s;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ds_forward", &ds_forward, "packed DS linear forward (CPU)");
+  m.def("build_info", &build_info, "ISA the extension was compiled for");
+}

@@ -1,0 +1,171 @@
+"""The compiled CPU kernel for packed DS layers: lazy JIT build, cache, and a safe fallback.
+
+The C++ source (``ds_cpu.cpp``) is built on first use with ``torch.utils.cpp_extension.load``
+(gcc + ninja, 25-40 s once, then cached in ``TORCH_EXTENSIONS_DIR``). The extension name holds a
+hash of the source, the flags and the CPU's ISA flags, so a cache shared between machines or
+versions never loads a stale or foreign binary. If the build fails, one warning is logged and
+:func:`get_extension` returns ``None`` from then on: callers fall back to the torch path.
+
+Environment:
+  ``STACKCOMP_KERNELS=torch``      never build; always use the torch path;
+  ``STACKCOMP_KERNELS_PORTABLE=1`` build without ``-march=native`` (generic x86-64 / scalar code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stackcomp.kernels.packed import CPU_GROUP, PackedDS
+from stackcomp.kernels.reference import KernelError
+
+log = logging.getLogger("stackcomp.kernels")
+
+SOURCE = Path(__file__).with_name("ds_cpu.cpp")
+HEADERS = (Path(__file__).with_name("ds_cpu_kernels.h"),)
+#: at most this many tokens take the bandwidth-bound loop (output rows as SIMD lanes)
+SMALL_MAX_TOKENS = 2
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"ext": None, "tried": False, "error": None}
+
+
+def _cpu_isa() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return ",".join(sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx"))))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_flags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    if os.environ.get("STACKCOMP_KERNELS_PORTABLE", "") not in ("", "0"):
+        return flags
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-march=native")
+    return flags
+
+
+def extension_name(source: Path = SOURCE, flags: list[str] | None = None) -> str:
+    """Name of the built module: changes when the source, the flags or the CPU's ISA change."""
+    h = hashlib.sha256()
+    h.update(source.read_bytes())
+    for header in HEADERS:
+        h.update(header.read_bytes())
+    h.update(" ".join(flags if flags is not None else build_flags()).encode())
+    h.update(_cpu_isa().encode())
+    h.update(torch.__version__.encode())
+    return f"stackcomp_ds_cpu_{h.hexdigest()[:12]}"
+
+
+def disabled() -> bool:
+    return os.environ.get("STACKCOMP_KERNELS", "").lower() == "torch"
+
+
+def get_extension(verbose: bool = False):
+    """The compiled module, building it on first call; ``None`` if disabled or the build failed."""
+    if disabled():
+        return None
+    if _state["tried"]:
+        return _state["ext"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ext"]
+        try:
+            from torch.utils import cpp_extension
+
+            flags = build_flags()
+            _state["ext"] = cpp_extension.load(name=extension_name(SOURCE, flags), sources=[str(SOURCE)],
+                                               extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=verbose)
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+            _state["error"] = f"{type(e).__name__}: {e}"
+            _state["ext"] = None
+            log.warning("stackcomp: the DS CPU kernel could not be built (%s); falling back to the torch path. "
+                        "Set STACKCOMP_KERNELS=torch to skip the build.", str(e).splitlines()[0] if str(e) else e)
+        _state["tried"] = True
+        return _state["ext"]
+
+
+def build_error() -> str | None:
+    """Why the last build failed (None if it did not fail or was not tried)."""
+    return _state["error"]
+
+
+def reset() -> None:
+    """Forget the build outcome (tests; after changing the environment)."""
+    with _lock:
+        _state.update(ext=None, tried=False, error=None)
+
+
+def available() -> bool:
+    return get_extension() is not None
+
+
+def q15_values(packed: PackedDS) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int16 gather operands of an int8 layer: w = v8 << shift, flush = vscale * 2^(15 - shift).
+
+    shift (per output row and block) is the largest with sum_j |w| <= 32767 - s, so the kernel's
+    int16 sum of one row of one block cannot overflow (see ``gather_q15`` in ds_cpu_kernels.h).
+    ``None`` when even shift 0 does not fit (s > 255 with large values): the kernel then uses its
+    few-token loop for every token count.
+    """
+    v8 = packed.tensors["values"]                                    # (nb, OG, s, 8) int8
+    nb, og, s, g = v8.shape
+    lim = 32767 - s
+    sabs = v8.to(torch.int32).abs().sum(dim=2)                        # (nb, OG, 8)
+    if int(sabs.max()) > lim:
+        return None
+    sh = torch.zeros_like(sabs)
+    for k in range(1, 16):
+        sh = torch.where((sabs > 0) & ((sabs << k) <= lim), torch.full_like(sh, k), sh)
+    w16 = (v8.to(torch.int32) << sh.unsqueeze(2)).to(torch.int16).contiguous()
+    flush = packed.tensors["values_scale"].view(1, og, g) * torch.exp2((15 - sh).float())
+    return w16, flush.reshape(nb, og * g).contiguous()
+
+
+def _operands(packed: PackedDS) -> tuple:
+    """The kernel's tensor arguments, made once per packed layer (int8: + the Q15 operands)."""
+    ops = packed.cache.get("cpu_operands")
+    if ops is None:
+        t = packed.tensors
+        if packed.dtype == "int8":
+            q = q15_values(packed)
+            w16, flush = q if q is not None else (_EMPTY, _EMPTY)
+            ops = (t["dictionary"], t["dictionary_scale"].contiguous(), t["values"], t["values_scale"], w16, flush,
+                   t["indices"], t.get("bias"))
+        else:
+            ops = (t["dictionary"], _EMPTY, t["values"], _EMPTY, _EMPTY, _EMPTY, t["indices"], t.get("bias"))
+        packed.cache["cpu_operands"] = ops
+    return ops
+
+
+def ds_forward_cpu(x: torch.Tensor, packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS) -> torch.Tensor:
+    """Run the compiled kernel on a CPU-packed layer; x (..., in) float32 -> (..., out) float32."""
+    ext = ext if ext is not None else get_extension()
+    if ext is None:
+        raise KernelError("the DS CPU kernel is not available (build failed or disabled); use the torch path")
+    if packed.group != CPU_GROUP or packed.device.type != "cpu":
+        raise KernelError(f"packed DS layer has group {packed.group} on {packed.device}; the CPU kernel needs group "
+                          f"{CPU_GROUP} on cpu: pack it with target='cpu'")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    x2 = x2.contiguous()
+    y = ext.ds_forward(x2, *_operands(packed), packed.out_features, small_max)
+    return y.reshape(*lead, packed.out_features)
+
+
+_EMPTY = torch.empty(0)
