@@ -7,7 +7,7 @@ using namespace dskern;
 
 
 // int8 layers also take w16 (nb, OG, S, 8) int16 and flush (nb, OG*8) float32 (see gather_q15;
-// made once per layer by ds_cpu.py); empty tensors mean: use the few-token loop for every T.
+// made once per layer by ds_cpu.py); empty tensors mean: gather in fp32 (exact, slower).
 torch::Tensor ds_forward(torch::Tensor x, torch::Tensor dict, torch::Tensor dscale, torch::Tensor vals,
                          torch::Tensor vscale, torch::Tensor w16, torch::Tensor flush, torch::Tensor idx,
                          c10::optional<torch::Tensor> bias, int64_t out, int64_t small_max) {

@@ -191,12 +191,12 @@ inline void zgemm_f32(const float* D, int64_t K, int64_t B, const float* xT, int
 }
 
 // yT (OG*8 x TC) += sum_j v * zT[idx]; RR output rows at once = RR*NV independent FMA chains.
-template <int NV, typename IT>
-inline void gather_f32(const float* zT, const float* vals, const IT* idx, int64_t OG, int64_t S, float* yT) {
+template <int NV, typename VT, typename IT>
+inline void gather_f32(const float* zT, const VT* vals, const IT* idx, int64_t OG, int64_t S, float* yT) {
   constexpr int TC = NV * 8;
-  constexpr int RR = NV >= 4 ? 2 : 8 / NV;
+  constexpr int RR = NV >= 8 ? 1 : NV >= 4 ? 2 : 8 / NV;
   for (int64_t og = 0; og < OG; ++og) {
-    const float* vg = vals + og * S * 8;
+    const VT* vg = vals + og * S * 8;
     const IT* ig = idx + og * S * 8;
     for (int r = 0; r < 8; r += RR) {
       v8f a[RR][NV];
@@ -208,7 +208,7 @@ inline void gather_f32(const float* zT, const float* vals, const IT* idx, int64_
 #pragma GCC unroll 8
         for (int q = 0; q < RR; ++q) {
           const float* z = zT + static_cast<int64_t>(ig[j * 8 + r + q]) * TC;
-          const v8f w = vbc(vg[j * 8 + r + q]);
+          const v8f w = vbc(static_cast<float>(vg[j * 8 + r + q]));
 #pragma GCC unroll 8
           for (int v = 0; v < NV; ++v) a[q][v] += w * vld(z + 8 * v);
         }
@@ -221,14 +221,14 @@ inline void gather_f32(const float* zT, const float* vals, const IT* idx, int64_
   }
 }
 
-// y rows t0 .. t0+tn from yT (OUTP x TC): bias, then transpose.
-inline void store_output(const Geo& g, float* yT, int64_t TC, const float* bias, float* y, int64_t t0,
-                         int64_t tn) {
-  if (bias != nullptr)
+// y rows t0 .. t0+tn from yT (OUTP x TC): row scale and bias, then transpose.
+inline void store_output(const Geo& g, float* yT, int64_t TC, const float* bias, float* y, int64_t t0, int64_t tn,
+                         const float* rowscale = nullptr) {
+  if (bias != nullptr || rowscale != nullptr)
     for (int64_t o = 0; o < g.out; ++o) {
       float* yr = yT + o * TC;
-      const v8f bo = vbc(bias[o]);
-      for (int64_t v = 0; v < TC; v += 8) vst(yr + v, vld(yr + v) + bo);
+      const v8f bo = vbc(bias != nullptr ? bias[o] : 0.f), so = vbc(rowscale != nullptr ? rowscale[o] : 1.f);
+      for (int64_t v = 0; v < TC; v += 8) vst(yr + v, vld(yr + v) * so + bo);
     }
   transpose_block(yT, TC, y + t0 * g.out, g.out, g.out, tn);
 }
@@ -254,7 +254,8 @@ void forward_chunks_f32(const Geo& g, const float* x, const float* dict, const f
         } else {
           zgemm_f32<1, 6>(D, g.K, g.B, xb, TC, zT.data(), TC);
         }
-        gather_f32<NV, IT>(zT.data(), vals + b * g.OG * g.S * 8, idx + b * g.OG * g.S * 8, g.OG, g.S, yT.data());
+        gather_f32<NV, float, IT>(zT.data(), vals + b * g.OG * g.S * 8, idx + b * g.OG * g.S * 8, g.OG, g.S,
+                                  yT.data());
       }
       store_output(g, yT.data(), TC, bias, y, t0, tn);
     }
@@ -444,8 +445,9 @@ inline void gather_q15(const int16_t* zq, const float* zs, const int16_t* w16, c
 }
 
 template <int NQ, typename IT>
-void forward_chunks_i8(const Geo& g, const float* x, const int8_t* dict, const float* dscale, const int16_t* w16,
-                       const float* flush, const IT* idx, const float* bias, float* y) {
+void forward_chunks_i8(const Geo& g, const float* x, const int8_t* dict, const float* dscale, const int8_t* vals,
+                       const float* vscale, const int16_t* w16, const float* flush, const IT* idx, const float* bias,
+                       float* y) {
   constexpr int TC = NQ * 16;
   const int64_t nchunks = (g.T + TC - 1) / TC;
   const int64_t OUTP = g.OG * 8;
@@ -473,11 +475,16 @@ void forward_chunks_i8(const Geo& g, const float* x, const int8_t* dict, const f
         } else {
           zgemm_i16<2, 4>(D, g.K, g.B, xb, TC, dscale + b * g.K, xs.data(), zf.data(), TC, amax.data());
         }
-        quantize_z(zf.data(), g.K, TC, amax.data(), zq.data(), zs.data());
-        gather_q15<NQ, IT>(zq.data(), zs.data(), w16 + b * g.OG * g.S * 8, flush + b * g.OG * 8,
-                           idx + b * g.OG * g.S * 8, g.OG, g.S, yT.data());
+        if (w16 != nullptr) {
+          quantize_z(zf.data(), g.K, TC, amax.data(), zq.data(), zs.data());
+          gather_q15<NQ, IT>(zq.data(), zs.data(), w16 + b * g.OG * g.S * 8, flush + b * g.OG * 8,
+                             idx + b * g.OG * g.S * 8, g.OG, g.S, yT.data());
+        } else {  // many nonzeros per row: fp32 gather of the int8 values (exact, slower)
+          gather_f32<2 * NQ, int8_t, IT>(zf.data(), vals + b * g.OG * g.S * 8, idx + b * g.OG * g.S * 8, g.OG, g.S,
+                                         yT.data());
+        }
       }
-      store_output(g, yT.data(), TC, bias, y, t0, tn);
+      store_output(g, yT.data(), TC, bias, y, t0, tn, w16 != nullptr ? nullptr : vscale);
     }
   });
 }
@@ -600,17 +607,17 @@ void run_i8(const Geo& g, const float* x, const int8_t* dict, const float* dscal
             const float* vscale, const int16_t* w16, const float* flush, const IT* idx, const float* bias, float* y,
             int64_t small_max) {
 #if defined(__AVX2__)
-  if (g.T > small_max && w16 != nullptr) {
+  if (g.T > small_max) {
     const int64_t nt = std::max<int64_t>(1, DS_NUM_THREADS());
     const int64_t per = (g.T + nt - 1) / nt;
     const int64_t cap = g.K <= 192 ? 64 : g.K <= 384 ? 32 : 16;
     const int64_t tc = std::min<int64_t>(cap, per <= 16 ? 16 : per <= 32 ? 32 : 64);
     if (tc == 16)
-      forward_chunks_i8<1, IT>(g, x, dict, dscale, w16, flush, idx, bias, y);
+      forward_chunks_i8<1, IT>(g, x, dict, dscale, vals, vscale, w16, flush, idx, bias, y);
     else if (tc == 32)
-      forward_chunks_i8<2, IT>(g, x, dict, dscale, w16, flush, idx, bias, y);
+      forward_chunks_i8<2, IT>(g, x, dict, dscale, vals, vscale, w16, flush, idx, bias, y);
     else
-      forward_chunks_i8<4, IT>(g, x, dict, dscale, w16, flush, idx, bias, y);
+      forward_chunks_i8<4, IT>(g, x, dict, dscale, vals, vscale, w16, flush, idx, bias, y);
     return;
   }
 #endif
