@@ -33,7 +33,7 @@ def choose_kernel(target: str = "auto", T_hint: int | None = None, build: bool =
     if target == "cpu":
         if build:
             return "cpu" if ds_cpu.get_extension() is not None else "torch"
-        return "cpu" if ds_cpu._state["ext"] is not None else "torch"
+        return "cpu" if ds_cpu._state["ext"] is not None else "torch"  # never starts a build
     if target == "cuda":
         from stackcomp.kernels.ds_triton import triton_available
 
@@ -56,23 +56,28 @@ def _canonical(packed: PackedDS) -> dict:
 
 
 def ds_forward_packed(x: torch.Tensor, packed: PackedDS, kernel: str | None = None) -> torch.Tensor:
-    """y = DS(x) for a packed layer; ``kernel`` None picks one for the layer's device and target.
+    """y = DS(x) for a packed layer, in x's dtype; ``kernel`` None picks one for the layer.
 
-    The result has x's dtype. The CPU kernel computes in fp32 (other dtypes are converted).
+    None: a CPU-packed layer on CPU runs the compiled kernel (else torch); a CUDA-packed layer
+    on a GPU runs Triton (else torch). The CPU choice is remembered in ``packed.cache``.
     """
+    if kernel is None:
+        fast = packed.cache.get("auto_cpu")
+        if fast is not None and fast[0] == ds_cpu._state["gen"]:
+            return fast[1](x)
+        if packed.device.type == "cpu":
+            kernel = "cpu" if packed.target == "cpu" and ds_cpu.get_extension() is not None else "torch"
+            if kernel == "cpu":
+                call = ds_cpu.cpu_caller(packed)
+                packed.cache["auto_cpu"] = (ds_cpu._state["gen"], call)
+                return call(x)
+        else:
+            T = x.numel() // max(1, x.shape[-1])
+            kernel = choose_kernel("cuda", T_hint=T) if packed.target == "cuda" else "torch"
     if x.shape[-1] != packed.in_features:
         raise KernelError(f"input has {x.shape[-1]} features, the packed DS layer expects {packed.in_features}")
-    if kernel is None:
-        T = x.numel() // max(1, x.shape[-1])
-        if packed.device.type == "cpu":
-            kernel = "cpu" if packed.target == "cpu" else "torch"
-            if kernel == "cpu" and ds_cpu.get_extension() is None:
-                kernel = "torch"
-        else:
-            kernel = choose_kernel("cuda", T_hint=T) if packed.target == "cuda" else "torch"
     if kernel == "cpu":
-        y = ds_cpu.ds_forward_cpu(x, packed)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return ds_cpu.ds_forward_cpu(x, packed)
     if kernel == "triton":
         from stackcomp.kernels.ds_triton import ds_forward_triton
 

@@ -12,6 +12,8 @@ torch::Tensor ds_forward(torch::Tensor x, torch::Tensor dict, torch::Tensor dsca
                          torch::Tensor vscale, torch::Tensor w16, torch::Tensor flush, torch::Tensor idx,
                          c10::optional<torch::Tensor> bias, int64_t out, int64_t small_max) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (T, in)");
+  for (const auto* t : {&x, &dict, &dscale, &vals, &vscale, &w16, &flush, &idx})
+    TORCH_CHECK(!t->defined() || t->device().is_cpu(), "the DS CPU kernel takes CPU tensors");
   TORCH_CHECK(dict.dim() == 3 && dict.is_contiguous(), "dict: contiguous (nb, K, B)");
   TORCH_CHECK(vals.dim() == 4 && vals.size(3) == 8 && vals.is_contiguous(), "vals: contiguous (nb, OG, S, 8)");
   TORCH_CHECK(idx.sizes() == vals.sizes() && idx.is_contiguous(), "idx: same shape as vals");

@@ -19,7 +19,7 @@ import os
 import platform
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +36,8 @@ SMALL_MAX_TOKENS = 2
 Q15_MAX_NNZ = 64
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"ext": None, "tried": False, "error": None}
+#: gen counts resets, so callers that cached a kernel (PackedDS.cache) know to look again
+_state: dict[str, Any] = {"ext": None, "tried": False, "error": None, "gen": 0}
 
 
 def _cpu_isa() -> str:
@@ -77,14 +78,18 @@ def disabled() -> bool:
 
 
 def get_extension(verbose: bool = False):
-    """The compiled module, building it on first call; ``None`` if disabled or the build failed."""
-    if disabled():
-        return None
+    """The compiled module, building it on first call; ``None`` if disabled or the build failed.
+
+    The outcome (and ``STACKCOMP_KERNELS``) is read once; :func:`reset` makes the next call look again.
+    """
     if _state["tried"]:
         return _state["ext"]
     with _lock:
         if _state["tried"]:
             return _state["ext"]
+        if disabled():
+            _state.update(ext=None, tried=True, error="disabled by STACKCOMP_KERNELS=torch")
+            return None
         try:
             from torch.utils import cpp_extension
 
@@ -108,7 +113,7 @@ def build_error() -> str | None:
 def reset() -> None:
     """Forget the build outcome (tests; after changing the environment)."""
     with _lock:
-        _state.update(ext=None, tried=False, error=None)
+        _state.update(ext=None, tried=False, error=None, gen=_state["gen"] + 1)
 
 
 def available() -> bool:
@@ -156,21 +161,33 @@ def _operands(packed: PackedDS) -> tuple:
     return ops
 
 
-def ds_forward_cpu(x: torch.Tensor, packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS) -> torch.Tensor:
-    """Run the compiled kernel on a CPU-packed layer; x (..., in) float32 -> (..., out) float32."""
+def cpu_caller(packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function x -> y running the compiled kernel on this layer, with the per-call Python work
+    cut to a minimum (the operands are made once). x: (..., in) on CPU, any float dtype."""
     ext = ext if ext is not None else get_extension()
     if ext is None:
         raise KernelError("the DS CPU kernel is not available (build failed or disabled); use the torch path")
     if packed.group != CPU_GROUP or packed.device.type != "cpu":
         raise KernelError(f"packed DS layer has group {packed.group} on {packed.device}; the CPU kernel needs group "
                           f"{CPU_GROUP} on cpu: pack it with target='cpu'")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    x2 = x2.contiguous()
-    y = ext.ds_forward(x2, *_operands(packed), packed.out_features, small_max)
-    return y.reshape(*lead, packed.out_features)
+    fwd, ops, out, inf = ext.ds_forward, _operands(packed), packed.out_features, packed.in_features
+    f32 = torch.float32
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != inf:
+            raise KernelError(f"input has {x.shape[-1]} features, the packed DS layer expects {inf}")
+        if x.dim() == 2 and x.dtype == f32 and x.is_contiguous():
+            return fwd(x, *ops, out, small_max)
+        lead = x.shape[:-1]
+        y = fwd(x.reshape(-1, inf).to(f32).contiguous(), *ops, out, small_max)
+        return y.reshape(*lead, out).to(x.dtype)
+
+    return call
+
+
+def ds_forward_cpu(x: torch.Tensor, packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS) -> torch.Tensor:
+    """Run the compiled kernel on a CPU-packed layer; x (..., in) -> (..., out) in x's dtype (fp32 inside)."""
+    return cpu_caller(packed, ext, small_max)(x)
 
 
 _EMPTY = torch.empty(0)
