@@ -9,6 +9,7 @@ from stackcomp.factorize import dictionary as dl
 from stackcomp.factorize.budget import (
     dense_bytes,
     ds_bytes,
+    ds_max_atoms,
     ds_max_nnz,
     index_bits_for,
     index_dtype,
@@ -202,6 +203,13 @@ def test_largest_rank_and_nnz_that_fit():
         s = ds_max_nnz(384, 1536, B, K, budget)
         assert ds_bytes(384, 1536, B, K, s) <= budget < ds_bytes(384, 1536, B, K, s + 1)
     assert ds_max_nnz(384, 1536, 64, 256, budget) == 0  # the dictionaries alone are over budget
+    for B, s in ((16, 5), (32, 10), (64, 20)):
+        K = ds_max_atoms(384, 1536, B, s, budget)
+        assert ds_bytes(384, 1536, B, K, s) <= budget < ds_bytes(384, 1536, B, K + 1, s)
+    # crossing 256 atoms widens every index to int16: the cap keeps uint8
+    assert ds_max_atoms(64, 4096, 16, 1, 1e9) == 256
+    assert ds_max_atoms(64, 4096, 16, 1, 1e9, max_atoms=1000) == 1000
+    assert ds_max_atoms(384, 1536, 64, 40, 1000.0) == 0
 
 
 def test_search_picks_the_planted_configuration():
@@ -221,3 +229,10 @@ def test_search_picks_the_planted_configuration():
     # (B, K) pairs get the largest s that fits
     pair = search_ds_config(W, ratio, [(16, 24)], iters=1)
     assert pair.nnz == ds_max_nnz(300, 32, 16, 24, dense_bytes(300, 32) / ratio) == 2
+    # ... and, with fill_atoms, as many atoms as the bytes left over buy
+    loose = search_ds_config(W, 2.0, [(16, 8)], iters=1)
+    budget = dense_bytes(300, 32) / 2.0
+    assert loose.nnz == ds_max_nnz(300, 32, 16, 8, budget)
+    assert loose.atoms == ds_max_atoms(300, 32, 16, loose.nnz, budget) > 8
+    tight = search_ds_config(W, 2.0, [(16, 8)], iters=1, fill_atoms=False)
+    assert tight.atoms == 8 and tight.nnz == loose.nnz

@@ -28,6 +28,7 @@ __all__ = [
     "svd_bytes",
     "svd_rank_for_bytes",
     "ds_max_nnz",
+    "ds_max_atoms",
     "DSChoice",
     "search_ds_config",
 ]
@@ -113,6 +114,29 @@ def ds_max_nnz(
     return 1 + math.floor((budget - base) / step + 1e-9)
 
 
+def ds_max_atoms(
+    out_features: int,
+    in_features: int,
+    block: int,
+    nnz: int,
+    budget: float,
+    value_bits: int = 32,
+    index_bits: int | None = None,
+    bias: bool = True,
+    max_atoms: int = 256,
+) -> int:
+    """The largest K <= ``max_atoms`` whose DS layer with ``nnz`` per row fits in ``budget``
+    bytes (0 if even K = nnz does not). The index width follows K unless ``index_bits`` is given."""
+    lo, hi = 0, max_atoms
+    while lo < hi:  # bytes grow with K (index width steps up only at 256 / 32768)
+        mid = (lo + hi + 1) // 2
+        if mid >= nnz and ds_bytes(out_features, in_features, block, mid, nnz, value_bits, index_bits, bias) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo >= nnz else 0
+
+
 @dataclass
 class DSChoice:
     """The chosen configuration, its bytes and ratio, its (proxy) error and factors, and every
@@ -147,6 +171,7 @@ def search_ds_config(
     bias: bool = True,
     iters: int = 2,
     method: str = "mod",
+    fill_atoms: bool = True,
     seed: int = 0,
     name: str = "weight",
 ) -> DSChoice:
@@ -154,7 +179,9 @@ def search_ds_config(
 
     The budget is ``dense_bytes(out, in, 32, bias) / target_ratio``. Candidates are ``(B, K)``
     pairs (s = the largest that fits, capped at min(K, B)) or ``(B, K, s)`` triples (skipped when
-    over budget); by default B in {16, 32, 64, 128} dividing ``in`` and K in {B, 2B, 4B}. Each is
+    over budget); by default B in {16, 32, 64, 128} dividing ``in`` and K in {B, 2B, 4B}. With
+    ``fill_atoms`` a pair's K is then raised to the largest that still fits with its s (bytes left
+    over by the integer s buy atoms; never past the pair's index width). Each candidate is
     scored by a cheap factorization (``iters`` rounds of ``method``); the least error wins.
     """
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
@@ -178,6 +205,9 @@ def search_ds_config(
             s = min(ds_max_nnz(out_f, in_f, B, K, budget, value_bits, index_bits, bias), K, B)
             if s < 1:
                 continue
+            if fill_atoms:
+                cap = 256 if K <= 256 else (1 << 15 if K <= 1 << 15 else K)
+                K = max(K, ds_max_atoms(out_f, in_f, B, s, budget, value_bits, index_bits, bias, max_atoms=cap))
         trials.append((B, K, s))
     if not trials:
         raise FactorizeError(
@@ -186,6 +216,7 @@ def search_ds_config(
         )
     best: DSChoice | None = None
     tried = []
+    trials = list(dict.fromkeys(trials))  # filled pairs may coincide
     for B, K, s in trials:
         f = factorize_ds(W, B, K, s, iters=iters, method=method, seed=seed, name=name)
         nbytes = ds_bytes(out_f, in_f, B, K, s, value_bits, index_bits, bias)

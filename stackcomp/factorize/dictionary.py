@@ -127,10 +127,12 @@ def _rows_error(X: torch.Tensor, D: torch.Tensor, values: torch.Tensor, indices:
     return (X - rec).pow(2).sum(dim=-1)
 
 
-def _code(X, D, nnz, omp_dtype, init_support=None):
+def _code(X, D, nnz, omp_dtype, x2):
+    """OMP codes of X over D and each row's squared residual (from OMP's explained energy)."""
     gram = torch.bmm(D, D.transpose(1, 2))
     xy = torch.bmm(X, D.transpose(1, 2))
-    return omp(gram, xy, nnz, dtype=omp_dtype, init_support=init_support)
+    values, indices, energy = omp(gram, xy, nnz, dtype=omp_dtype, return_energy=True)
+    return values, indices, (x2 - energy.to(x2.dtype)).clamp_min(0)
 
 
 # ----------------------------------------------------------------------------- init
@@ -204,9 +206,10 @@ def _reseed_unused(X, D, values, indices, gen):
 def _mod_update(X, D, values, indices):
     """MOD: least-squares dictionary for fixed codes, renormalised; codes rescaled to match."""
     P, K, B = D.shape
-    C = codes_to_dense(values, indices, K).double()  # (P, N, K)
-    A = torch.bmm(C.transpose(1, 2), C)  # (P, K, K)
-    rhs = torch.bmm(C.transpose(1, 2), X.double())  # (P, K, B)
+    C = codes_to_dense(values, indices, K)  # (P, N, K)
+    # Products in the working dtype (BLAS speed), the small K x K solve in float64.
+    A = torch.bmm(C.transpose(1, 2), C).double()  # (P, K, K)
+    rhs = torch.bmm(C.transpose(1, 2), X).double()  # (P, K, B)
     # Tiny ridge: unused atoms (zero rows/columns of A) come out as zero, the rest are unaffected.
     scale = torch.diagonal(A, dim1=1, dim2=2).amax(dim=1).clamp_min(1e-300)
     A = A + (1e-12 * scale).view(P, 1, 1) * torch.eye(K, dtype=A.dtype, device=A.device)
@@ -305,11 +308,11 @@ def learn_dictionary(
     odt = omp_dtype or work
     gen = torch.Generator().manual_seed(int(seed))
 
-    total = X.double().pow(2).sum().clamp_min(1e-300)
+    x2 = X.double().pow(2).sum(dim=-1)  # (P, N) squared row norms
+    total = x2.sum().clamp_min(1e-300)
     D = _init_dictionary(X, atoms, init, gen)
-    values, indices = _code(X, D, nnz, odt)
-    row_err = _rows_error(X, D, values, indices)
-    errors = [math.sqrt(float(row_err.double().sum() / total))]
+    values, indices, row_err = _code(X, D, nnz, odt, x2)
+    errors = [math.sqrt(float(row_err.sum() / total))]
 
     for _ in range(iters):
         if method == "mod":
@@ -317,14 +320,13 @@ def learn_dictionary(
         else:
             D, values = _ksvd_update(X, D, values, indices)
         D = _reseed_unused(X, D, values, indices, gen)
-        old_err = _rows_error(X, D, values, indices)
-        new_values, new_indices = _code(X, D, nnz, odt)
-        new_err = _rows_error(X, D, new_values, new_indices)
-        better = (new_err < old_err).unsqueeze(-1)
-        values = torch.where(better, new_values, values)
-        indices = torch.where(better, new_indices, indices)
-        row_err = torch.minimum(new_err, old_err)
-        errors.append(math.sqrt(float(row_err.double().sum() / total)))
+        old_err = _rows_error(X, D, values, indices).double()
+        new_values, new_indices, new_err = _code(X, D, nnz, odt, x2)
+        better = new_err < old_err
+        values = torch.where(better.unsqueeze(-1), new_values, values)
+        indices = torch.where(better.unsqueeze(-1), new_indices, indices)
+        row_err = torch.where(better, new_err, old_err)
+        errors.append(math.sqrt(float(row_err.sum() / total)))
 
     return DictionaryResult(dictionary=D, values=values, indices=indices, errors=errors)
 

@@ -51,7 +51,8 @@ def omp(
     dtype: torch.dtype | None = None,
     eps: float | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_energy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Sparse-code many signals with exactly ``nnz`` atoms each.
 
     Args:
@@ -69,9 +70,12 @@ def omp(
             floating dtype (float32 if ``xy`` is not floating).
         eps: relative tolerance for dependence / exhaustion (see module doc); default per dtype.
         chunk_size: signals solved at once (default: bounded by memory).
+        return_energy: also return ``||x_hat||^2`` per signal (..., N), the squared norm of the
+            signal's projection on its chosen atoms, so ``||x||^2 - energy`` is the residual
+            energy without a reconstruction.
 
     Returns:
-        ``(values, indices)``, each shaped like ``xy`` with K replaced by ``nnz``; indices are
+        ``(values, indices)`` (plus ``energy`` if asked), each shaped like ``xy`` with K replaced by ``nnz``; indices are
         long, in selection order, distinct within a row; padding slots hold value 0.
     """
     gram, xy, squeeze = _check_inputs(gram, xy, nnz)
@@ -101,73 +105,97 @@ def omp(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise FactorizeError(f"omp: chunk_size must be a positive int, got {chunk_size!r}")
     M = P * N
-    step = chunk_size or max(_MIN_CHUNK, _CHUNK_ELEMENTS // (nnz * K))
+    step = min(M, chunk_size or max(_MIN_CHUNK, _CHUNK_ELEMENTS // (nnz * K)))
     values = torch.empty(M, nnz, dtype=work, device=xy.device)
     indices = torch.empty(M, nnz, dtype=torch.long, device=xy.device)
+    energy = torch.empty(M, dtype=work, device=xy.device) if return_energy else None
     init_flat = None if init_support is None else init_support.reshape(M, -1)
+    ws = _Workspace(max(step, 1), K, nnz, work, xy.device)
     for lo in range(0, M, step):
         hi = min(M, lo + step)
         base = None if shared else torch.arange(lo, hi, device=xy.device).div_(N, rounding_mode="floor").mul_(K)
-        v, i = _omp_chunk(
-            gram_rows, base, xy_n[lo:hi], nnz, tol, None if init_flat is None else init_flat[lo:hi]
+        v, i, e = _omp_chunk(
+            ws, gram_rows, base, xy_n[lo:hi], nnz, tol, None if init_flat is None else init_flat[lo:hi]
         )
         # Back from the normalised atoms to the caller's atoms.
         v *= inv_rows[i if base is None else i + base.unsqueeze(1)]
         values[lo:hi] = v
         indices[lo:hi] = i
+        if energy is not None:
+            energy[lo:hi] = e
     values = values.to(out_dtype).reshape(P, N, nnz)
     indices = indices.reshape(P, N, nnz)
+    if energy is not None:
+        energy = energy.reshape(P, N)
     if squeeze:
         values, indices = values[0], indices[0]
+        energy = None if energy is None else energy[0]
+    if return_energy:
+        return values, indices, energy
     return values, indices
 
 
+class _Workspace:
+    """Buffers for one chunk of M signals, reused by every chunk of an :func:`omp` call.
+
+    On CPU, fresh large allocations cost page faults on first touch that would otherwise
+    dominate the run time. Per-slot arrays are slot-major (slot, signal) so each step writes
+    contiguous rows.
+    """
+
+    def __init__(self, M: int, K: int, nnz: int, work: torch.dtype, dev: torch.device):
+        self.alpha = torch.empty(M, K, dtype=work, device=dev)
+        self.score = torch.empty(M, K, dtype=work, device=dev)
+        self.buf = torch.empty(M, K, dtype=work, device=dev)
+        self.g = torch.empty(M, K, dtype=work, device=dev)
+        self.U = torch.empty(nnz, M, K, dtype=work, device=dev)  # U[j] = q_j^T D, chosen direction j
+        self.L = torch.zeros(nnz, nnz, M, dtype=work, device=dev)  # L[k, j, m]: Cholesky of G[I, I]
+        self.a = torch.empty(nnz, M, dtype=work, device=dev)  # a[j] = q_j^T x
+        self.idx = torch.empty(nnz, M, dtype=torch.long, device=dev)
+        self.pads = torch.empty(nnz, M, dtype=torch.bool, device=dev)
+        self.rev = torch.arange(K, 0, -1, dtype=work, device=dev)  # first maximum wins ties, as argmax
+
+
 def _omp_chunk(
+    ws: _Workspace,
     gram_rows: torch.Tensor,
     row_base: torch.Tensor | None,
     alpha0: torch.Tensor,
     nnz: int,
     tol: float,
     init: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """OMP for M signals over unit-norm (or zero) atoms. Signal m uses gram rows
-    ``row_base[m] + atom`` (``row_base`` None: one shared gram).
-
-    Every (M, K) temporary lives in a buffer allocated once: on CPU, fresh large allocations
-    cost page faults that would otherwise dominate the run time.
-    """
+    ``row_base[m] + atom`` (``row_base`` None: one shared gram). Returns values, indices (M, nnz)
+    and the explained energy ``||x_hat||^2`` (M,)."""
     M, K = alpha0.shape
     dev, work = alpha0.device, alpha0.dtype
-    alpha = alpha0.clone()
-    score = alpha.abs()
+    alpha, score, buf, g = ws.alpha[:M], ws.score[:M], ws.buf[:M], ws.g[:M]
+    U, L, a, idx, pads = ws.U[:, :M], ws.L[:, :, :M], ws.a[:, :M], ws.idx[:, :M], ws.pads[:, :M]
+    alpha.copy_(alpha0)
+    torch.abs(alpha, out=score)
     res_tol = score.amax(dim=1) * tol  # residual exhausted below this correlation
-    buf = torch.empty_like(alpha)
-    g = torch.empty_like(alpha)
-    avail = torch.ones_like(alpha)  # 1 where an atom may still be chosen
-    rev = torch.arange(K, 0, -1, dtype=work, device=dev)  # first maximum wins ties, as argmax
-
-    U = torch.empty(nnz, M, K, dtype=work, device=dev)  # U[j] = q_j^T D for chosen direction j
-    L = torch.zeros(M, nnz, nnz, dtype=work, device=dev)  # Cholesky factor of G[I, I]
-    a = torch.empty(M, nnz, dtype=work, device=dev)  # q_j^T x
-    idx = torch.empty(M, nnz, dtype=torch.long, device=dev)
-    pads = torch.empty(M, nnz, dtype=torch.bool, device=dev)
     done = torch.zeros(M, dtype=torch.bool, device=dev)  # residual exhausted: pad from now on
     one = torch.ones((), dtype=work, device=dev)
     tiny = torch.finfo(work).tiny
     s0 = 0 if init is None else init.shape[1]
 
     for k in range(nnz):
+        # No mask for chosen atoms: their correlation is zeroed when chosen and stays at rounding
+        # level (the residual is orthogonal to them), so they can win only once the residual is
+        # exhausted, i.e. for a padding slot, whose index is rewritten at the end anyway.
         if k:
             torch.abs(alpha, out=score)
-            score.mul_(avail)
         best = score.amax(dim=1)
         torch.eq(score, best.unsqueeze(1), out=buf)
-        lam = (K - buf.mul_(rev).amax(dim=1)).long()
+        lam = (K - buf.mul_(ws.rev).amax(dim=1)).long()
         if k < s0:
             forced = init[:, k]
-            safe = forced.clamp_min(0).unsqueeze(1)
-            ok = (forced >= 0) & (avail.gather(1, safe).squeeze(1) > 0)
-            lam = torch.where(ok, safe.squeeze(1), lam)
+            safe = forced.clamp_min(0)
+            ok = forced >= 0
+            if k:
+                ok &= ~(idx[:k] == safe).any(dim=0)
+            lam = torch.where(ok, safe, lam)
             done |= ~ok & (best <= res_tol)  # only greedy picks can find the residual exhausted
         else:
             done |= best <= res_tol
@@ -176,7 +204,8 @@ def _omp_chunk(
         torch.index_select(gram_rows, 0, lam if row_base is None else row_base + lam, out=g)
         g_ll = g.gather(1, lam1).squeeze(1)  # normalised G[lam, lam]: 1, or 0 for a zero atom
         if k:
-            w = U[:k].gather(2, lam1.unsqueeze(0).expand(k, M, 1)).squeeze(2)  # (k, M): L[k, :k]
+            w = L[k, :k]  # (k, M): row k of the Cholesky factor, U_j[lam]
+            torch.gather(U[:k], 2, lam1.unsqueeze(0).expand(k, M, 1), out=w.unsqueeze(2))
             l2 = g_ll - (w * w).sum(dim=0)
         else:
             l2 = g_ll
@@ -185,26 +214,33 @@ def _omp_chunk(
         scale = torch.where(pad, torch.zeros_like(l2), l2.clamp_min(tiny).rsqrt())  # 1 / L_kk
         u = U[k]
         if k:
-            w *= (~pad).to(work)
+            w.mul_((~pad).to(work))
             torch.addcmul(g, U[0], w[0].unsqueeze(1), value=-1, out=u)
             for j in range(1, k):
                 u.addcmul_(U[j], w[j].unsqueeze(1), value=-1)
-            L[:, k, :k] = w.T
         else:
             u.copy_(g)
         u.mul_(scale.unsqueeze(1))
-        ak = alpha.gather(1, lam1).squeeze(1) * scale
+        ak = alpha.gather(1, lam1).squeeze(1).mul_(scale)
         alpha.addcmul_(u, ak.unsqueeze(1), value=-1)
-        avail.scatter_(1, lam1, 0.0)
+        alpha.scatter_(1, lam1, 0.0)  # chosen, or dependent: never chosen again while it matters
 
-        L[:, k, k] = torch.where(pad, one, l2.clamp_min(tiny).sqrt())
-        a[:, k] = ak
-        idx[:, k] = lam
-        pads[:, k] = pad
+        torch.where(pad, one, l2.clamp_min(tiny).sqrt(), out=L[k, k])
+        a[k] = ak
+        idx[k] = lam
+        pads[k] = pad
 
-    coef = torch.linalg.solve_triangular(L.transpose(1, 2), a.unsqueeze(2), upper=True).squeeze(2)
-    _fill_padding(idx, pads, K)
-    return coef, idx
+    # Coefficients: solve L^T x = a per signal, back substitution vectorised over signals
+    # (a batched LAPACK call per tiny matrix costs more than these nnz^2/2 row operations).
+    x = torch.empty(nnz, M, dtype=work, device=dev)
+    for i in range(nnz - 1, -1, -1):
+        if i == nnz - 1:
+            x[i] = a[i] / L[i, i]
+        else:
+            x[i] = (a[i] - (L[i + 1 :, i] * x[i + 1 :]).sum(dim=0)) / L[i, i]
+    out_idx = idx.T.contiguous()
+    _fill_padding(out_idx, pads.T, K)
+    return x.T.contiguous(), out_idx, (a * a).sum(dim=0)
 
 
 def _fill_padding(idx: torch.Tensor, pads: torch.Tensor, K: int) -> None:
