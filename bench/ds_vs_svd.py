@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--atoms-per-block", type=float, nargs="+", default=[1.0, 2.0],
                     help="K / B candidates (K is then raised to fill the budget, up to 256)")
+    ap.add_argument("--no-fill", action="store_true", help="keep K as given (do not spend left-over bytes on atoms)")
     ap.add_argument("--layers", type=int, default=0, help="only the first N linears (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -57,7 +58,8 @@ def main() -> None:
         linears = linears[: args.layers]
     cands = [(B, int(B * m)) for B in args.blocks for m in args.atoms_per_block]
     print(f"{len(linears)} linears; method={args.method} iters={args.iters} (proxy {args.proxy_iters}); "
-          f"candidates (B, K)={cands}; fp32 values, real index widths, bias counted")
+          f"candidates (B, K)={cands}{'' if args.no_fill else ', K raised to fill the budget'}; "
+          "fp32 values, real index widths, bias counted")
     t0 = time.perf_counter()
     ratios: dict[float, list[float]] = {r: [] for r in args.ratios}
     for name, lin in linears:
@@ -67,7 +69,8 @@ def main() -> None:
             budget = dense_bytes(out_f, in_f) / r
             rank = svd_rank_for_bytes(out_f, in_f, budget)
             e_svd = svd_error(W, rank)
-            choice = search_ds_config(W, r, cands, iters=args.proxy_iters, method=args.method)
+            choice = search_ds_config(W, r, cands, iters=args.proxy_iters, method=args.method,
+                                      fill_atoms=not args.no_fill)
             f = choice.factors
             if args.iters > args.proxy_iters:
                 f = factorize_ds(W, choice.block, choice.atoms, choice.nnz, iters=args.iters - args.proxy_iters,

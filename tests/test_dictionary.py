@@ -20,7 +20,6 @@ from stackcomp.factorize.budget import (
 from stackcomp.factorize.dictionary import (
     DSFactors,
     ds_blocks,
-    ds_reconstruct,
     factorize_ds,
     learn_dictionary,
     normalize_rows,

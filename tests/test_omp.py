@@ -197,6 +197,11 @@ def test_shapes_dtypes_and_shared_gram():
     assert v64.dtype == torch.float64
     vh, _ = omp(gram, (X @ D.T).half(), s)
     assert vh.dtype == torch.float16
+    v0, i0 = omp(gram, torch.zeros(2, 0, K), s)  # no signals at all
+    assert v0.shape == i0.shape == (2, 0, s)
+    v, i, e = omp(gram, X @ D.T, s, return_energy=True)
+    rec = torch.bmm(codes_to_dense(v, i, K), D.expand(2, K, B))
+    torch.testing.assert_close(e, rec.pow(2).sum(-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

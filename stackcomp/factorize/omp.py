@@ -105,12 +105,12 @@ def omp(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise FactorizeError(f"omp: chunk_size must be a positive int, got {chunk_size!r}")
     M = P * N
-    step = min(M, chunk_size or max(_MIN_CHUNK, _CHUNK_ELEMENTS // (nnz * K)))
+    step = max(1, min(M, chunk_size or max(_MIN_CHUNK, _CHUNK_ELEMENTS // (nnz * K))))
     values = torch.empty(M, nnz, dtype=work, device=xy.device)
     indices = torch.empty(M, nnz, dtype=torch.long, device=xy.device)
     energy = torch.empty(M, dtype=work, device=xy.device) if return_energy else None
     init_flat = None if init_support is None else init_support.reshape(M, -1)
-    ws = _Workspace(max(step, 1), K, nnz, work, xy.device)
+    ws = _Workspace(step, K, nnz, work, xy.device)
     for lo in range(0, M, step):
         hi = min(M, lo + step)
         base = None if shared else torch.arange(lo, hi, device=xy.device).div_(N, rounding_mode="floor").mul_(K)
