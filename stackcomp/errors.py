@@ -36,3 +36,7 @@ class ArtifactError(StackcompError):
 
 class NumericalError(StackcompError):
     """NaN/Inf appeared in weights or gradients; the message names the layer."""
+
+
+class FactorizeError(StackcompError):
+    """A factorization was asked something impossible (sizes, budgets) or got bad input."""

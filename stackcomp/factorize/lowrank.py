@@ -31,14 +31,7 @@ import math
 
 import torch
 
-from stackcomp.errors import NumericalError, StackcompError
-
-try:  # one shared class once it lives in stackcomp.errors
-    from stackcomp.errors import FactorizeError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the state of stackcomp.errors
-
-    class FactorizeError(StackcompError):
-        """Bad input to a factorization routine (shape, rank, ratio, non-finite numbers)."""
+from stackcomp.errors import FactorizeError, NumericalError
 
 
 __all__ = [
