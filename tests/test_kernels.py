@@ -228,6 +228,20 @@ def test_cpu_kernel_other_dtypes_and_lead_dims(ext):
         ds_cpu.ds_forward_cpu(torch.randn(1, 48), pack_ds(d, v, idx, b, target="cuda"))
 
 
+def test_cpu_kernel_edge_cases(ext):
+    d, v, idx, b = make_ds(3, 40, 16, 32, 4)
+    p = pack_ds(d, v, idx, b, dtype="int8")
+    assert ds_forward_packed(torch.randn(0, 48), p).shape == (0, 32)
+    x = torch.randn(4, 48, requires_grad=True)
+    y = ds_forward_packed(x, p)  # needs a gradient: the differentiable torch path
+    y.sum().backward()
+    assert x.grad is not None and rel_err(y.detach(), ds_forward_reference(x.detach(), *p.unpack())) < FP32_TOL
+    with pytest.raises(KernelError, match="no backward"):
+        ds_forward_packed(x, p, kernel="cpu")
+    xs = torch.randn(6, 96)[:, ::2]  # not contiguous
+    assert rel_err(ds_forward_packed(xs, p), ds_forward_reference(xs, *p.unpack())) < INT8_KERNEL_TOL
+
+
 def test_cpu_build_is_cached(ext):
     """A second process finds the built module: no rebuild."""
     code = ("import time; from stackcomp.kernels import ds_cpu; t = time.time(); e = ds_cpu.get_extension(); "

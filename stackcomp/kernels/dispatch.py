@@ -59,8 +59,15 @@ def ds_forward_packed(x: torch.Tensor, packed: PackedDS, kernel: str | None = No
     """y = DS(x) for a packed layer, in x's dtype; ``kernel`` None picks one for the layer.
 
     None: a CPU-packed layer on CPU runs the compiled kernel (else torch); a CUDA-packed layer
-    on a GPU runs Triton (else torch). The CPU choice is remembered in ``packed.cache``.
+    on a GPU runs Triton (else torch). The CPU choice is remembered in ``packed.cache``. The
+    compiled kernels have no backward: when x needs a gradient, None means torch (differentiable
+    in x), and naming a compiled kernel raises.
     """
+    if x.requires_grad and torch.is_grad_enabled():
+        if kernel in ("cpu", "triton"):
+            raise KernelError(f"the {kernel} DS kernel has no backward; use kernel='torch' or run under "
+                              "torch.no_grad()/inference_mode()")
+        kernel = kernel or "torch"
     if kernel is None:
         fast = packed.cache.get("auto_cpu")
         if fast is not None and fast[0] == ds_cpu._state["gen"]:
