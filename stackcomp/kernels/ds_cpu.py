@@ -6,9 +6,12 @@ hash of the source, the flags and the CPU's ISA flags, so a cache shared between
 versions never loads a stale or foreign binary. If the build fails, one warning is logged and
 :func:`get_extension` returns ``None`` from then on: callers fall back to the torch path.
 
-Environment:
+Environment (read at the first build attempt; :func:`reset` makes the next call read it again):
   ``STACKCOMP_KERNELS=torch``      never build; always use the torch path;
   ``STACKCOMP_KERNELS_PORTABLE=1`` build without ``-march=native`` (generic x86-64 / scalar code).
+
+The kernels themselves live in ``ds_cpu_kernels.h`` (no torch types; a standalone harness can
+include it); ``ds_cpu.cpp`` is the torch binding.
 """
 
 from __future__ import annotations
