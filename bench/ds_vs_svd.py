@@ -81,7 +81,8 @@ def main() -> None:
             print(f"{name:38s} {out_f:4d}x{in_f:<4d} {r:.1f}x  svd r={rank:3d} err={e_svd:.4f} | "
                   f"ds B={choice.block:3d} K={choice.atoms:3d} s={choice.nnz:2d} err={f.error:.4f} "
                   f"({dense_bytes(out_f, in_f) / nbytes:.2f}x) | ratio {f.error / e_svd:.3f}", flush=True)
-    print(f"total {time.perf_counter() - t0:.1f} s")
+    print(f"total {time.perf_counter() - t0:.1f} s ({torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f})")
     for r, v in ratios.items():
         print(f"{r:.1f}x: median DS/SVD error ratio {statistics.median(v):.3f} "
               f"(min {min(v):.3f}, max {max(v):.3f}, n={len(v)})")

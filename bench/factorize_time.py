@@ -73,11 +73,13 @@ def main() -> None:
     for name in args.models:
         weights = minilm_weights() if name == "minilm" else bert_base_weights()
         n = sum(W.numel() for W in weights)
-        t = time.perf_counter()
+        load0 = os.getloadavg()[0]
+        t, c = time.perf_counter(), time.process_time()
         errs = factorize_all(weights, args)
-        dt = time.perf_counter() - t
-        print(f"{name}: {len(weights)} linears, {n / 1e6:.1f}M weights, {what}: {dt:.1f} s "
-              f"(mean relative error {sum(errs) / len(errs):.4f})", flush=True)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        print(f"{name}: {len(weights)} linears, {n / 1e6:.1f}M weights, {what}: {dt:.1f} s wall, {dc:.1f} s CPU "
+              f"(mean relative error {sum(errs) / len(errs):.4f}; load average {load0:.1f} -> "
+              f"{os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":

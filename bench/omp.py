@@ -11,6 +11,7 @@ with identical supports and the largest coefficient difference.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -40,7 +41,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows={args.rows} K={args.atoms} s={args.nnz}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows={args.rows} K={args.atoms} s={args.nnz}; "
+          f"load average {os.getloadavg()[0]:.1f} (2 cores)")
     for B in args.dims:
         rng = np.random.default_rng(0)
         D = rng.standard_normal((args.atoms, B))
