@@ -147,17 +147,19 @@ def test_stf_refresh_solves_omp_from_latent_weight():
     new_w = torch.randn(24, 32)
     with torch.no_grad():
         layer.weight.copy_(new_w)
-    out = layer(x)  # call 0: refresh
+    out = layer(x)  # first training forward: refresh
     v, i = sparse_code(ds_blocks(new_w, 8), layer.dictionary.detach(), 3)
     assert torch.equal(layer.indices.long(), i)
     torch.testing.assert_close(layer.values.detach(), v)
     torch.testing.assert_close(out, x @ layer.to_dense().T + layer.bias, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(24, 32))
     before = layer.indices.clone()
-    layer(x)  # call 1: no refresh
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(24, 32))  # step 1: no refresh (every 2 steps)
+    layer(x)
     assert torch.equal(layer.indices, before)
-    layer(x)  # call 2: refresh
+    with torch.no_grad():
+        layer.weight.add_(0.1 * torch.randn(24, 32))  # step 2: refresh
+    layer(x)
     assert not torch.equal(layer.indices, before)
     # keep = nnz: the support never moves, only its values are re-solved
     layer.stf_keep = 3
@@ -166,6 +168,25 @@ def test_stf_refresh_solves_omp_from_latent_weight():
     before = layer.indices.clone()
     layer.refresh_codes()
     assert torch.equal(layer.indices.sort(-1).values, before.sort(-1).values)
+
+
+def test_stf_several_calls_per_step_share_one_refresh():
+    # gradient accumulation or a layer shared across depth (ALBERT): many forwards, one backward
+    layer = _layer()
+    layer.start_stf(refresh_every=1)
+    layer.train()
+    opt = torch.optim.SGD([layer.weight, layer.dictionary], lr=0.1)
+    x = torch.randn(4, 32)
+    for _ in range(2):
+        h = layer(x)
+        for _ in range(2):  # the same layer again, 24 -> 32 features by repeating 8 of them
+            h = layer(torch.cat([h, h[:, :8]], dim=1))
+        idx = layer.indices.clone()
+        h.pow(2).mean().backward()  # no "modified by an inplace operation" error
+        assert torch.equal(layer.indices, idx)
+        opt.step()
+        opt.zero_grad()
+    assert layer._stf_updates == 2
 
 
 def test_stf_keeps_unit_atoms_without_changing_the_product():

@@ -13,14 +13,18 @@ dictionary[b, indices[b,o,t]]``. Forward: ``z_b = x_b D_b^T`` (tokens x K), then
 
 Straight-through factorizer (STF, DSFormer's training mode), see :meth:`DSLinear.start_stf`:
 a latent dense ``weight`` (out x in) is kept as a Parameter; in training mode the codes C are
-re-solved by OMP from ``weight`` and the current dictionary every ``refresh_every`` forward calls
-(no grad, warm-started), and the layer computes with ``W_hat + (weight - weight.detach())`` where
+re-solved by OMP from ``weight`` and the current dictionary every ``refresh_every`` optimizer
+steps (no grad, warm-started), and the layer computes with ``W_hat + (weight - weight.detach())`` where
 ``W_hat = C D`` with C a constant: D gets its gradient through the product and ``weight`` gets
 ``dL/dW_hat`` unchanged (straight through). :meth:`DSLinear.freeze` ends STF.
 
-Dictionary rows are kept unit-norm during STF by renormalising in place (no grad) at the start
-of every training forward, with the codes rescaled so that ``C D`` is unchanged. Outside STF the
-rows may drift from unit norm when the dictionary is fine-tuned; nothing depends on it.
+A step is detected as an in-place update of ``weight`` or ``dictionary`` (their version counters,
+which every optimizer bumps): the first training forward after it renormalises the dictionary
+rows to unit norm in place (no grad; the codes are rescaled so ``C D`` is unchanged) and, every
+``refresh_every`` steps, re-solves the codes. Further forwards within the same step (gradient
+accumulation, a layer shared across depth as in ALBERT) reuse them, so the autograd graph never
+sees the dictionary change under it. Outside STF the rows may drift from unit norm when the
+dictionary is fine-tuned; nothing depends on it.
 """
 
 from __future__ import annotations
@@ -97,7 +101,8 @@ class DSLinear(CompressedLayer):
         self.stf = False
         self.refresh_every = 1
         self.stf_keep = 0
-        self._stf_calls = 0
+        self._stf_updates = 0  # parameter updates seen in STF (steps)
+        self._stf_seen: tuple[int, int] | None = None  # versions of (weight, dictionary) last seen
 
     # ------------------------------------------------------------------ construction
 
@@ -213,7 +218,7 @@ class DSLinear(CompressedLayer):
     ) -> DSLinear:
         """Enter STF training: a latent dense ``weight`` Parameter (init: ``weight`` if given, e.g.
         the original linear's weight, else ``to_dense()``), the dictionary trained by gradient,
-        the codes re-solved by OMP every ``refresh_every`` training forwards.
+        the codes re-solved by OMP every ``refresh_every`` optimizer steps (see the module doc).
 
         ``keep``: OMP warm start; the ``keep`` atoms of each row with the largest |value| in the
         last solution are taken first, the rest are chosen greedily (0: fresh OMP each time;
@@ -235,7 +240,8 @@ class DSLinear(CompressedLayer):
         self.weight = nn.Parameter(weight.detach().to(self.dictionary).clone())
         self.dictionary.requires_grad_(True)
         self.values.requires_grad_(False)  # C comes from OMP, not from gradients
-        self.stf, self.refresh_every, self.stf_keep, self._stf_calls = True, refresh_every, keep, 0
+        self.stf, self.refresh_every, self.stf_keep = True, refresh_every, keep
+        self._stf_updates, self._stf_seen = 0, None
         return self
 
     @torch.no_grad()
@@ -263,11 +269,13 @@ class DSLinear(CompressedLayer):
         self.indices.copy_(idx.to(self.indices.dtype))
 
     def _stf_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self._stf_seen != (self.weight._version, self.dictionary._version):
+            # first training forward since the parameters changed (a new step)
             self._normalize_dictionary()
-            if self._stf_calls % self.refresh_every == 0:
+            if self._stf_updates % self.refresh_every == 0:
                 self.refresh_codes()
-            self._stf_calls += 1
+            self._stf_updates += 1
+            self._stf_seen = (self.weight._version, self.dictionary._version)
         W_hat = self.reconstruct_weight(self.values.detach())  # C constant: D gets the gradient
         return W_hat + (self.weight - self.weight.detach())  # value W_hat, gradient straight to weight
 
