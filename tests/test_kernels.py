@@ -306,7 +306,11 @@ template <class F> void serial_for(int64_t b, int64_t e, int64_t, const F& f) { 
 #define DS_NUM_THREADS() 1
 #include "ds_cpu_kernels.h"
 using namespace dskern;
-template <class T> std::vector<T> rd(FILE* f, size_t n) { std::vector<T> v(n); if (fread(v.data(), sizeof(T), n, f) != n) throw 1; return v; }
+template <class T> std::vector<T> rd(FILE* f, size_t n) {
+  std::vector<T> v(n);
+  if (fread(v.data(), sizeof(T), n, f) != n) throw 1;
+  return v;
+}
 int main(int argc, char** argv) {
   FILE* f = fopen(argv[1], "rb");
   auto h = rd<int64_t>(f, 10);  // T in out nb K B S OG q small_max
@@ -321,7 +325,8 @@ int main(int argc, char** argv) {
   } else {
     auto d = rd<int8_t>(f, g.nb * g.K * g.B); auto ds = rd<float>(f, g.nb * g.K);
     auto v = rd<int8_t>(f, g.nb * g.OG * g.S * 8); auto vs = rd<float>(f, g.OG * 8);
-    run_i8<int16_t>(g, x.data(), d.data(), ds.data(), v.data(), vs.data(), nullptr, nullptr, idx.data(), bias.data(), y.data(), h[9]);
+    run_i8<int16_t>(g, x.data(), d.data(), ds.data(), v.data(), vs.data(), nullptr, nullptr, idx.data(),
+                    bias.data(), y.data(), h[9]);
   }
   fwrite(y.data(), sizeof(float), y.size(), stdout);
 }

@@ -29,7 +29,8 @@ torch::Tensor ds_forward(torch::Tensor x, torch::Tensor dict, torch::Tensor dsca
   TORCH_CHECK(g.nb * g.B == g.in, "x has ", g.in, " features, the layer ", g.nb * g.B);
   TORCH_CHECK(vals.size(0) == g.nb && g.OG * 8 >= out && (g.OG - 1) * 8 < out, "vals shape does not match out");
   const bool q = dict.scalar_type() == at::kChar;
-  TORCH_CHECK(q ? vals.scalar_type() == at::kChar : (dict.scalar_type() == at::kFloat && vals.scalar_type() == at::kFloat),
+  TORCH_CHECK(q ? vals.scalar_type() == at::kChar
+                : (dict.scalar_type() == at::kFloat && vals.scalar_type() == at::kFloat),
               "dict and vals: both float32 or both int8");
   if (q) {
     TORCH_CHECK(dscale.scalar_type() == at::kFloat && dscale.numel() == g.nb * g.K && dscale.is_contiguous(),

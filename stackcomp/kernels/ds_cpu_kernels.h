@@ -436,8 +436,8 @@ inline void gather_q15(const int16_t* zq, const float* zs, const int16_t* w16, c
           const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a[q][v], 1)));
           float* yv = yr + 16 * v;
           _mm256_store_ps(yv, _mm256_fmadd_ps(lo, _mm256_mul_ps(fq, _mm256_load_ps(zs + 16 * v)), _mm256_load_ps(yv)));
-          _mm256_store_ps(yv + 8,
-                          _mm256_fmadd_ps(hi, _mm256_mul_ps(fq, _mm256_load_ps(zs + 16 * v + 8)), _mm256_load_ps(yv + 8)));
+          const __m256 f8 = _mm256_mul_ps(fq, _mm256_load_ps(zs + 16 * v + 8));
+          _mm256_store_ps(yv + 8, _mm256_fmadd_ps(hi, f8, _mm256_load_ps(yv + 8)));
         }
       }
     }

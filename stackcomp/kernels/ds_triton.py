@@ -147,9 +147,10 @@ def ds_forward_triton(x: torch.Tensor, packed: PackedDS, block_t: int | None = N
     BK = _pow2(K, 16, 64)
     BB = _pow2(B, 16, 64)
     dsc = t["dictionary_scale"] if q else t["dictionary"]  # unused pointer when not QUANT
+    ieee = x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and _interpreting())
     z_kernel[(triton_cdiv(T, BT), triton_cdiv(K, BK), nb)](
         x2, t["dictionary"], dsc, z, T, nb, K, B, x2.stride(0), z.stride(0),
-        QUANT=q, IEEE=x2.dtype == torch.float32 or (x2.dtype == torch.bfloat16 and _interpreting()), BLOCK_T=BT, BLOCK_K=BK, BLOCK_B=BB)
+        QUANT=q, IEEE=ieee, BLOCK_T=BT, BLOCK_K=BK, BLOCK_B=BB)
     BO = block_o or _pow2(out, 16, 64)
     BT2 = block_t or _pow2(T, 1, 32)
     vs = t["values_scale"] if q else t["values"]
