@@ -60,7 +60,6 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger("stackcomp")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    root.propagate = False
     for noisy in ("bitsandbytes", "accelerate", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

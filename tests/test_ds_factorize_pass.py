@@ -51,7 +51,7 @@ def test_ratio_search_meets_the_budget(tmp_path):
     report = p.analyze(model, PassContext(stage="ds", work_dir=tmp_path))
     for name, row in report["layers"].items():
         assert row["ratio"] >= 1.5 - 1e-9, name
-        assert [row["block"], row["atoms"]] in ([8, 8], [16, 16], [8, 16])
+        assert row["block"] in (8, 16) and row["atoms"] >= 8  # K may grow to fill the budget left by s
 
 
 @pytest.mark.parametrize("params,needle", [
