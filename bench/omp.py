@@ -5,7 +5,7 @@ dimension 32 (K = 2B, the overcomplete shape DSFormer uses) and 64 (K = B). Both
 same Gram matrix and correlations. Prints the wall times, the speed ratio, the share of rows
 with identical supports and the largest coefficient difference.
 
-    python bench/omp.py [--rows 10000] [--atoms 64] [--nnz 8] [--dims 32 64] [--threads 2]
+    python bench/omp.py [--rows 10000] [--atoms 64] [--nnz 8] [--dims 32 64] [--threads 2] [--omp-threads 1]
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ def main() -> None:
     ap.add_argument("--atoms", type=int, default=64)
     ap.add_argument("--nnz", type=int, default=8)
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the process")
+    ap.add_argument("--omp-threads", type=int, default=1,
+                    help="threads inside omp() (its num_threads; 0: leave the process setting)")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows={args.rows} K={args.atoms} s={args.nnz}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} process threads, omp num_threads="
+          f"{args.omp_threads or 'process'}; rows={args.rows} K={args.atoms} s={args.nnz}; "
           f"load average {os.getloadavg()[0]:.1f} (2 cores)")
     for B in args.dims:
         rng = np.random.default_rng(0)
@@ -58,10 +61,11 @@ def main() -> None:
         xy32 = torch.tensor(Xy.T, dtype=torch.float32).contiguous()
         g64 = torch.tensor(G)
         xy64 = torch.tensor(Xy.T).contiguous()
-        omp(g32, xy32, args.nnz)  # warm-up
+        nt = args.omp_threads or None
+        omp(g32, xy32, args.nnz, num_threads=nt)  # warm-up
         for name, g, xy in (("fp32", g32, xy32), ("fp64", g64, xy64)):
             dtype = torch.float64 if name == "fp64" else torch.float32
-            t_min, t_med, (v, i) = best_of(lambda: omp(g, xy, args.nnz, dtype=dtype), args.repeats)
+            t_min, t_med, (v, i) = best_of(lambda: omp(g, xy, args.nnz, dtype=dtype, num_threads=nt), args.repeats)
             C = codes_to_dense(v.double(), i, args.atoms).numpy()
             same = float(((C != 0) == (C_ref != 0)).all(axis=1).mean())
             diff = float(np.abs(C - C_ref).max())

@@ -151,6 +151,10 @@ def test_deterministic_and_chunking_invariant():
     v2, i2 = sparse_code(X, D, s)
     v3, i3 = sparse_code(X, D, s, chunk_size=37)
     assert torch.equal(v1, v2) and torch.equal(i1, i2)
+    threads = torch.get_num_threads()
+    v4, i4 = sparse_code(X, D, s, num_threads=None)
+    assert torch.get_num_threads() == threads and torch.equal(i1, i4)
+    torch.testing.assert_close(v1, v4)
     assert torch.equal(i1, i3)
     torch.testing.assert_close(v1, v3, atol=1e-6, rtol=0)
 

@@ -52,6 +52,7 @@ def omp(
     eps: float | None = None,
     chunk_size: int | None = None,
     return_energy: bool = False,
+    num_threads: int | None = 1,
 ) -> tuple[torch.Tensor, ...]:
     """Sparse-code many signals with exactly ``nnz`` atoms each.
 
@@ -73,11 +74,32 @@ def omp(
         return_energy: also return ``||x_hat||^2`` per signal (..., N), the squared norm of the
             signal's projection on its chosen atoms, so ``||x||^2 - energy`` is the residual
             energy without a reconstruction.
+        num_threads: torch intra-op threads on CPU while solving (restored afterwards); None
+            leaves torch's setting. Default 1: the solve is hundreds of small memory-bound ops,
+            which a second thread speeds up little, and which slow down by 10-100x when the
+            threads are oversubscribed (measured on a shared 2-core machine, bench/omp.py).
 
     Returns:
-        ``(values, indices)`` (plus ``energy`` if asked), each shaped like ``xy`` with K replaced by ``nnz``; indices are
-        long, in selection order, distinct within a row; padding slots hold value 0.
+        ``(values, indices)`` (plus ``energy`` if asked), each shaped like ``xy`` with K replaced
+        by ``nnz``; indices are long, in selection order, distinct within a row; padding slots
+        hold value 0.
     """
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise FactorizeError(f"omp: num_threads must be a positive int or None, got {num_threads!r}")
+    before = torch.get_num_threads()
+    on_cpu = isinstance(xy, torch.Tensor) and xy.device.type == "cpu"
+    switch = num_threads is not None and on_cpu and num_threads != before
+    if switch:
+        torch.set_num_threads(num_threads)
+    try:
+        return _omp(gram, xy, nnz, init_support, dtype, eps, chunk_size, return_energy)
+    finally:
+        if switch:
+            torch.set_num_threads(before)
+
+
+def _omp(gram, xy, nnz, init_support, dtype, eps, chunk_size, return_energy):
     gram, xy, squeeze = _check_inputs(gram, xy, nnz)
     P, N, K = xy.shape
     work = dtype or torch.float32
