@@ -366,6 +366,12 @@ def train(
     acc = make_accelerator(config.seed, config.grad_accum)
     groups = _param_groups(model, config, optimizer_params)
     optimizer = _make_adamw(groups, config)
+    try:
+        if len(train_loader) == 0:
+            raise DataError("the training loader is empty")
+    except TypeError:  # no length (iterable dataset): only max_steps can say when to stop
+        if config.max_steps is None:
+            raise DataError("the training loader has no length: set max_steps") from None
     was_training = model.training
     if eval_loader is not None:
         model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_loader, eval_loader)
@@ -375,13 +381,9 @@ def train(
     raw_model = acc.unwrap_model(model)
 
     try:
-        batches_per_epoch = len(train_dl)
+        batches_per_epoch = len(train_dl)  # per process once prepared
     except TypeError:
         batches_per_epoch = None
-    if batches_per_epoch == 0:
-        raise DataError("the training loader is empty")
-    if batches_per_epoch is None and config.max_steps is None:
-        raise DataError("the training loader has no length: set max_steps")
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum) if batches_per_epoch else None
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = math.ceil(config.warmup_ratio * total)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import stackcomp.train as train_mod
-from stackcomp.errors import ModelError, NumericalError, StackcompError
+from stackcomp.errors import DataError, ModelError, NumericalError, StackcompError
 from stackcomp.train import TrainConfig, default_param_groups, evaluate, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -316,3 +316,8 @@ def test_two_process_matches_single(tmp_path):
     for r in (r1, r2):
         assert r["evals"][-1]["accuracy"] >= 0.9  # chance is 0.5
         assert r["evals"][-1]["eval_loss"] < 0.3  # ln 2 = 0.69 at chance
+
+
+def test_empty_loader_is_a_data_error():
+    with pytest.raises(DataError, match="empty"):
+        train(tiny_bert(), DataLoader([], batch_size=4), cfg(max_steps=1))
