@@ -29,6 +29,7 @@ from stackcomp.errors import RecipeError
 
 MAX_INCLUDE_DEPTH = 16
 MAX_SWEEP_BRANCHES = 256
+MAX_RECIPE_BYTES = 4 * 2**20
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-\[\]=,@+]*$")
 
 
@@ -103,7 +104,8 @@ class Recipe(Strict):
     def data_options(self) -> Any:
         from stackcomp.data import DataOptions
 
-        return DataOptions.model_validate(self.data)
+        # the recipe's seed drives sample caps and shuffling unless data: sets its own
+        return DataOptions.model_validate({"seed": self.seed, **self.data})
 
     def to_yaml(self) -> str:
         raw = self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -138,21 +140,50 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
         raise RecipeError(f"{source}: {_format_validation(e)}") from None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (the first would be silently dropped)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():
+            raise RecipeError(f"recipe path is not a regular file (a device or pipe?): {path}")
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB; recipes are small files")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
     except IsADirectoryError:
         raise RecipeError(f"recipe path is a directory, expected a YAML file: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.constructor.ConstructorError as e:
-        raise RecipeError(
-            f"{path}: YAML tag refused ({e.problem}); recipes are plain data, tags that build objects are not allowed"
-        ) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        if "constructor for the tag" in (e.problem or ""):
+            raise RecipeError(
+                f"{path}:{where} YAML tag refused ({e.problem}); recipes are plain data, tags that build objects "
+                "are not allowed (write the value without the !tag)"
+            ) from None
+        raise RecipeError(f"{path}:{where} invalid YAML: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
