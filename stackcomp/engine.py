@@ -77,6 +77,9 @@ class Engine:
     def run(self) -> dict[str, Any]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_text(self.run_dir / "recipe.resolved.yaml", self.recipe.to_yaml())
+        from stackcomp.lock import write_lock
+
+        write_lock(self.run_dir, self.plan)  # versions, seeds, data/model hashes, hardware
         removed = self.store.clean_temporaries()
         if removed:
             log.info("removed %d half-written artifact folder(s) from an interrupted run", removed)
