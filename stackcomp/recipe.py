@@ -63,8 +63,25 @@ class Goal(Strict):
     """What a stack must meet to count (read by ``stackcomp compare``)."""
 
     metric_drop: float | None = Field(default=None, ge=0, description="max drop of the task metric, in points")
-    max_bytes: float | str | None = Field(default=None, description="max whole-model bytes, e.g. 20MB")
-    max_latency_ms: float | None = Field(default=None, gt=0)
+    max_bytes: float | None = Field(default=None, gt=0, description="max whole-model bytes, e.g. 20MB or 1.5GiB")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="max CPU latency per evaluate batch")
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> float:
+    """``"20MB"`` -> 2e7; decimal units (kB, MB, GB) and binary ones (KiB, MiB, GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 20MB, 1.5GB, 512KiB or a number of bytes")
+    return float(m.group(1)) * _BYTE_UNITS[unit]
 
 
 class Recipe(Strict):
