@@ -324,31 +324,49 @@ def _expand_sweeps(raw: dict[str, Any], sweeps: list[tuple[list[str], list[Any]]
     if total > MAX_SWEEP_BRANCHES:
         raise RecipeError(f"the sweeps make {total} branches; at most {MAX_SWEEP_BRANCHES} are allowed")
 
+    seen: set[str] = set()
+    for keys, _ in sweeps:
+        dotted = ".".join(keys)
+        if dotted in seen:
+            raise RecipeError(f"sweep over {dotted}: swept twice; give all its values in one list (v1,v2,...)")
+        seen.add(dotted)
+
+    # a stage renamed by an earlier sweep (a clone, e.g. ds[lr=1e-4]) is swept in every clone
+    origin = {n: n for n in stages}
     for keys, values in sweeps:
-        stages = raw["stages"]
-        root = keys[1]
-        downstream = _downstream(stages, root)
-        new_stages: dict[str, Any] = {n: s for n, s in stages.items() if n not in downstream}
-        label = keys[-1]
-        for value in values:
-            suffix = f"[{label}={_short(value)}]"
-            rename = {n: n + suffix for n in downstream}
-            for n in downstream:
-                spec = copy.deepcopy(stages[n])
-                if isinstance(spec, dict):
-                    after = spec.get("after")
-                    if isinstance(after, str):
-                        spec["after"] = rename.get(after, after)
-                    elif isinstance(after, list):
-                        spec["after"] = [rename.get(a, a) if isinstance(a, str) else a for a in after]
-                    params = spec.get("params")
-                    if isinstance(params, dict) and isinstance(params.get("teacher"), str):
-                        params["teacher"] = rename.get(params["teacher"], params["teacher"])
-                new_stages[rename[n]] = spec
-            sub = {"stages": {rename[root]: new_stages[rename[root]]}}
-            _set_path(sub, ["stages", rename[root], *keys[2:]], value, ".".join(keys))
-        raw["stages"] = new_stages
+        for root in [n for n in raw["stages"] if origin.get(n) == keys[1]]:
+            raw["stages"] = _sweep_one(raw["stages"], root, keys, values, origin)
     return raw
+
+
+def _sweep_one(stages: dict[str, Any], root: str, keys: list[str], values: list[Any],
+               origin: dict[str, str]) -> dict[str, Any]:
+    """Clone ``root`` and its descendants once per value, setting ``keys[2:]`` in each clone of root."""
+    downstream = _downstream(stages, root)
+    new_stages: dict[str, Any] = {n: s for n, s in stages.items() if n not in downstream}
+    label = keys[-1]
+    for value in values:
+        suffix = f"[{label}={_short(value)}]"
+        rename = {n: n + suffix for n in downstream}
+        for n in downstream:
+            spec = copy.deepcopy(stages[n])
+            if isinstance(spec, dict):
+                after = spec.get("after")
+                if isinstance(after, str):
+                    spec["after"] = rename.get(after, after)
+                elif isinstance(after, list):
+                    spec["after"] = [rename.get(a, a) if isinstance(a, str) else a for a in after]
+                params = spec.get("params")
+                if isinstance(params, dict) and isinstance(params.get("teacher"), str):
+                    params["teacher"] = rename.get(params["teacher"], params["teacher"])
+            if rename[n] in new_stages:
+                raise RecipeError(f"sweep over {'.'.join(keys)}: the branch {rename[n]!r} would exist twice (a value "
+                                  "repeated, or a stage already has that name); give distinct values")
+            new_stages[rename[n]] = spec
+            origin[rename[n]] = origin.get(n, n)
+        sub = {"stages": {rename[root]: new_stages[rename[root]]}}
+        _set_path(sub, ["stages", rename[root], *keys[2:]], value, ".".join(keys))
+    return new_stages
 
 
 def _downstream(stages: dict[str, Any], root: str) -> list[str]:
