@@ -43,13 +43,22 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except StackcompError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {one_line(e)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished stages are saved; run the same command again to resume")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def one_line(e: BaseException) -> str:
+    """The message as one printable line, rich markup escaped (user text may hold ``[/]``)."""
+    from rich.markup import escape
+
+    text = " ".join(str(e).splitlines())
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates from YAML escapes
+    return escape(text)
 
 
 def _setup_logging(verbose: bool) -> None:
