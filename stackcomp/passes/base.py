@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -31,6 +32,8 @@ from stackcomp.errors import PlanError
 from stackcomp.progress import NULL_PROGRESS, Progress
 
 ENTRY_POINT_GROUP = "stackcomp.passes"
+#: ``package.module:ClassName`` as a recipe may name it (no relative imports, no attribute paths)
+_PLUGIN_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 #: What a pass may say it needs; the plan checks each before the run.
 KNOWN_NEEDS = frozenset({"task", "teacher"})
@@ -162,11 +165,15 @@ def get_pass(name: str, allow_plugins: tuple[str, ...] = ()) -> type[Pass]:
                 f"pass {name!r} is a module path, not a registered pass; importing it runs its code, so it is "
                 f"refused unless the recipe lists it under `allow_plugins: [{name}]`"
             )
+        if not _PLUGIN_PATH.fullmatch(name):
+            raise PlanError(f"pass {name!r}: expected an absolute `package.module:ClassName` path")
         module_name, _, cls_name = name.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), cls_name)
         except (ImportError, AttributeError) as e:
             raise PlanError(f"cannot import pass {name!r}: {e}") from None
+        except Exception as e:  # the module's own code failed: a plugin bug, reported as such
+            raise PlanError(f"importing pass {name!r} failed: {type(e).__name__}: {e}") from None
         _check_pass_class(cls, f"pass {name!r}")
         return cls
     if name in _ENTRY_POINT_ERRORS:
