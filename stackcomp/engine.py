@@ -200,7 +200,7 @@ class Engine:
 
             model, tok = load_base_model(self.recipe.model, self._get_task(),
                                          trust_remote_code=self.recipe.trust_remote_code,
-                                         allow_pickle=self.recipe.allow_pickle)
+                                         allow_pickle=self.recipe.allow_pickle, seed=self.recipe.seed)
             self._tokenizer = self._tokenizer or tok
             return model.to(self.device)
         parent = stage.parents[0]
@@ -249,7 +249,7 @@ class Engine:
             from stackcomp.models import load_base_model
 
             model, _ = load_base_model(teacher, self._get_task(), trust_remote_code=self.recipe.trust_remote_code,
-                                       allow_pickle=self.recipe.allow_pickle)
+                                       allow_pickle=self.recipe.allow_pickle, seed=self.recipe.seed)
             return model.to(self.device)
 
         return load_model_teacher

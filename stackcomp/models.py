@@ -42,8 +42,14 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = False,
-                    allow_pickle: bool = False) -> tuple[nn.Module, Any]:
-    """The model with a sequence-classification head for ``task``, and its tokenizer."""
+                    allow_pickle: bool = False, seed: int | None = 0) -> tuple[nn.Module, Any]:
+    """The model with a sequence-classification head for ``task``, and its tokenizer.
+
+    A head the checkpoint lacks is initialised randomly; ``seed`` makes that draw the same in
+    every run (None leaves the global RNG as it is).
+    """
+    import torch
+
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -61,7 +67,10 @@ def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = Fa
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(_explain_load_error(spec, path, e, allow_pickle)) from None

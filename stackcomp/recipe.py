@@ -34,7 +34,7 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-\[\]=,@+]*$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StageSpec(Strict):

@@ -158,3 +158,9 @@ def test_resolved_recipe_round_trips(tmp_path):
     p = tmp_path / "resolved.yaml"
     p.write_text(r.to_yaml())
     assert load_recipe(p) == r
+
+
+def test_recipe_seed_drives_data_seed_unless_data_sets_one():
+    base = {"name": "r", "model": "m", "task": "glue/sst2", "stages": {"ft": {"pass": "finetune"}}}
+    assert recipe_from_dict({**base, "seed": 5}).data_options().seed == 5
+    assert recipe_from_dict({**base, "seed": 5, "data": {"seed": 3}}).data_options().seed == 3
