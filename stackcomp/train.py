@@ -46,7 +46,7 @@ _LOG = logging.getLogger("stackcomp.train")
 class TrainConfig(BaseModel):
     """Settings of the shared loop. Batch sizes are for whoever builds the loaders."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     epochs: float = Field(default=1.0, gt=0, description="passes over the training data (fractions allowed)")
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; overrides epochs when set")

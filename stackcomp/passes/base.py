@@ -40,9 +40,9 @@ KNOWN_NEEDS = frozenset({"task", "teacher"})
 
 
 class PassParams(BaseModel):
-    """Base for every pass's parameters: unknown keys are errors, not silently ignored."""
+    """Base for every pass's parameters: unknown keys and NaN/Inf numbers are errors, not silently used."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass
