@@ -1,0 +1,499 @@
+"""int8 layers: int8 weights with symmetric per-row scales, run by a backend adapter.
+
+One storage layout for every backend: ``q = round(w / scale)`` in [-127, 127] with
+``scale = max|w_row| / 127`` per output row (an all-zero row gets scale 1), bias in fp32. This
+is exactly bitsandbytes' ``int8_vectorwise_quant`` layout (its ``SCB`` is ``127 * scale``) and a
+per-channel ``qint8`` tensor for PyTorch, so a saved layer runs on either backend.
+
+Backends (:func:`get_backend`), each behind one adapter class:
+
+* ``torch`` -- :class:`TorchDynamicInt8`: PyTorch's dynamic int8 linear (fbgemm/x86, activations
+  quantized per tensor at run time, ``reduce_range`` as ``quantize_dynamic`` does on x86). Its API
+  (``torch.ops.quantized``) is deprecated in favour of torchao; nothing outside the adapter
+  touches it. CPU only.
+* ``bitsandbytes`` -- :class:`BitsAndBytesInt8`: bitsandbytes' int8 matmul (activations quantized
+  per row, ``int8_linear_matmul``), the arithmetic of ``Linear8bitLt(has_fp16_weights=False)``
+  without outlier decomposition; the int32 result is rescaled in fp32 (bitsandbytes' own
+  ``int8_mm_dequant`` returns fp16). CPU and CUDA.
+
+Where a backend cannot run (torch on CUDA, bitsandbytes not installed when a saved layer is
+loaded) the layer computes with its dequantized weights and logs it once: same stored numbers,
+no int8 arithmetic.
+
+Layers (all registered for the artifact manifest, all with exact :meth:`storage`):
+
+* :class:`Int8Linear` -- a quantized ``nn.Linear``;
+* :class:`Int8LowRankLinear` -- ``LowRankLinear`` with both factors int8;
+* :class:`Int8DSLinear` -- a DS layer with an int8 dictionary (scale per atom) and int8 code
+  values (scale per output row across all blocks): the int8 layout of ``kernels/packed.py``, so
+  ``pack`` re-lays it out without new rounding. Its ``z = x_b D_b^T`` GEMMs run on the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.factorize.budget import index_dtype
+from stackcomp.kernels.packed import _quantize_symmetric
+from stackcomp.kernels.reference import flat_bag_indices
+from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
+
+__all__ = [
+    "BACKENDS",
+    "BitsAndBytesInt8",
+    "Int8Backend",
+    "Int8DSLinear",
+    "Int8Linear",
+    "Int8LowRankLinear",
+    "QuantizationError",
+    "TorchDynamicInt8",
+    "dequantize_rows",
+    "get_backend",
+    "quantize_rows",
+]
+
+log = logging.getLogger("stackcomp.int8")
+
+
+class QuantizationError(StackcompError):
+    """An int8 backend is unknown or cannot run, or a layer cannot be quantized."""
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q int8 (rows, cols), scale float32 (rows,))``, w ~= q * scale."""
+    q, scale = _quantize_symmetric(w.detach().float(), dim=-1)
+    return q, scale.squeeze(-1)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class Int8Backend:
+    """Runs ``y = x (q * scale)^T + bias`` for int8 ``q`` with per-row ``scale``.
+
+    ``prepare`` turns the stored tensors into whatever the library wants (done once per layer
+    and cached by the layer); ``run`` takes fp32 ``x`` (tokens, in) and returns fp32 (tokens, out).
+    """
+
+    name: ClassVar[str] = ""
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def prepare(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, handle: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DequantizedInt8(Int8Backend):
+    """Fallback: fp32 GEMM with the dequantized weight (the stored numbers, no int8 arithmetic)."""
+
+    name = "dequantized"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        return True, ""
+
+    def prepare(self, q, scale, bias):
+        return dequantize_rows(q, scale), None if bias is None else bias.float()
+
+    def run(self, x, handle):
+        w, b = handle
+        return F.linear(x, w, b)
+
+
+class TorchDynamicInt8(Int8Backend):
+    """PyTorch's dynamic int8 linear (``torch.ops.quantized``; deprecated upstream: keep it here)."""
+
+    name = "torch"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        if torch.device(device).type != "cpu":
+            return False, "PyTorch's dynamic int8 linear runs on CPU only"
+        engines = set(torch.backends.quantized.supported_engines) - {"none"}
+        if not engines or not hasattr(torch.ops.quantized, "linear_dynamic"):
+            return False, "this PyTorch build has no quantized engine (fbgemm/x86/qnnpack)"
+        return True, ""
+
+    def prepare(self, q, scale, bias):
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():  # the quantized-tensor deprecation warning, once per layer
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q.cpu(), scale.cpu().double(), zero, 0)
+            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().cpu())
+
+    def run(self, x, handle):
+        # reduce_range=True: activations use 7 bits, as quantize_dynamic does on x86 (no int16
+        # saturation in fbgemm's u8 x s8 pairs on CPUs without VNNI)
+        return torch.ops.quantized.linear_dynamic(x, handle, True)
+
+
+class BitsAndBytesInt8(Int8Backend):
+    """bitsandbytes' int8 matmul: row-wise int8 activations x row-wise int8 weights, int32 accumulate."""
+
+    name = "bitsandbytes"
+
+    def _functional(self):
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # it logs optional-kernel notes on import
+        import bitsandbytes.functional as bnbf
+
+        return bnbf
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        try:
+            self._functional()
+        except Exception as e:  # noqa: BLE001 - not installed or broken: say why
+            return False, f"bitsandbytes cannot be imported ({type(e).__name__}: {e}); pip install bitsandbytes"
+        if torch.device(device).type not in ("cpu", "cuda"):
+            return False, f"bitsandbytes int8 runs on cpu and cuda, not {torch.device(device).type}"
+        return True, ""
+
+    def prepare(self, q, scale, bias):
+        return q.contiguous(), scale.float(), None if bias is None else bias.float()
+
+    def run(self, x, handle):
+        bnbf = self._functional()
+        q, scale, bias = handle
+        xq, xscale, _ = bnbf.int8_vectorwise_quant(x)
+        acc = bnbf.int8_linear_matmul(xq, q)  # int32 (tokens, out)
+        y = acc.float() * (xscale.float().unsqueeze(1) / 127.0) * scale
+        return y if bias is None else y + bias
+
+
+BACKENDS: dict[str, type[Int8Backend]] = {"torch": TorchDynamicInt8, "bitsandbytes": BitsAndBytesInt8}
+_FALLBACK = DequantizedInt8()
+_warned: set[tuple[str, str]] = set()
+
+
+def get_backend(name: str) -> Int8Backend:
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise QuantizationError(f"unknown int8 backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
+
+
+def _runner(name: str, device: torch.device) -> Int8Backend:
+    """The backend itself where it runs on ``device``, else the dequantized fallback (logged once)."""
+    backend = get_backend(name)
+    ok, why = backend.available(device)
+    if ok:
+        return backend
+    if (name, str(device)) not in _warned:
+        _warned.add((name, str(device)))
+        log.warning("int8 backend %r cannot run on %s (%s): computing with the dequantized weights", name, device, why)
+    return _FALLBACK
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _flat(x: torch.Tensor, in_features: int, who: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if x.shape[-1] != in_features:
+        raise QuantizationError(f"{who}: input has {x.shape[-1]} features, expected {in_features}")
+    return x.reshape(-1, in_features).float().contiguous(), tuple(x.shape[:-1])
+
+
+def _manifest_int(entry: dict[str, Any], key: str, who: str, minimum: int = 1) -> int:
+    v = entry.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ArtifactError(f"layer manifest for {who}: field {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _manifest_common(entry: dict[str, Any], cls: type[CompressedLayer]) -> tuple[bool, str]:
+    who = cls.__name__
+    v = entry.get("layout_version", cls.layout_version)
+    if v != cls.layout_version:
+        raise ArtifactError(f"layer manifest for {who} has layout_version {v}, this stackcomp reads "
+                            f"{cls.layout_version}; re-run the stage that produced it")
+    bias = entry.get("bias", True)
+    if not isinstance(bias, bool):
+        raise ArtifactError(f"layer manifest for {who}: field 'bias' must be true/false, got {bias!r}")
+    backend = entry.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise ArtifactError(f"layer manifest for {who}: backend {backend!r} is not one of {sorted(BACKENDS)}")
+    return bias, backend
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class _Int8Layer(CompressedLayer):
+    """Shared machinery: the backend's prepared weights, cached until a buffer or the device changes."""
+
+    backend: str
+
+    def __init__(self, backend: str):
+        super().__init__()
+        get_backend(backend)  # unknown names fail here
+        self.backend = backend
+        self._prepared: tuple[Any, Any] | None = None
+
+    def _stored(self) -> list[torch.Tensor]:
+        return [b for b in self.buffers()]
+
+    def _prepared_for(self, device: torch.device, make) -> Any:
+        key = (device, tuple((t.data_ptr(), t._version) for t in self._stored()))
+        if self._prepared is None or self._prepared[0] != key:
+            runner = _runner(self.backend, device)
+            self._prepared = (key, (runner, make(runner)))
+        return self._prepared[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_prepared"] = None  # library handles are rebuilt on first use (deepcopy, pickle)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = None
+        return super()._apply(fn, recurse)
+
+
+@register_layer
+class Int8Linear(_Int8Layer):
+    """``nn.Linear`` with int8 weights (per-row scales) and an fp32 bias, run by an int8 backend.
+
+    Buffers: ``weight`` int8 (out, in), ``weight_scale`` float32 (out,), ``bias`` float32 (out,).
+    """
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "torch"):
+        super().__init__(backend)
+        if min(in_features, out_features) < 1:
+            raise QuantizationError(f"Int8Linear: in/out features must be >= 1, got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "torch") -> Int8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, backend)
+        q, s = quantize_rows(linear.weight)
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(s)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x, self.in_features, "Int8Linear")
+        runner, h = self._prepared_for(x2.device, lambda r: r.prepare(self.weight, self.weight_scale, self.bias))
+        y = runner.run(x2, h) if x2.shape[0] else x2.new_zeros(0, self.out_features)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        return dequantize_rows(self.weight, self.weight_scale)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"layout_version": self.layout_version, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None, "backend": self.backend}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> Int8Linear:
+        bias, backend = _manifest_common(entry, cls)
+        return cls(_manifest_int(entry, "in_features", cls.__name__), _manifest_int(entry, "out_features", cls.__name__),
+                   bias=bias, backend=backend)
+
+    def storage(self) -> LayerStorage:
+        nb = self.bias.numel() if self.bias is not None else 0
+        dense = self.out_features * self.in_features + nb
+        return LayerStorage(params=self.weight.numel() + nb, bytes=float(_nbytes(self.weight, self.weight_scale, self.bias)),
+                            dense_params=dense, dense_bytes=float(dense * 4))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"backend={self.backend}"
+
+
+@register_layer
+class Int8LowRankLinear(_Int8Layer):
+    """``y = (x V^T) U^T + b`` with ``U`` (out, r) and ``V`` (r, in) int8, each with per-row scales."""
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, backend: str = "torch"):
+        super().__init__(backend)
+        if min(in_features, out_features, rank) < 1:
+            raise QuantizationError(f"Int8LowRankLinear: in, out, rank must be >= 1, got {in_features}, "
+                                    f"{out_features}, {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.register_buffer("U", torch.zeros(out_features, rank, dtype=torch.int8))
+        self.register_buffer("U_scale", torch.ones(out_features))
+        self.register_buffer("V", torch.zeros(rank, in_features, dtype=torch.int8))
+        self.register_buffer("V_scale", torch.ones(rank))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_lowrank(cls, layer: nn.Module, backend: str = "torch") -> Int8LowRankLinear:
+        """From a ``LowRankLinear`` (``U``, ``V``, ``bias``)."""
+        new = cls(layer.in_features, layer.out_features, layer.rank, layer.bias is not None, backend)
+        for name in ("U", "V"):
+            q, s = quantize_rows(getattr(layer, name))
+            getattr(new, name).copy_(q)
+            getattr(new, f"{name}_scale").copy_(s)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.detach().float())
+        return new.to(layer.U.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x, self.in_features, "Int8LowRankLinear")
+        runner, (hv, hu) = self._prepared_for(x2.device, lambda r: (r.prepare(self.V, self.V_scale, None),
+                                                                   r.prepare(self.U, self.U_scale, self.bias)))
+        if not x2.shape[0]:
+            return x.new_zeros(*lead, self.out_features)
+        y = runner.run(runner.run(x2, hv).contiguous(), hu)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        return dequantize_rows(self.U, self.U_scale) @ dequantize_rows(self.V, self.V_scale)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"layout_version": self.layout_version, "in_features": self.in_features,
+                "out_features": self.out_features, "rank": self.rank, "bias": self.bias is not None,
+                "backend": self.backend}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> Int8LowRankLinear:
+        bias, backend = _manifest_common(entry, cls)
+        n = cls.__name__
+        return cls(_manifest_int(entry, "in_features", n), _manifest_int(entry, "out_features", n),
+                   _manifest_int(entry, "rank", n), bias=bias, backend=backend)
+
+    def storage(self) -> LayerStorage:
+        nb = self.bias.numel() if self.bias is not None else 0
+        dense = self.out_features * self.in_features + nb
+        return LayerStorage(params=self.U.numel() + self.V.numel() + nb,
+                            bytes=float(_nbytes(self.U, self.U_scale, self.V, self.V_scale, self.bias)),
+                            dense_params=dense, dense_bytes=float(dense * 4))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}, backend={self.backend}"
+
+
+@register_layer
+class Int8DSLinear(_Int8Layer):
+    """A DS layer (see ``DSLinear``) with int8 factors.
+
+    Buffers: ``dictionary`` int8 (nb, K, B) with ``dictionary_scale`` (nb, K), one per atom;
+    ``values`` int8 (nb, out, s) with ``values_scale`` (out,), one per output row across all
+    blocks (it factors out of the row's whole sum); ``indices`` (nb, out, s) uint8/int16; ``bias``
+    float32. Forward: ``z_b = x_b D_b^T`` on the int8 backend (each block's dictionary is an
+    int8 weight with per-row scales), then one ``embedding_bag`` gathers z with the dequantized
+    values. ``pack`` turns it into the packed int8 kernel layout with the same int8 numbers.
+    """
+
+    layout_version: ClassVar[int] = 1
+
+    def __init__(self, in_features: int, out_features: int, block: int, atoms: int, nnz: int, bias: bool = True,
+                 backend: str = "torch"):
+        super().__init__(backend)
+        if min(in_features, out_features, block, atoms, nnz) < 1 or in_features % block or nnz > atoms:
+            raise QuantizationError(f"Int8DSLinear: need positive sizes, block | in_features and nnz <= atoms; got "
+                                    f"in={in_features} out={out_features} B={block} K={atoms} s={nnz}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.atoms, self.nnz = block, atoms, nnz
+        self.num_blocks = nb = in_features // block
+        self.register_buffer("dictionary", torch.zeros(nb, atoms, block, dtype=torch.int8))
+        self.register_buffer("dictionary_scale", torch.ones(nb, atoms))
+        self.register_buffer("values", torch.zeros(nb, out_features, nnz, dtype=torch.int8))
+        self.register_buffer("values_scale", torch.ones(out_features))
+        self.register_buffer("indices", torch.zeros(nb, out_features, nnz, dtype=index_dtype(atoms)))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_ds(cls, ds: nn.Module, backend: str = "torch") -> Int8DSLinear:
+        """Quantize a ``DSLinear`` (its current factors; a layer still in STF is refused)."""
+        if getattr(ds, "stf", False):
+            raise QuantizationError("Int8DSLinear.from_ds: the DS layer is still in STF training; call freeze() first")
+        layer = cls(ds.in_features, ds.out_features, ds.block, ds.atoms, ds.nnz, ds.bias is not None, backend)
+        with torch.no_grad():
+            dq, dsc = _quantize_symmetric(ds.dictionary.detach().float(), dim=2)
+            vq, vsc = _quantize_symmetric(ds.values.detach().float(), dim=(0, 2))
+            layer.dictionary.copy_(dq)
+            layer.dictionary_scale.copy_(dsc.squeeze(-1))
+            layer.values.copy_(vq)
+            layer.values_scale.copy_(vsc.reshape(-1))
+            layer.indices.copy_(ds.indices.to(layer.indices.dtype))
+            if ds.bias is not None:
+                layer.bias.copy_(ds.bias.detach().float())
+        return layer.to(ds.dictionary.device)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Canonical float32 (dictionary, values, indices, bias): what ``pack_ds`` takes."""
+        d = self.dictionary.float() * self.dictionary_scale.unsqueeze(-1)
+        v = self.values.float() * self.values_scale.view(1, -1, 1)
+        return d, v, self.indices, self.bias
+
+    def _make(self, runner: Int8Backend):
+        blocks = [runner.prepare(self.dictionary[b], self.dictionary_scale[b], None) for b in range(self.num_blocks)]
+        v = self.values.float() * self.values_scale.view(1, -1, 1)
+        bag_w = v.permute(1, 0, 2).reshape(self.out_features, -1).contiguous()
+        return blocks, flat_bag_indices(self.indices, self.atoms), bag_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2, lead = _flat(x, self.in_features, "Int8DSLinear")
+        runner, (blocks, bag_idx, bag_w) = self._prepared_for(x2.device, self._make)
+        T, B = x2.shape[0], self.block
+        if not T:
+            return x.new_zeros(*lead, self.out_features)
+        z = torch.cat([runner.run(x2[:, b * B:(b + 1) * B].contiguous(), h) for b, h in enumerate(blocks)], 1)
+        y = F.embedding_bag(bag_idx, z.t().contiguous(), per_sample_weights=bag_w, mode="sum").t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def to_dense(self) -> torch.Tensor:
+        from stackcomp.kernels.reference import ds_rebuild_weight
+
+        d, v, i, _ = self.dequantized()
+        return ds_rebuild_weight(d, v, i)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"layout_version": self.layout_version, "in_features": self.in_features,
+                "out_features": self.out_features, "block": self.block, "atoms": self.atoms, "nnz": self.nnz,
+                "bias": self.bias is not None, "backend": self.backend,
+                "index_dtype": str(self.indices.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> Int8DSLinear:
+        bias, backend = _manifest_common(entry, cls)
+        n = cls.__name__
+        try:
+            layer = cls(*(_manifest_int(entry, k, n) for k in ("in_features", "out_features", "block", "atoms", "nnz")),
+                        bias=bias, backend=backend)
+        except QuantizationError as e:
+            raise ArtifactError(f"layer manifest for {n}: {e}") from None
+        want = entry.get("index_dtype")
+        if want is not None and want != str(layer.indices.dtype).removeprefix("torch."):
+            raise ArtifactError(f"layer manifest for {n}: index_dtype {want!r} does not match atoms={layer.atoms}")
+        return layer
+
+    def storage(self) -> LayerStorage:
+        nbias = self.bias.numel() if self.bias is not None else 0
+        dense = self.out_features * self.in_features + nbias
+        nbytes = _nbytes(self.dictionary, self.dictionary_scale, self.values, self.values_scale, self.indices, self.bias)
+        return LayerStorage(params=self.dictionary.numel() + self.values.numel() + nbias, bytes=float(nbytes),
+                            dense_params=dense, dense_bytes=float(dense * 4))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
+                f"atoms={self.atoms}, nnz={self.nnz}, bias={self.bias is not None}, backend={self.backend}")
