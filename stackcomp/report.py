@@ -1,0 +1,671 @@
+"""Comparing stacks: every leaf model of some runs, as leaderboard rows with the evidence.
+
+Reads what runs left on disk (``summary.json``, ``recipe.resolved.yaml``, ``lock.json`` and
+each stage's artifact) and builds, for every model a leaf of a run measures:
+
+- the task metric, and its change in points against the *uncompressed parent*: the last stage
+  before the first compressing stage of the path (e.g. ``finetune``), or the source model;
+- bytes (whole model and linear layers, exact, from ``stackcomp.evaluate.size_report``),
+  compression ratios, CPU latency (GPU where a pass measured it), seconds spent along the path;
+- Pareto marks (higher metric with fewer bytes; higher metric with less latency);
+- per-stage attribution along the path: what each stage changed in metric, bytes, latency;
+- whether the row meets the run's ``goal:`` (or one given on the command line).
+
+A stage *compresses* if its model's weights file is smaller than its parent's or its layer
+manifest holds other compressed layers than its parent's; *method* names the compressing
+passes of a path (``ds_factorize``, ``distill+ds_factorize``), or ``uncompressed``.
+
+Nothing here runs a pass. Stages that measured no size get one computed from their artifact
+(``load_sizes``, on by default: size is a property of the weights, not a measurement).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stackcomp.artifacts import CHECKSUMS, MANIFEST, WEIGHTS, read_json
+from stackcomp.errors import ArtifactError, RecipeError, StackcompError
+
+log = logging.getLogger("stackcomp.report")
+
+JSON_SCHEMA = "stackcomp-compare-1"
+UNCOMPRESSED = "uncompressed"
+#: a weights file this much smaller than its parent's means the stage compressed the model
+SHRINK = 0.97
+#: metric keys a pass may write for GPU latency (the evaluate pass measures CPU only)
+GPU_LATENCY_KEYS = ("gpu_latency_ms_per_batch", "latency_gpu_ms_per_batch")
+_GOAL_EPS = 1e-9
+
+
+# ----------------------------------------------------------------------------- finding runs
+
+
+def default_run_dir(recipe_name: str) -> Path:
+    """Where ``stackcomp run`` puts a recipe's run without ``-o``: ``$STACKCOMP_RUNS/<name>``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name)
+    return Path(os.environ.get("STACKCOMP_RUNS", "runs")) / safe
+
+
+def resolve_run_dir(target: str | Path) -> Path:
+    """A run directory from a run directory, its ``summary.json``, or a recipe file that was run."""
+    path = Path(target).expanduser()
+    if path.is_file() and path.name == "summary.json":
+        path = path.parent
+    if path.is_dir():
+        if (path / "summary.json").is_file():
+            return path
+        if (path / "recipe.resolved.yaml").exists() or (path / "artifacts").exists():
+            raise ArtifactError(f"{path} has no summary.json: its run did not finish; "
+                                "run the recipe again to resume, then compare")
+        raise ArtifactError(f"{path} is not a run directory (no summary.json); give a run directory "
+                            "(runs/<recipe name>) or a recipe file that was run")
+    if path.is_file():
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            raise RecipeError(f"{path}: expected a run directory or a recipe (.yaml) file")
+        from stackcomp.recipe import load_recipe
+
+        recipe = load_recipe(path)
+        run_dir = default_run_dir(recipe.name)
+        if not (run_dir / "summary.json").is_file():
+            raise ArtifactError(f"recipe {path} (name {recipe.name!r}) has no finished run at {run_dir}; "
+                                f"run it first: stackcomp run {path}  (or pass the run directory if it ran "
+                                "elsewhere with -o)")
+        _warn_if_stale(path, recipe, run_dir)
+        return run_dir
+    raise ArtifactError(f"no run directory or recipe file at {path}")
+
+
+def _warn_if_stale(path: Path, recipe: Any, run_dir: Path) -> None:
+    try:
+        from stackcomp.plan import build_plan
+
+        plan = build_plan(recipe)
+        done = {s["stage"]: s["key"] for s in read_json(run_dir / "summary.json")["stages"]}
+    except (StackcompError, KeyError, TypeError):
+        return
+    changed = [n for n in plan.order if done.get(n) != plan.stages[n].key]
+    if changed:
+        log.warning("%s holds an earlier run of %s: stages %s changed since; showing the run as it is "
+                    "(stackcomp run %s to update it)", run_dir, path, ", ".join(changed[:5]), path)
+
+
+# ----------------------------------------------------------------------------- one run on disk
+
+
+@dataclass
+class StageRecord:
+    name: str
+    pass_name: str
+    key: str
+    parents: list[str]
+    leaf: bool
+    changes_model: bool
+    seconds: float
+    metrics: dict[str, Any]
+    weights_bytes: int | None = None
+    layer_types: dict[str, int] | None = None
+    report: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+
+
+class Run:
+    """One run directory: its summary, resolved recipe, lock, and stage artifacts."""
+
+    def __init__(self, run_dir: str | Path, label: str | None = None):
+        self.dir = Path(run_dir)
+        try:
+            self.summary = read_json(self.dir / "summary.json")
+            stages = self.summary["stages"]
+        except (KeyError, TypeError):
+            raise ArtifactError(f"{self.dir / 'summary.json'}: not a stackcomp run summary") from None
+        self.recipe_text = _read_text(self.dir / "recipe.resolved.yaml")
+        self.recipe = yaml.safe_load(self.recipe_text) if self.recipe_text else {}
+        if not isinstance(self.recipe, dict):
+            raise ArtifactError(f"{self.dir / 'recipe.resolved.yaml'}: not a recipe mapping")
+        from stackcomp.lock import read_lock
+
+        self.lock = read_lock(self.dir)
+        self.name = str(self.summary.get("recipe") or self.dir.name)
+        self.label = label or self.name
+        self.task = self.recipe.get("task")
+        self.goal = _goal(self.recipe.get("goal"), self.dir / "recipe.resolved.yaml")
+        self.stages: dict[str, StageRecord] = {}
+        for s in stages:
+            self.stages[s["stage"]] = self._record(s)
+
+    def artifact(self, name: str) -> Path:
+        return self.dir / "artifacts" / self.stages[name].key
+
+    def _record(self, s: dict[str, Any]) -> StageRecord:
+        folder = self.dir / "artifacts" / s["key"]
+        info = _try_json(folder / "stage.json") or {}
+        timings = _try_json(folder / "timings.json")
+        seconds = float(sum(v for v in timings.values() if isinstance(v, (int, float)))) if timings else \
+            float(s.get("seconds") or 0.0)
+        if info:
+            changes = "model_from" not in info
+        else:
+            changes = _pass_changes_model(s["pass"])
+        rec = StageRecord(name=s["stage"], pass_name=s["pass"], key=s["key"], parents=list(s.get("parents") or []),
+                          leaf=bool(s.get("leaf")), changes_model=changes, seconds=seconds,
+                          metrics=dict(s.get("metrics") or _try_json(folder / "metrics.json") or {}),
+                          params=info.get("params"))
+        if changes:
+            sums = _try_json(folder / CHECKSUMS) or {}
+            entry = sums.get(f"model/{WEIGHTS}")
+            rec.weights_bytes = int(entry[1]) if entry else None
+            manifest = _try_json(folder / "model" / MANIFEST)
+            if manifest is not None:
+                types: dict[str, int] = {}
+                for layer in (manifest.get("layers") or {}).values():
+                    types[layer.get("type", "?")] = types.get(layer.get("type", "?"), 0) + 1
+                rec.layer_types = types
+        return rec
+
+    def stage_report(self, name: str) -> dict[str, Any]:
+        rec = self.stages[name]
+        if rec.report is None:
+            rec.report = _try_json(self.artifact(name) / "report.json") or {}
+        return rec.report
+
+    # ---- lineage
+
+    def model_stage(self, name: str) -> str:
+        """The stage whose model ``name`` works on (itself, unless it only measures or exports)."""
+        seen = set()
+        while not self.stages[name].changes_model and self.stages[name].parents and name not in seen:
+            seen.add(name)
+            name = self.stages[name].parents[0]
+        return name
+
+    def model_path(self, name: str) -> list[str]:
+        """Model stages from the root to ``name`` along first parents."""
+        chain = [name]
+        while self.stages[chain[-1]].parents:
+            chain.append(self.stages[chain[-1]].parents[0])
+        return [n for n in reversed(chain) if self.stages[n].changes_model]
+
+    def measured_by(self, model: str) -> list[str]:
+        """Stages that only measure/export ``model`` (its evaluate children, recursively)."""
+        out, todo = [], [model]
+        while todo:
+            cur = todo.pop(0)
+            for name, rec in self.stages.items():
+                if rec.parents and rec.parents[0] == cur and not rec.changes_model and name not in out:
+                    out.append(name)
+                    todo.append(name)
+        return out
+
+    def merged_metrics(self, model: str) -> dict[str, Any]:
+        """The model stage's own metrics, overlaid by what its measuring stages found."""
+        merged = dict(self.stages[model].metrics)
+        for name in self.measured_by(model):
+            merged.update(self.stages[name].metrics)
+        return merged
+
+    def leaf_models(self) -> list[str]:
+        out = []
+        for name, rec in self.stages.items():
+            if rec.leaf:
+                m = self.model_stage(name)
+                if m not in out:
+                    out.append(m)
+        return out
+
+    def compresses(self, name: str) -> bool:
+        rec = self.stages[name]
+        if not rec.changes_model:
+            return False
+        parent = self.model_path(name)[:-1]
+        if parent:
+            prev = self.stages[parent[-1]]
+            if rec.weights_bytes and prev.weights_bytes and rec.weights_bytes < SHRINK * prev.weights_bytes:
+                return True
+            if rec.layer_types is not None and prev.layer_types is not None:
+                return rec.layer_types != prev.layer_types and bool(rec.layer_types)
+            return False
+        source = _source_weight_bytes(self.lock)
+        if rec.weights_bytes and source and rec.weights_bytes < SHRINK * source:
+            return True
+        return bool(rec.layer_types)
+
+
+def _goal(raw: Any, where: Path):
+    if not raw:
+        return None
+    from pydantic import ValidationError
+
+    from stackcomp.recipe import Goal, _format_validation
+
+    try:
+        return Goal.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{where}: goal.{_format_validation(e)}") from None
+
+
+def _source_weight_bytes(lock: dict | None) -> int | None:
+    files = ((lock or {}).get("model") or {}).get("files") or {}
+    sizes = [f.get("bytes") for n, f in files.items() if n.endswith((".safetensors", ".bin")) and f.get("bytes")]
+    return int(sum(sizes)) if sizes else None
+
+
+def _pass_changes_model(pass_name: str) -> bool:
+    try:
+        from stackcomp.passes.base import get_pass
+
+        return bool(get_pass(pass_name).changes_model)
+    except StackcompError:
+        return pass_name not in ("evaluate", "export")
+
+
+def _try_json(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except ArtifactError:
+        return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+@dataclass
+class StepDelta:
+    """One model stage of a path, and what it changed against the model stage before it."""
+
+    stage: str
+    pass_name: str
+    compresses: bool
+    seconds: float
+    metric: float | None
+    model_bytes: float | None
+    linear_bytes: float | None
+    cpu_latency_ms: float | None
+    sizes_from: str | None  # "measured" | "computed" | None
+    d_metric_points: float | None = None
+    d_model_bytes: float | None = None
+    d_linear_bytes: float | None = None
+    d_cpu_latency_ms: float | None = None
+
+
+@dataclass
+class Row:
+    run: str
+    run_dir: str
+    leaf: str
+    measured_by: list[str]
+    path: list[str]
+    passes: list[str]
+    method: str
+    metric_name: str | None
+    metric: float | None
+    baseline: str  # the uncompressed parent: a stage name (the leaf itself if nothing compressed), or "source"
+    baseline_metric: float | None
+    delta_points: float | None
+    model_bytes: float | None
+    linear_bytes: float | None
+    model_ratio: float | None  # against the fp32 dense equivalent of the same architecture
+    linear_ratio: float | None
+    parent_ratio: float | None  # uncompressed parent's bytes / this model's bytes
+    cpu_latency_ms: float | None
+    latency_batch_size: float | None
+    gpu_latency_ms: float | None
+    compress_seconds: float
+    path_seconds: float
+    pareto_bytes: bool | None = None
+    pareto_latency: bool | None = None
+    goal: dict[str, Any] | None = None
+    meets_goal: bool | None = None
+    goal_failures: list[str] = field(default_factory=list)
+    attribution: list[StepDelta] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.run}/{self.leaf}"
+
+
+@dataclass
+class Comparison:
+    runs: list[Run]
+    rows: list[Row]
+    task: str | None
+    metric_name: str | None
+    goals_given: bool
+
+    @property
+    def any_goal_met(self) -> bool | None:
+        return any(r.meets_goal for r in self.rows) if self.goals_given else None
+
+    @property
+    def exit_code(self) -> int:
+        """1 when goals were set and no row meets them (for CI), else 0."""
+        return 1 if self.goals_given and not self.any_goal_met else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": JSON_SCHEMA, "task": self.task, "metric": self.metric_name,
+            "runs": [{"label": r.label, "recipe": r.name, "run_dir": str(r.dir),
+                      "goal": r.goal.model_dump() if r.goal else None} for r in self.runs],
+            "goals_given": self.goals_given, "any_goal_met": self.any_goal_met,
+            "rows": [_clean(asdict(row)) for row in self.rows],
+        }
+
+
+def compare(targets: list[str | Path], *, goal: Any = None, load_sizes: bool = True) -> Comparison:
+    """Leaderboard of every leaf model of ``targets`` (run directories or recipe files that were run).
+
+    ``goal`` (a recipe ``Goal`` or its dict) replaces the runs' own goals for every row.
+    """
+    if not targets:
+        raise StackcompError("compare: give at least one run directory or recipe file")
+    dirs = []
+    for t in targets:
+        d = resolve_run_dir(t)
+        if d.resolve() not in [x.resolve() for x in dirs]:
+            dirs.append(d)
+    runs = [Run(d) for d in dirs]
+    _disambiguate(runs)
+    return compare_runs(runs, goal=goal, load_sizes=load_sizes)
+
+
+def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) -> Comparison:
+    tasks = sorted({str(r.task) for r in runs if r.task})
+    if len(tasks) > 1:
+        raise StackcompError(f"the runs are on different tasks ({', '.join(tasks)}); a leaderboard compares one task")
+    if goal is not None and not hasattr(goal, "model_dump"):
+        goal = _goal(goal, Path("--goal"))
+    sizes = _SizeCache(load_sizes)
+    rows = [_row(run, leaf, sizes) for run in runs for leaf in run.leaf_models()]
+    names = sorted({r.metric_name for r in rows if r.metric_name})
+    if len(names) > 1:
+        raise StackcompError(f"the runs rank by different metrics ({', '.join(names)}); compare runs of one task")
+    mark_pareto(rows)
+    goals_given = False
+    for row, run in ((row, run) for run in runs for row in rows if row.run == run.label):
+        g = goal if goal is not None else run.goal
+        if g is not None and any(v is not None for v in g.model_dump().values()):
+            goals_given = True
+            check_goal(row, g)
+    rows.sort(key=_sort_key)
+    return Comparison(runs=runs, rows=rows, task=tasks[0] if tasks else None,
+                      metric_name=names[0] if names else None, goals_given=goals_given)
+
+
+def _disambiguate(runs: list[Run]) -> None:
+    seen: dict[str, int] = {}
+    for r in runs:
+        seen[r.name] = seen.get(r.name, 0) + 1
+    for r in runs:
+        if seen[r.name] > 1:
+            r.label = f"{r.name}@{r.dir}"
+
+
+def _sort_key(row: Row) -> tuple:
+    m = row.metric if row.metric is not None else -math.inf
+    b = row.model_bytes if row.model_bytes is not None else math.inf
+    return (-m, b, row.run, row.leaf)
+
+
+class _SizeCache:
+    """size_report of stage models that measured none, by artifact key (loaded on the CPU)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._cache: dict[str, dict | None] = {}
+
+    def get(self, run: Run, name: str) -> dict | None:
+        if not self.enabled:
+            return None
+        key = run.stages[name].key
+        if key not in self._cache:
+            self._cache[key] = None
+            try:
+                from stackcomp.artifacts import load_model
+                from stackcomp.evaluate import size_report
+
+                self._cache[key] = size_report(load_model(run.artifact(name), device="cpu"))
+            except (StackcompError, OSError) as e:
+                log.warning("no size for stage %r of %s: %s", name, run.label, e)
+        return self._cache[key]
+
+
+def _main_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
+    name = metrics.get("main_metric")
+    value = metrics.get(name) if name else None
+    return name, float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _num(metrics: dict[str, Any], *keys: str) -> float | None:
+    for k in keys:
+        v = metrics.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def _stage_numbers(run: Run, name: str, sizes: _SizeCache) -> dict[str, Any]:
+    m = run.merged_metrics(name)
+    metric_name, metric = _main_metric(m)
+    sizes_from = "measured" if _num(m, "model_bytes") is not None else None
+    if sizes_from is None:
+        computed = sizes.get(run, name)
+        if computed:
+            m = {**computed, **m}
+            sizes_from = "computed"
+    return {"metrics": m, "metric_name": metric_name, "metric": metric, "sizes_from": sizes_from,
+            "model_bytes": _num(m, "model_bytes"), "linear_bytes": _num(m, "linear_bytes"),
+            "cpu_latency_ms": _num(m, "latency_ms_per_batch")}
+
+
+def _diff(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
+    return None if a is None or b is None else (a - b) * scale
+
+
+def _row(run: Run, leaf: str, sizes: _SizeCache) -> Row:
+    path = run.model_path(leaf)
+    compressing = [n for n in path if run.compresses(n)]
+    numbers = {n: _stage_numbers(run, n, sizes) for n in path}
+    attribution, prev = [], None
+    for n in path:
+        cur = numbers[n]
+        step = StepDelta(stage=n, pass_name=run.stages[n].pass_name, compresses=n in compressing,
+                         seconds=run.stages[n].seconds, metric=cur["metric"], model_bytes=cur["model_bytes"],
+                         linear_bytes=cur["linear_bytes"], cpu_latency_ms=cur["cpu_latency_ms"],
+                         sizes_from=cur["sizes_from"])
+        if prev is not None:
+            step.d_metric_points = _diff(cur["metric"], prev["metric"], 100.0)
+            step.d_model_bytes = _diff(cur["model_bytes"], prev["model_bytes"])
+            step.d_linear_bytes = _diff(cur["linear_bytes"], prev["linear_bytes"])
+            step.d_cpu_latency_ms = _diff(cur["cpu_latency_ms"], prev["cpu_latency_ms"])
+        attribution.append(step)
+        prev = cur
+    if compressing:
+        first = path.index(compressing[0])
+        baseline = path[first - 1] if first > 0 else "source"
+    else:
+        baseline = leaf  # nothing compressed: the model is its own uncompressed parent
+    base = numbers.get(baseline, {})
+    leaf_n = numbers[leaf]
+    m = leaf_n["metrics"]
+    after_baseline = path[path.index(baseline) + 1:] if baseline in path else path
+    method = "+".join(dict.fromkeys(run.stages[n].pass_name for n in compressing)) or UNCOMPRESSED
+    return Row(
+        run=run.label, run_dir=str(run.dir), leaf=leaf, measured_by=run.measured_by(leaf), path=path,
+        passes=[run.stages[n].pass_name for n in path], method=method,
+        metric_name=leaf_n["metric_name"], metric=leaf_n["metric"],
+        baseline=baseline, baseline_metric=base.get("metric"),
+        delta_points=_diff(leaf_n["metric"], base.get("metric"), 100.0),
+        model_bytes=leaf_n["model_bytes"], linear_bytes=leaf_n["linear_bytes"],
+        model_ratio=_num(m, "model_ratio_bytes"), linear_ratio=_num(m, "linear_ratio_bytes"),
+        parent_ratio=(base["model_bytes"] / leaf_n["model_bytes"]
+                      if base.get("model_bytes") and leaf_n["model_bytes"] else None),
+        cpu_latency_ms=leaf_n["cpu_latency_ms"], latency_batch_size=_num(m, "latency_batch_size"),
+        gpu_latency_ms=_num(m, *GPU_LATENCY_KEYS),
+        compress_seconds=sum(run.stages[n].seconds for n in after_baseline) if compressing else 0.0,
+        path_seconds=sum(run.stages[n].seconds for n in path), attribution=attribution,
+    )
+
+
+# ----------------------------------------------------------------------------- Pareto and goals
+
+
+def pareto_mask(points: list[tuple[float, float] | None]) -> list[bool | None]:
+    """For (metric, cost) points: True if no other point has metric >= and cost <=, one strictly.
+
+    Higher metric is better, lower cost is better; None points are not ranked (None).
+    """
+    idx = sorted((i for i, p in enumerate(points) if p is not None), key=lambda i: (points[i][1], -points[i][0]))
+    out: list[bool | None] = [None] * len(points)
+    best = -math.inf
+    best_cost = None
+    for i in idx:
+        metric, cost = points[i]
+        if metric > best:
+            out[i] = True
+            best, best_cost = metric, cost
+        elif metric == best and cost == best_cost:
+            out[i] = True  # an exact tie with a front point is not dominated
+        else:
+            out[i] = False
+    return out
+
+
+def mark_pareto(rows: list[Row]) -> None:
+    for attr, cost in (("pareto_bytes", "model_bytes"), ("pareto_latency", "cpu_latency_ms")):
+        pts = [(r.metric, getattr(r, cost)) if r.metric is not None and getattr(r, cost) is not None else None
+               for r in rows]
+        for r, mark in zip(rows, pareto_mask(pts)):
+            setattr(r, attr, mark)
+
+
+def check_goal(row: Row, goal: Any) -> bool:
+    """Set ``row.meets_goal`` and the reasons it fails; an unmeasured quantity fails its limit."""
+    g = goal.model_dump()
+    row.goal = {k: v for k, v in g.items() if v is not None}
+    fails = []
+    if g.get("metric_drop") is not None:
+        if row.delta_points is None:
+            fails.append("metric drop unknown (uncompressed parent not measured)")
+        elif -row.delta_points > g["metric_drop"] + _GOAL_EPS:
+            fails.append(f"drops {-row.delta_points:.2f} points > {g['metric_drop']:g}")
+    if g.get("max_bytes") is not None:
+        if row.model_bytes is None:
+            fails.append("size unknown")
+        elif row.model_bytes > g["max_bytes"] + _GOAL_EPS:
+            fails.append(f"{row.model_bytes / 1e6:.2f} MB > {g['max_bytes'] / 1e6:g} MB")
+    if g.get("max_latency_ms") is not None:
+        if row.cpu_latency_ms is None:
+            fails.append("latency not measured")
+        elif row.cpu_latency_ms > g["max_latency_ms"] + _GOAL_EPS:
+            fails.append(f"{row.cpu_latency_ms:.1f} ms > {g['max_latency_ms']:g} ms")
+    row.goal_failures = fails
+    row.meets_goal = not fails
+    return row.meets_goal
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf become None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- one run in depth
+
+
+def run_report(target: str | Path, *, load_sizes: bool = True) -> dict[str, Any]:
+    """``compare`` of one run, plus every stage's analysis (report.json), the recipe and the lock."""
+    comparison = compare([target], load_sizes=load_sizes)
+    run = comparison.runs[0]
+    stages = []
+    for name, rec in run.stages.items():
+        rep = run.stage_report(name)
+        stages.append({"stage": name, "pass": rec.pass_name, "seconds": rec.seconds, "params": rec.params,
+                       "metrics": rec.metrics, "report": rep})
+    return {"comparison": comparison, "stages": stages, "recipe_text": run.recipe_text, "lock": run.lock}
+
+
+# ----------------------------------------------------------------------------- two runs
+
+
+#: lock fields that differ between any two runs and mean nothing
+_LOCK_NOISE = ("created_at", "mtime_ns")
+#: row fields compared by ``diff``
+DIFF_FIELDS = ("method", "metric", "delta_points", "model_bytes", "linear_bytes", "model_ratio", "linear_ratio",
+               "cpu_latency_ms", "gpu_latency_ms", "compress_seconds")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys; lists stay values."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key))
+            else:
+                out[key] = v
+    else:
+        out[prefix] = obj
+    return out
+
+
+def _changed(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    fa, fb = flatten(a or {}), flatten(b or {})
+    out = []
+    for k in sorted(set(fa) | set(fb)):
+        if any(k == s or k.endswith("." + s) for s in skip):
+            continue
+        va, vb = fa.get(k, _MISSING), fb.get(k, _MISSING)
+        if va != vb:
+            out.append({"field": k, "a": None if va is _MISSING else va, "b": None if vb is _MISSING else vb,
+                        "only_in": "a" if vb is _MISSING else "b" if va is _MISSING else None})
+    return out
+
+
+_MISSING = object()
+
+
+def diff_runs(target_a: str | Path, target_b: str | Path, *, load_sizes: bool = True) -> dict[str, Any]:
+    """What differs between two runs: lock (environment, inputs), resolved recipe, and leaf results."""
+    run_a, run_b = Run(resolve_run_dir(target_a), label="A"), Run(resolve_run_dir(target_b), label="B")
+    sizes = _SizeCache(load_sizes)
+    rows_a = {leaf: _row(run_a, leaf, sizes) for leaf in run_a.leaf_models()}
+    rows_b = {leaf: _row(run_b, leaf, sizes) for leaf in run_b.leaf_models()}
+    metrics = []
+    for leaf in [*rows_a, *[l for l in rows_b if l not in rows_a]]:
+        ra, rb = rows_a.get(leaf), rows_b.get(leaf)
+        if ra is None or rb is None:
+            metrics.append({"leaf": leaf, "field": "(leaf)", "a": ra is not None, "b": rb is not None,
+                            "only_in": "a" if rb is None else "b"})
+            continue
+        for f in DIFF_FIELDS:
+            va, vb = getattr(ra, f), getattr(rb, f)
+            if va != vb:
+                metrics.append({"leaf": leaf, "field": f, "a": va, "b": vb, "only_in": None})
+    notes = []
+    if run_a.lock is None or run_b.lock is None:
+        notes.append("run " + " and ".join(x for x, r in (("A", run_a), ("B", run_b)) if r.lock is None)
+                     + " has no lock.json (made before locks existed); environment not compared")
+    return _clean({
+        "a": {"run_dir": str(run_a.dir), "recipe": run_a.name}, "b": {"run_dir": str(run_b.dir), "recipe": run_b.name},
+        "lock": _changed(run_a.lock or {}, run_b.lock or {}, _LOCK_NOISE) if run_a.lock and run_b.lock else [],
+        "recipe": _changed(run_a.recipe, run_b.recipe), "results": metrics, "notes": notes,
+    })
