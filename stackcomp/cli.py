@@ -1,4 +1,4 @@
-"""The ``stackcomp`` command line (typer): run, validate, plan, passes, new-pass.
+"""The ``stackcomp`` command line (typer): run, validate, plan, passes, new-pass, compare, report, diff.
 
 User mistakes print one clear line and exit with code 2; bugs keep their traceback.
 """
@@ -81,11 +81,17 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
     return r, build_plan(r)
 
 
+CacheOpt = typer.Option(
+    None, "--cache", envvar="STACKCOMP_CACHE",
+    help="artifact folder shared by runs (default: <run dir>/artifacts); recipes with a common prefix "
+         "then compute it once",
+)
+
+
 def _run_dir(recipe_name: str, output: Optional[Path]) -> Path:
-    if output is not None:
-        return output
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name)
-    return Path(os.environ.get("STACKCOMP_RUNS", "runs")) / safe
+    from stackcomp.report import default_run_dir
+
+    return output if output is not None else default_run_dir(recipe_name)
 
 
 @app.command()
@@ -95,6 +101,7 @@ def run(
     overrides: Optional[list[str]] = OverridesArg,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: runs/<recipe name>)"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON on stdout"),
+    cache: Optional[Path] = CacheOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a recipe: every stage not already cached, then print the summary."""
@@ -104,7 +111,7 @@ def run(
     r, plan = _load(recipe, overrides)
     run_dir = _run_dir(r.name, output)
     engine = Engine(plan, run_dir, console=err_console if as_json else console,
-                    show_progress=not as_json)
+                    show_progress=not as_json, cache_dir=cache)
     summary = engine.run()
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
@@ -132,6 +139,7 @@ def plan_cmd(
     overrides: Optional[list[str]] = OverridesArg,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory to check the cache in"),
     as_json: bool = typer.Option(False, "--json"),
+    cache: Optional[Path] = CacheOpt,
 ) -> None:
     """Draw the stage DAG, marking stages already cached in the run directory."""
     from rich.tree import Tree
@@ -139,7 +147,7 @@ def plan_cmd(
     from stackcomp.engine import Engine
 
     r, plan = _load(recipe, overrides)
-    status = Engine(plan, _run_dir(r.name, output)).status()
+    status = Engine(plan, _run_dir(r.name, output), cache_dir=cache).status()
     if as_json:
         out = [{"stage": n, "pass": plan.stages[n].pass_name, "after": plan.stages[n].parents,
                 "key": plan.stages[n].key, "status": status[n]} for n in plan.order]
@@ -214,6 +222,136 @@ def new_pass(
 
     folder = write_plugin(name, output)
     console.print(f"[green]created[/] {folder}\n  pip install -e {folder}\n  pytest {folder}")
+
+
+def _goal_options(metric_drop: Optional[float], max_bytes: Optional[str], max_latency_ms: Optional[float]):
+    if metric_drop is None and max_bytes is None and max_latency_ms is None:
+        return None
+    from pydantic import ValidationError
+
+    from stackcomp.errors import RecipeError
+    from stackcomp.recipe import Goal, _format_validation
+
+    try:
+        return Goal(metric_drop=metric_drop, max_bytes=max_bytes, max_latency_ms=max_latency_ms)
+    except ValidationError as e:
+        raise RecipeError(f"goal option: {_format_validation(e)}") from None
+
+
+def _write_outputs(kind: str, data: Any, markdown: Optional[Path], html_file: Optional[Path],
+                   plot_dir: Optional[Path]) -> None:
+    """Plots (PNG files and embedded in HTML), markdown and HTML of a comparison or a run report."""
+    from stackcomp import plots as plots_mod
+    from stackcomp import render
+
+    comparison = data if kind == "compare" else data["comparison"]
+    pngs = plots_mod.all_plots(comparison) if (html_file or plot_dir or markdown) else {}
+    links: dict[str, str] = {}
+    if plot_dir is not None or markdown is not None:
+        folder = plot_dir if plot_dir is not None else markdown.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for axis, png in pngs.items():
+            path = folder / f"metric_vs_{axis}.png"
+            path.write_bytes(png)
+            links[axis] = os.path.relpath(path, markdown.parent) if markdown is not None else str(path)
+            err_console.print(f"[dim]wrote {path}[/]")
+    if markdown is not None:
+        text = render.markdown_comparison(data, links) if kind == "compare" else render.markdown_report(data, links)
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(text)
+        err_console.print(f"[dim]wrote {markdown}[/]")
+    if html_file is not None:
+        text = render.html_comparison(data, pngs) if kind == "compare" else render.html_report(data, pngs)
+        html_file.parent.mkdir(parents=True, exist_ok=True)
+        html_file.write_text(text)
+        err_console.print(f"[dim]wrote {html_file}[/]")
+
+
+@app.command()
+@user_errors
+def compare(
+    targets: list[str] = typer.Argument(..., help="run directories, or recipe files that were run"),
+    as_json: bool = typer.Option(False, "--json", help="print the leaderboard as JSON on stdout"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a markdown report (plots beside it)"),
+    html_file: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report"),
+    plot_dir: Optional[Path] = typer.Option(None, "--plot-dir", help="write metric_vs_bytes/latency.png here"),
+    metric_drop: Optional[float] = typer.Option(None, "--metric-drop", help="goal: max metric drop, points"),
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="goal: max model size, e.g. 20MB"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="goal: max CPU ms per batch"),
+    no_load: bool = typer.Option(False, "--no-load", help="do not load stage models to size those not measured"),
+) -> None:
+    """Leaderboard of every leaf of the runs: metric, size, latency, Pareto marks, goals.
+
+    Exits 1 when goals are set (recipe `goal:` or options) and no stack meets them.
+    """
+    from stackcomp import render
+    from stackcomp.report import compare as compare_fn
+
+    _setup_logging(False)
+    result = compare_fn(targets, goal=_goal_options(metric_drop, max_bytes, max_latency_ms), load_sizes=not no_load)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    else:
+        render.print_comparison(result, console)
+    _write_outputs("compare", result, markdown, html_file, plot_dir)
+    if result.exit_code:
+        err_console.print(f"[red]{render.verdict(result)}[/]")
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@user_errors
+def report(
+    target: str = typer.Argument(..., help="run directory, or a recipe file that was run"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="write a markdown report (plots beside it)"),
+    html_file: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report"),
+    plot_dir: Optional[Path] = typer.Option(None, "--plot-dir", help="write metric_vs_bytes/latency.png here"),
+    no_load: bool = typer.Option(False, "--no-load", help="do not load stage models to size those not measured"),
+) -> None:
+    """One run in depth: leaderboard, attribution, every pass's per-layer analysis, the resolved recipe."""
+    from rich.syntax import Syntax
+
+    from stackcomp import render
+    from stackcomp.report import run_report
+
+    _setup_logging(False)
+    rep = run_report(target, load_sizes=not no_load)
+    if as_json:
+        from stackcomp.report import _clean
+
+        out = _clean({**rep, "comparison": rep["comparison"].to_json()})
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+    else:
+        render.print_comparison(rep["comparison"], console)
+        render.print_stage_analysis(rep["stages"], console)
+        console.rule("[bold]resolved recipe[/]")
+        console.print(Syntax(rep["recipe_text"], "yaml", theme="ansi_dark"))
+    _write_outputs("report", rep, markdown, html_file, plot_dir)
+
+
+@app.command()
+@user_errors
+def diff(
+    run_a: str = typer.Argument(..., help="run directory (or recipe file that was run) A"),
+    run_b: str = typer.Argument(..., help="run directory (or recipe file that was run) B"),
+    as_json: bool = typer.Option(False, "--json", help="print the differences as JSON on stdout"),
+    no_load: bool = typer.Option(False, "--no-load", help="do not load stage models to size those not measured"),
+) -> None:
+    """What differs between two runs: environment and inputs (lock.json), recipe, results."""
+    from stackcomp import render
+    from stackcomp.report import diff_runs
+
+    _setup_logging(False)
+    d = diff_runs(run_a, run_b, load_sizes=not no_load)
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=2, default=str) + "\n")
+        return
+    console.print(f"[bold]A[/] {d['a']['run_dir']} ({d['a']['recipe']})\n[bold]B[/] {d['b']['run_dir']} ({d['b']['recipe']})")
+    for note in d["notes"]:
+        console.print(f"[yellow]note[/]: {note}")
+    for table in render.rich_diff(d):
+        console.print(table)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
