@@ -25,18 +25,13 @@ from stackcomp.kernels.dispatch import KERNELS, ds_forward_packed
 from stackcomp.kernels.packed import FORMAT, VERSION, PackedDS, pack_ds
 from stackcomp.kernels.reference import KernelError, ds_rebuild_weight
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
+from stackcomp.nn.quantized import _exporting
 
 __all__ = ["PackedDSLinear", "Sparse24Linear"]
 
 log = logging.getLogger("stackcomp.pack")
 
 
-def _exporting() -> bool:
-    """True while torch.onnx (TorchScript or dynamo) or torch.export traces the model."""
-    if torch.onnx.is_in_onnx_export():
-        return True
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
 
 
 class _NoDeepcopyCache(CompressedLayer):

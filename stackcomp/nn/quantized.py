@@ -202,6 +202,14 @@ def _runner(name: str, device: torch.device) -> Int8Backend:
 # ----------------------------------------------------------------------------- layers
 
 
+def _exporting() -> bool:
+    """True while torch.onnx / torch.export traces: int8 layers then record fp32 standard ops."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def _flat(x: torch.Tensor, in_features: int, who: str) -> tuple[torch.Tensor, tuple[int, ...]]:
     if x.shape[-1] != in_features:
         raise QuantizationError(f"{who}: input has {x.shape[-1]} features, expected {in_features}")
@@ -294,6 +302,8 @@ class Int8Linear(_Int8Layer):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting():
+            return F.linear(x, self.to_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x2, lead = _flat(x, self.in_features, "Int8Linear")
         runner, h = self._prepared_for(x2.device, lambda r: r.prepare(self.weight, self.weight_scale, self.bias))
         y = runner.run(x2, h) if x2.shape[0] else x2.new_zeros(0, self.out_features)
@@ -354,6 +364,10 @@ class Int8LowRankLinear(_Int8Layer):
         return new.to(layer.U.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting():
+            h = F.linear(x, dequantize_rows(self.V, self.V_scale).to(x.dtype))
+            return F.linear(h, dequantize_rows(self.U, self.U_scale).to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
         x2, lead = _flat(x, self.in_features, "Int8LowRankLinear")
         runner, (hv, hu) = self._prepared_for(x2.device, lambda r: (r.prepare(self.V, self.V_scale, None),
                                                                    r.prepare(self.U, self.U_scale, self.bias)))
@@ -450,6 +464,13 @@ class Int8DSLinear(_Int8Layer):
         return blocks, flat_bag_indices(self.indices, self.atoms), bag_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting():  # standard ops: rebuild W by a gather of dictionary rows, then one GEMM
+            d, v, i, b = self.dequantized()
+            nb, K, B, out, s = self.num_blocks, self.atoms, self.block, self.out_features, self.nnz
+            rows = torch.index_select(d.reshape(nb * K, B), 0,
+                                      (i.long() + (torch.arange(nb, device=i.device) * K).view(nb, 1, 1)).reshape(-1))
+            w = (rows.reshape(nb, out, s, B) * v.unsqueeze(-1)).sum(2).permute(1, 0, 2).reshape(out, nb * B)
+            return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         x2, lead = _flat(x, self.in_features, "Int8DSLinear")
         runner, (blocks, bag_idx, bag_w) = self._prepared_for(x2.device, self._make)
         T, B = x2.shape[0], self.block

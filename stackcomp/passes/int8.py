@@ -1,0 +1,178 @@
+"""``int8``: int8 weights (per-row scales) for linears and for the dense parts of factorized layers.
+
+Each targeted module becomes its int8 form (:mod:`stackcomp.nn.quantized`): ``nn.Linear`` ->
+``Int8Linear``, ``DSLinear`` -> ``Int8DSLinear`` (dictionary per atom, code values per output
+row), ``LowRankLinear`` -> ``Int8LowRankLinear`` (both factors). Other compressed layers have no
+int8 form yet and are left as they are (listed in the report). ``backend`` picks who runs the
+int8 arithmetic: ``bitsandbytes`` or ``torch`` (PyTorch's dynamic int8 linear, faster on CPU).
+
+``analyze`` quantizes every layer (kept for ``transform``) and reports per layer the relative
+error of the weight and of the layer's output on real activations (one calibration batch when
+the recipe has a task, Gaussian inputs otherwise), with the bytes before and after.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from stackcomp.errors import PlanError
+from stackcomp.nn.base import CompressedLayer
+from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.lowrank import LowRankLinear
+from stackcomp.nn.quantized import (
+    Int8DSLinear,
+    Int8Linear,
+    Int8LowRankLinear,
+    QuantizationError,
+    get_backend,
+)
+from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.targets import select_modules, set_module
+
+#: what the pass can quantize, and how
+QUANTIZABLE = (nn.Linear, DSLinear, LowRankLinear)
+
+
+class Int8Params(PassParams):
+    backend: Literal["bitsandbytes", "torch"] = Field(
+        default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA) or torch (CPU)")
+    targets: list[str] | None = Field(default=None, description="module globs / re: patterns (default: encoder linears)")
+    ignore: list[str] | None = Field(default=None, description="patterns left as they are (default: heads, embeddings)")
+    error_tokens: int = Field(default=256, ge=1, description="tokens per layer used to measure the output error")
+    calibration_sequences: int = Field(default=8, ge=1, description="sequences run to capture real activations")
+    seed: int = 0
+
+
+def quantize_module(module: nn.Module, backend: str) -> nn.Module:
+    """The int8 form of one supported module."""
+    if isinstance(module, DSLinear):
+        return Int8DSLinear.from_ds(module, backend)
+    if isinstance(module, LowRankLinear):
+        return Int8LowRankLinear.from_lowrank(module, backend)
+    if isinstance(module, nn.Linear):
+        return Int8Linear.from_linear(module, backend)
+    raise QuantizationError(f"int8: no int8 form for {type(module).__name__}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = float(b.norm())
+    return float((a - b).norm()) / d if d > 0 else float((a - b).norm())
+
+
+class Int8Pass(Pass):
+    """int8 weights with per-row scales (bitsandbytes or torch), for linears, DS and low-rank layers."""
+
+    name = "int8"
+    version = "1"
+    Params = Int8Params
+    forbid_after = {"int8": "the model is already int8; quantize once"}
+
+    def _layers(self, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        p = self.params
+        chosen = list(select_modules(model, p.targets, p.ignore, types=QUANTIZABLE + (CompressedLayer,)))
+        layers = [(n, m) for n, m in chosen if isinstance(m, QUANTIZABLE)]
+        skipped = [f"{n} ({type(m).__name__}: no int8 form)" for n, m in chosen if not isinstance(m, QUANTIZABLE)]
+        if not layers:
+            raise PlanError(f"int8: no linear, DS or low-rank layer matches targets={p.targets} ignore={p.ignore}")
+        stf = [n for n, m in layers if getattr(m, "stf", False)]
+        if stf:
+            raise QuantizationError(f"int8: DS layer {stf[0]} is still in STF training mode; quantize the frozen "
+                                    "factors (ds_factorize freezes them at its end)")
+        return layers, skipped
+
+    def _inputs(self, model: nn.Module, layers: list[tuple[str, nn.Module]], ctx: PassContext) -> dict[str, torch.Tensor]:
+        """Up to ``error_tokens`` real input rows per layer from one calibration batch (empty if no task)."""
+        if ctx.data is None:
+            return {}
+        p = self.params
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def grab(_m, args):
+                if name not in captured:
+                    x = args[0].detach()
+                    captured[name] = x.reshape(-1, x.shape[-1])[: p.error_tokens].float().cpu()
+            return grab
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
+        try:
+            batch = ctx.data.calibration_batches(p.calibration_sequences, p.calibration_sequences, seed=p.seed)[0]
+            dev = next(model.parameters()).device
+            with torch.no_grad():
+                model(**{k: v.to(dev) for k, v in batch.items() if k != "labels"})
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
+        p = self.params
+        backend = get_backend(p.backend)
+        ok, why = backend.available(torch.device("cpu"))
+        if not ok and p.backend == "bitsandbytes":
+            raise QuantizationError(f"int8: backend bitsandbytes is not usable here: {why}")
+        dev_ok, dev_why = backend.available(ctx.device)
+        layers, skipped = self._layers(model)
+        inputs = self._inputs(model, layers, ctx)
+        gen = torch.Generator().manual_seed(p.seed)
+        self._quantized: dict[str, nn.Module] = {}
+        rows = {}
+        with ctx.progress.bar("int8", total=len(layers)) as bar:
+            for name, module in layers:
+                q = quantize_module(module, p.backend)
+                self._quantized[name] = q
+                x = inputs.get(name)
+                if x is None:
+                    x = torch.randn(p.error_tokens, module.in_features, generator=gen)
+                with torch.no_grad():
+                    ref = _run(module, x)
+                    out = _run(q, x)
+                    w_ref = module.weight.detach().float() if type(module) is nn.Linear else module.to_dense().float()
+                    row = {"type": type(q).__name__, "shape": [module.out_features, module.in_features],
+                           "weight_error": _rel(q.to_dense().float().cpu(), w_ref.cpu()),
+                           "output_error": _rel(out, ref), "activations": "calibration" if name in inputs else "gaussian",
+                           "bytes_before": _bytes(module), "bytes_after": q.storage().bytes}
+                    if isinstance(module, DSLinear):
+                        d, v, _, _ = q.dequantized()
+                        row["dictionary_error"] = _rel(d.cpu(), module.dictionary.detach().float().cpu())
+                        row["values_error"] = _rel(v.cpu(), module.values.detach().float().cpu())
+                rows[name] = row
+                bar.advance()
+        errs = sorted(r["output_error"] for r in rows.values())
+        before = sum(r["bytes_before"] for r in rows.values())
+        after = sum(r["bytes_after"] for r in rows.values())
+        report = {
+            "backend": p.backend, "layers": rows, "skipped": skipped,
+            "median_output_error": errs[len(errs) // 2], "max_output_error": errs[-1],
+            "worst_layer": max(rows, key=lambda n: rows[n]["output_error"]),
+            "bytes_before": before, "bytes_after": after, "ratio": before / after if after else None,
+        }
+        if not dev_ok:
+            report["warning"] = f"backend {p.backend} cannot run on {ctx.device} ({dev_why}): layers compute with " \
+                                "their dequantized weights there"
+            ctx.log.warning("%s", report["warning"])
+        return report
+
+    def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+        if not getattr(self, "_quantized", None):
+            self.analyze(model, ctx)
+        for name, q in self._quantized.items():
+            set_module(model, name, q.to(ctx.device))
+        ctx.report["quantized_layers"] = len(self._quantized)
+        ctx.report["backend"] = self.params.backend
+        return model
+
+
+def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    dev = next(iter(list(module.parameters()) + list(module.buffers()))).device
+    return module(x.to(dev)).float().cpu()
+
+
+def _bytes(module: nn.Module) -> float:
+    if isinstance(module, CompressedLayer):
+        return module.storage().bytes
+    return float(sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None))

@@ -1,0 +1,162 @@
+"""``pack``: turn every compressed layer into its inference form and pick its kernel. Must be last.
+
+* ``DSLinear`` / ``Int8DSLinear`` -> ``PackedDSLinear`` in the target's layout (fp32, or int8 for
+  int8 DS layers; ``dtype`` overrides), run by the compiled CPU kernel, Triton on CUDA, or the
+  torch path where neither is available (the report says which and why).
+* Linears whose weight is 2:4 sparse along the input (N:M-pruned) -> ``Sparse24Linear`` on a
+  CUDA device with 2:4 support; on CPU they stay dense nn.Linear and the report says so.
+* int8 layers, low-rank and other factorized layers already are GEMM forms: kept, listed.
+
+``target``: ``cpu``, ``cuda``, ``auto`` (cuda if this machine has one), or ``onnx``: pack for CPU,
+then export the model through ``torch.onnx`` (DS layers as standard ops) into the artifact's
+``onnx/`` folder, optionally with ONNX Runtime's int8 (``onnx_int8``), and check that ONNX
+Runtime's logits match the torch model's (``onnx_tolerance``, relative to max |logit|).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from stackcomp.kernels.dispatch import choose_kernel
+from stackcomp.kernels.ds_triton import is_24_sparse, semi_structured_24_supported
+from stackcomp.nn.base import CompressedLayer
+from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.packed import PackedDSLinear, Sparse24Linear
+from stackcomp.nn.quantized import Int8DSLinear
+from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.targets import set_module
+
+
+class PackParams(PassParams):
+    target: Literal["cpu", "cuda", "auto", "onnx"] = Field(default="auto", description="where the model will run")
+    dtype: Literal["auto", "fp32", "int8"] = Field(
+        default="auto", description="DS values: auto keeps each layer's (int8 after the int8 pass, else fp32)")
+    sparse24: bool = Field(default=True, description="use 2:4 semi-structured kernels for 2:4-sparse linears (CUDA)")
+    onnx_int8: bool = Field(default=False, description="target onnx: also write ONNX Runtime's dynamic int8 model")
+    onnx_tolerance: float = Field(default=1e-3, gt=0, description="target onnx: max |torch - ORT| / max|logit| (fp32)")
+    onnx_opset: int = Field(default=18, ge=13)
+    parity_sequences: int = Field(default=8, ge=1, description="target onnx: dev sequences in the parity check")
+
+
+class PackPass(Pass):
+    """Pack compressed layers into their inference kernels (CPU C++, Triton, 2:4, or ONNX); must be last."""
+
+    name = "pack"
+    version = "1"
+    Params = PackParams
+    must_be_last = True
+
+    def _layout(self) -> str:
+        t = self.params.target
+        if t == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cpu" if t == "onnx" else t
+
+    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
+        """What would be packed, with which kernel, and what stays as it is (and why)."""
+        layout = self._layout()
+        kernel = choose_kernel(layout)
+        why = _kernel_reason(layout, kernel)
+        ok24, why24 = semi_structured_24_supported("cuda" if layout == "cuda" else "cpu")
+        plan: dict[str, dict] = {}
+        for name, m in model.named_modules():
+            if isinstance(m, (DSLinear, Int8DSLinear)):
+                dt = self.params.dtype if self.params.dtype != "auto" else (
+                    "int8" if isinstance(m, Int8DSLinear) else "fp32")
+                plan[name] = {"from": type(m).__name__, "to": "PackedDSLinear", "dtype": dt, "layout": layout,
+                              "kernel": kernel}
+            elif isinstance(m, nn.Linear) and type(m) is nn.Linear and _is_24(m):
+                if self.params.sparse24 and ok24:
+                    plan[name] = {"from": "Linear", "to": "Sparse24Linear", "kernel": "semi_structured_24"}
+                else:
+                    reason = why24 if self.params.sparse24 else "sparse24: false"
+                    plan[name] = {"from": "Linear", "to": "Linear", "kept_dense": reason}
+            elif isinstance(m, CompressedLayer) and not isinstance(m, (PackedDSLinear, Sparse24Linear)):
+                plan[name] = {"from": type(m).__name__, "to": type(m).__name__,
+                              "kept": "already an inference form (dense GEMMs / int8 backend)"}
+        self._plan = plan
+        n24_dense = sum(1 for r in plan.values() if "kept_dense" in r)
+        report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
+                  "layers": plan, "packed_ds": sum(1 for r in plan.values() if r["to"] == "PackedDSLinear"),
+                  "sparse24": sum(1 for r in plan.values() if r["to"] == "Sparse24Linear"),
+                  "sparse24_kept_dense": n24_dense}
+        if n24_dense:
+            report["sparse24_note"] = (f"{n24_dense} 2:4-sparse linear(s) kept dense: "
+                                       f"{why24 if self.params.sparse24 else 'sparse24: false'}")
+            ctx.log.info("%s", report["sparse24_note"])
+        return report
+
+    def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+        if getattr(self, "_plan", None) is None:
+            self.analyze(model, ctx)
+        for name, row in self._plan.items():
+            m = model.get_submodule(name)
+            if row["to"] == "PackedDSLinear":
+                set_module(model, name, PackedDSLinear.from_ds(m, target=row["layout"], dtype=row["dtype"]))
+            elif row["to"] == "Sparse24Linear":
+                set_module(model, name, Sparse24Linear.from_linear(m))
+        model.eval()
+        if self.params.target == "onnx":
+            self._export(model, ctx)
+        return model
+
+    def _export(self, model: nn.Module, ctx: PassContext) -> None:
+        from stackcomp.onnx_export import (
+            OnnxError,
+            export_onnx,
+            ort_session,
+            parity,
+            quantize_onnx_int8,
+        )
+
+        p = self.params
+        batches = _parity_batches(model, ctx, p.parity_sequences)
+        device = next(iter(list(model.parameters()) + list(model.buffers()))).device
+        path = export_onnx(model, ctx.work_dir / "onnx" / "model.onnx", batches[0], opset=p.onnx_opset)
+        check = parity(model, ort_session(path), batches)
+        ctx.report["onnx"] = {"path": "onnx/model.onnx", "opset": p.onnx_opset, "parity": check,
+                              "tolerance": p.onnx_tolerance}
+        ctx.log.info("ONNX parity: max |diff| %.3g (%.3g of max |logit|)", check["max_abs_diff"], check["max_rel_diff"])
+        if check["max_rel_diff"] > p.onnx_tolerance:
+            raise OnnxError(f"stage {ctx.stage!r}: ONNX Runtime's logits differ from the torch model's by "
+                            f"{check['max_rel_diff']:.3g} of max |logit| (onnx_tolerance {p.onnx_tolerance})")
+        if p.onnx_int8:
+            qpath = quantize_onnx_int8(path, ctx.work_dir / "onnx" / "model.int8.onnx")
+            ctx.report["onnx"]["int8"] = {"path": "onnx/model.int8.onnx",
+                                          "parity": parity(model, ort_session(qpath), batches)}
+        model.to(device)
+
+
+def _is_24(linear: nn.Linear) -> bool:
+    w = linear.weight.detach()
+    return w.shape[1] % 4 == 0 and bool((w == 0).any()) and is_24_sparse(w)
+
+
+def _kernel_reason(layout: str, kernel: str) -> str:
+    if layout == "cpu":
+        if kernel == "cpu":
+            return "compiled C++ kernel (ds_cpu.cpp) built for this CPU"
+        from stackcomp.kernels import ds_cpu
+
+        return f"torch path: the C++ kernel is unavailable ({ds_cpu.build_error() or 'not built'})"
+    if kernel == "triton":
+        return "Triton kernels (CUDA)"
+    return "torch path: Triton is not available here (no CUDA device or triton not installed)"
+
+
+def _parity_batches(model: nn.Module, ctx: PassContext, n: int) -> list[dict[str, torch.Tensor]]:
+    """Dev batches from the task (two of different shapes), else random token ids."""
+    if ctx.data is not None:
+        b = ctx.data.calibration_batches(n, max(1, n // 2), seed=ctx.seed)
+        return [{k: v for k, v in x.items() if k != "labels"} for x in b[:2]]
+    g = torch.Generator().manual_seed(ctx.seed)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    out = []
+    for bs, t in ((2, 11), (3, 7)):
+        ids = torch.randint(0, vocab, (bs, t), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
