@@ -26,12 +26,12 @@ from stackcomp.factorize.budget import ds_bytes, search_ds_config, svd_rank_for_
 from stackcomp.factorize.dictionary import factorize_ds
 from stackcomp.nn.ds_linear import DSLinear
 from stackcomp.passes.base import Pass, PassContext, PassParams
-from stackcomp.targets import select_modules, set_module
-from stackcomp.train import TrainConfig, default_param_groups
+from stackcomp.passes.factorizer_common import FactorizerTrainConfig, select_targets
+from stackcomp.targets import set_module
+from stackcomp.train import default_param_groups
 
-
-class DSTrainConfig(TrainConfig):
-    epochs: float = Field(default=1.0, ge=0, description="training epochs after factorization (0: none)")
+#: the fine-tune after factorization, shared with the other factorizers (0 epochs: none)
+DSTrainConfig = FactorizerTrainConfig
 
 
 class DSFactorizeParams(PassParams):
@@ -74,10 +74,7 @@ class DSFactorizePass(Pass):
     forbid_after = {"int8": "factorize the fp32 weights first, then quantize the factors"}
 
     def _layers(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
-        layers = list(select_modules(model, self.params.targets, self.params.ignore))
-        if not layers:
-            raise PlanError(f"ds_factorize: no linear layer matches targets={self.params.targets} "
-                            f"ignore={self.params.ignore}")
+        layers = select_targets(model, self.params.targets, self.params.ignore, self.name)
         if self.params.block:
             bad = [n for n, m in layers if m.in_features % self.params.block]
             if bad:

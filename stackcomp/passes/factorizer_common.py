@@ -41,7 +41,6 @@ from torch import nn
 
 from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob, allocate
-from stackcomp.nn.base import CompressedLayer
 from stackcomp.passes.base import Pass, PassContext, PassParams
 from stackcomp.targets import select_modules, set_module
 from stackcomp.train import TrainConfig
@@ -82,7 +81,8 @@ class FactorizerParams(PassParams):
     ratio: float | None = Field(default=None, gt=1, description="target compression of the targeted layers "
                                 "together: sum of dense fp32 bytes / sum of compressed bytes (values and indices "
                                 "at their stored widths); replaces the native size knobs")
-    targets: list[str] | None = Field(default=None, description="module globs / re: patterns (default: encoder linears)")
+    targets: list[str] | None = Field(default=None, description="module globs / re: patterns "
+                                      "(default: encoder linears)")
     ignore: list[str] | None = Field(default=None, description="patterns left dense (default: heads, embeddings)")
     calibration_samples: int = Field(default=128, ge=0, description="training sentences whose activations give "
                                      "each layer's input Gram (data-aware methods, output-error reports; 0: none)")
