@@ -78,7 +78,9 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, Any], drop: Sequence[st
 
 
 def _attr(out: Any, name: str) -> Any:
-    return out[name] if isinstance(out, Mapping) else getattr(out, name, None)
+    if hasattr(out, name):  # HF ModelOutput: absent fields are None attributes, not keys
+        return getattr(out, name)
+    return out.get(name) if isinstance(out, Mapping) else None
 
 
 class KDLoss(nn.Module):
