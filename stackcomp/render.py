@@ -213,6 +213,8 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
     v = verdict(comparison)
     if v:
         console.print(("[green]" if comparison.any_goal_met else "[red]") + v + "[/]")
+    for note in comparison.notes:
+        console.print(f"[yellow]note[/]: {note}")
     failing = [r for r in comparison.rows if r.meets_goal is False]
     for r in failing:
         console.print(f"[dim]✗ {r.id}: {'; '.join(r.goal_failures)}[/]")
@@ -224,6 +226,7 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
 
 
 def print_stage_analysis(stages: list[dict[str, Any]], console: Any) -> None:
+    from rich import box
     from rich.table import Table
 
     for st in stages:
@@ -232,7 +235,8 @@ def print_stage_analysis(stages: list[dict[str, Any]], console: Any) -> None:
             continue
         console.rule(f"[bold]{st['stage']}[/] [dim]{st['pass']} · {st['seconds']:.1f}s[/]")
         for b in blocks:
-            table = Table(title=b["title"], title_justify="left", show_header=b["kind"] == "table")
+            table = Table(title=b["title"], title_justify="left", show_header=b["kind"] == "table",
+                          box=box.SIMPLE_HEAD, padding=(0, 1))
             for c in b["columns"]:
                 table.add_column(c, overflow="fold")
             for row in b["rows"]:
@@ -279,8 +283,10 @@ def analysis_blocks(report: dict[str, Any]) -> list[dict[str, Any]]:
         title = ("⚠ " if warn and v else "") + key.replace("_", " ")
         if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
             cols = list(dict.fromkeys(c for x in v.values() for c in x))
+            prefix = _common_prefix([str(n) for n in v])
             blocks.append({"title": f"{title} ({len(v)})", "kind": "table", "columns": ["name", *cols],
-                           "rows": [[str(n), *[value(x.get(c), 30) for c in cols]] for n, x in v.items()]})
+                           "rows": [[str(n)[len(prefix):], *[value(x.get(c), 30) for c in cols]] for n, x in v.items()],
+                           "note": f"names after {prefix}" if prefix else None})
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             shown = v[-10:]
             cols = list(dict.fromkeys(c for x in shown for c in x))
@@ -300,6 +306,21 @@ def analysis_blocks(report: dict[str, Any]) -> list[dict[str, Any]]:
     if scalars:
         blocks.insert(0, {"title": "summary", "kind": "kv", "columns": ["key", "value"], "rows": scalars})
     return blocks
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted prefix all names share (``bert.encoder.layer.``), kept short in tables."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    common = []
+    for column in zip(*parts):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    if len(common) >= min(len(p) for p in parts):
+        common = common[:-1]  # never swallow a whole name
+    return ".".join(common) + "." if common else ""
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -334,6 +355,8 @@ def markdown_comparison(comparison: Any, plots: dict[str, str] | None = None, ti
     parts.append(md_table([h for h, _ in cols], [[fn(r) for _, fn in cols] for r in comparison.rows]))
     parts += ["", "Metric in %, Δ pts against the uncompressed parent (column *vs*); MB = 10^6 bytes; "
               "*model ×* against the fp32 dense model of the same architecture; ★ Pareto-optimal.", ""]
+    for note in comparison.notes:
+        parts.append(f"- note: {note}")
     for g in goals_text(comparison):
         parts.append(f"- goal {g}")
     v = verdict(comparison)
@@ -413,6 +436,8 @@ def _html_comparison(comparison: Any, plots: dict[str, bytes], attribution: bool
            '<p class="note">Metric in %, Δ pts against the uncompressed parent (column <i>vs</i>); MB = 10^6 bytes; '
            "<i>model ×</i> against the fp32 dense model of the same architecture; ★ Pareto-optimal "
            "(bold rows).</p>"]
+    for note in comparison.notes:
+        out.append(f'<p class="bad">note: {e(note)}</p>')
     goals = goals_text(comparison)
     if goals:
         out.append("<ul>" + "".join(f"<li>goal {e(g)}</li>" for g in goals) + "</ul>")

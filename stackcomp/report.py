@@ -344,6 +344,7 @@ class Comparison:
     task: str | None
     metric_name: str | None
     goals_given: bool
+    notes: list[str] = field(default_factory=list)
 
     @property
     def any_goal_met(self) -> bool | None:
@@ -359,7 +360,7 @@ class Comparison:
             "schema": JSON_SCHEMA, "task": self.task, "metric": self.metric_name,
             "runs": [{"label": r.label, "recipe": r.name, "run_dir": str(r.dir),
                       "goal": r.goal.model_dump() if r.goal else None} for r in self.runs],
-            "goals_given": self.goals_given, "any_goal_met": self.any_goal_met,
+            "goals_given": self.goals_given, "any_goal_met": self.any_goal_met, "notes": self.notes,
             "rows": [_clean(asdict(row)) for row in self.rows],
         }
 
@@ -401,7 +402,28 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
             check_goal(row, g)
     rows.sort(key=_sort_key)
     return Comparison(runs=runs, rows=rows, task=tasks[0] if tasks else None,
-                      metric_name=names[0] if names else None, goals_given=goals_given)
+                      metric_name=names[0] if names else None, goals_given=goals_given,
+                      notes=_latency_notes(runs, rows))
+
+
+def _latency_notes(runs: list[Run], rows: list[Row]) -> list[str]:
+    """Latencies timed on different batches, threads or devices are not comparable: say so."""
+    seen: dict[str, set] = {"batch size": set(), "batches": set(), "threads": set(), "device": set()}
+    by_label = {r.label: r for r in runs}
+    for row in rows:
+        if row.cpu_latency_ms is None:
+            continue
+        m = by_label[row.run].merged_metrics(row.leaf)
+        seen["batch size"].add(m.get("latency_batch_size"))
+        seen["batches"].add(m.get("latency_batches"))
+        seen["threads"].add(m.get("latency_threads"))
+        hw = (by_label[row.run].lock or {}).get("hardware") or {}
+        seen["device"].add(hw.get("cpu"))
+    diff = {k: sorted(str(v) for v in vals) for k, vals in seen.items() if len(vals) > 1}
+    if not diff:
+        return []
+    what = "; ".join(f"{k}: {', '.join(v)}" for k, v in diff.items())
+    return [f"CPU latencies were timed under different settings ({what}); compare them with care"]
 
 
 def _disambiguate(runs: list[Run]) -> None:
@@ -627,20 +649,22 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _changed(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    fa, fb = flatten(a or {}), flatten(b or {})
+def _changed(a: Any, b: Any, skip: tuple[str, ...] = (), prefix: str = "") -> list[dict[str, Any]]:
+    """Differences of two JSON trees as dotted fields; a subtree on one side only is one entry."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [{"field": prefix, "a": a, "b": b, "only_in": None}]
     out = []
-    for k in sorted(set(fa) | set(fb)):
-        if any(k == s or k.endswith("." + s) for s in skip):
+    for k in [*a, *[k for k in b if k not in a]]:
+        if k in skip:
             continue
-        va, vb = fa.get(k, _MISSING), fb.get(k, _MISSING)
-        if va != vb:
-            out.append({"field": k, "a": None if va is _MISSING else va, "b": None if vb is _MISSING else vb,
-                        "only_in": "a" if vb is _MISSING else "b" if va is _MISSING else None})
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in b:
+            out.append({"field": key, "a": a[k], "b": None, "only_in": "a"})
+        elif k not in a:
+            out.append({"field": key, "a": None, "b": b[k], "only_in": "b"})
+        else:
+            out.extend(_changed(a[k], b[k], skip, key))
     return out
-
-
-_MISSING = object()
 
 
 def diff_runs(target_a: str | Path, target_b: str | Path, *, load_sizes: bool = True) -> dict[str, Any]:
