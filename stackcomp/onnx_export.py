@@ -39,15 +39,21 @@ def require_onnx() -> None:
                         "(or stackcomp[onnx])")
 
 
+#: the model inputs an exported graph may take, in this order
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
 class _Logits(nn.Module):
-    """Keyword inputs -> logits tensor (what the exporter and ONNX Runtime see)."""
+    """Token tensors -> logits tensor (what the exporter and ONNX Runtime see)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**inputs).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kw = {"attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, **{k: v for k, v in kw.items() if v is not None}).logits
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Tensor], opset: int = OPSET) -> Path:
@@ -57,7 +63,10 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = {k: v.cpu() for k, v in example.items() if k != "labels"}
+    unknown = set(example) - set(INPUT_NAMES) - {"labels"}
+    if unknown:
+        raise OnnxError(f"ONNX export takes the inputs {INPUT_NAMES}; the batch also has {sorted(unknown)}")
+    example = {k: example[k].cpu() for k in INPUT_NAMES if k in example}
     dyn = torch.export.Dim.DYNAMIC
     wrapper = _Logits(model.cpu().eval())
     try:
@@ -73,17 +82,25 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
     return path
 
 
-def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime dynamic int8 (per-channel weights, int8 activations at run time)."""
+def quantize_onnx_int8(src: str | Path, dst: str | Path) -> tuple[Path, list[str]]:
+    """ONNX Runtime dynamic int8 (per-channel weights, int8 activations at run time).
+
+    MatMuls with a constant weight of more than 2 dimensions (the DS layers' batched dictionary
+    products) stay fp32: ONNX Runtime's integer MatMul takes per-channel scales on 2-D weights
+    only. Returns the path and the names of the nodes left in fp32.
+    """
     require_onnx()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    graph = onnx.load(str(src)).graph
+    batched = {t.name for t in graph.initializer if len(t.dims) > 2}
+    keep = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and batched.intersection(n.input)]
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep)
     proto = onnx.load(str(dst))
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     onnx.save(proto, str(dst))
-    return Path(dst)
+    return Path(dst), keep
 
 
 def ort_session(path: str | Path, threads: int | None = None) -> Any:

@@ -125,8 +125,8 @@ class PackPass(Pass):
             raise OnnxError(f"stage {ctx.stage!r}: ONNX Runtime's logits differ from the torch model's by "
                             f"{check['max_rel_diff']:.3g} of max |logit| (onnx_tolerance {p.onnx_tolerance})")
         if p.onnx_int8:
-            qpath = quantize_onnx_int8(path, ctx.work_dir / "onnx" / "model.int8.onnx")
-            ctx.report["onnx"]["int8"] = {"path": "onnx/model.int8.onnx",
+            qpath, fp32_nodes = quantize_onnx_int8(path, ctx.work_dir / "onnx" / "model.int8.onnx")
+            ctx.report["onnx"]["int8"] = {"path": "onnx/model.int8.onnx", "nodes_left_fp32": len(fp32_nodes),
                                           "parity": parity(model, ort_session(qpath), batches)}
         model.to(device)
 
