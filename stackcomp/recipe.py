@@ -299,7 +299,7 @@ def _set_path(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> No
             raise RecipeError(f"override {item!r}: {'.'.join(keys[:i])} is not a mapping")
         if k not in node or node[k] is None:
             if keys[0] == "stages" and i == 1:
-                raise RecipeError(f"override {item!r}: no stage named {k!r} (stages: {', '.join(raw.get('stages', {}))})")
+                raise RecipeError(f"override {item!r}: no stage named {k!r} (stages: {', '.join(map(str, node))})")
             node[k] = {}
         node = node[k]
     if not isinstance(node, dict):
@@ -373,7 +373,7 @@ def _downstream(stages: dict[str, Any], root: str) -> list[str]:
     children: dict[str, list[str]] = {}
     for name, spec in stages.items():
         after = spec.get("after") if isinstance(spec, dict) else None
-        parents = [after] if isinstance(after, str) else (after or [])
+        parents = [after] if isinstance(after, str) else (after if isinstance(after, list) else [])
         for p in parents:
             if isinstance(p, str):
                 children.setdefault(p, []).append(name)
