@@ -1,0 +1,197 @@
+"""int8 layers and the int8 pass, on tiny shapes and tiny models.
+
+Tolerances (relative Frobenius error of the output):
+* the stored numbers: every weight within half a step (scale / 2) of the fp32 weight (exact bound);
+* a layer's output against fp32 arithmetic on its *dequantized* weights, i.e. the error of the
+  backend's activation quantization only: bitsandbytes (8-bit per-row activations) 2e-2, torch
+  (7-bit per-tensor activations, reduce_range) 4e-2;
+* save/load: bit-identical outputs (same int8 numbers, same backend).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackcomp.artifacts import load_model, save_model
+from stackcomp.errors import PlanError
+from stackcomp.kernels import pack_ds
+from stackcomp.kernels.reference import ds_forward_reference
+from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.lowrank import LowRankLinear
+from stackcomp.nn.quantized import (
+    Int8DSLinear,
+    Int8Linear,
+    Int8LowRankLinear,
+    QuantizationError,
+    dequantize_rows,
+    get_backend,
+    quantize_rows,
+)
+from stackcomp.passes.base import PassContext
+from stackcomp.passes.ds_factorize import DSFactorizePass
+from stackcomp.passes.int8 import Int8Pass
+from stackcomp.plan import build_plan
+from stackcomp.recipe import recipe_from_dict
+
+from conftest import make_tiny_model
+
+ACT_TOL = {"bitsandbytes": 2e-2, "torch": 4e-2}
+BACKENDS = ["torch", "bitsandbytes"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_quantize_rows_half_step_bound_and_zero_rows():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(17, 40, generator=g) * torch.logspace(-3, 2, 17).unsqueeze(1)  # rows of very different size
+    w[5] = 0
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (17,)
+    assert int(q.abs().max()) <= 127
+    assert (q.abs().amax(1)[torch.arange(17) != 5] == 127).all()  # each row uses the full range
+    err = (dequantize_rows(q, s) - w).abs()
+    assert (err <= s.unsqueeze(1) / 2 * (1 + 1e-6)).all()
+    assert (q[5] == 0).all() and s[5] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_linear_matches_dequantized_arithmetic(backend):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    layer = Int8Linear.from_linear(lin, backend)
+    x = torch.randn(3, 11, 64)
+    deq = F.linear(x, layer.to_dense(), layer.bias)
+    y = layer(x)
+    assert y.shape == (3, 11, 24) and y.dtype == x.dtype
+    assert rel(y, deq) < ACT_TOL[backend]
+    assert rel(y, lin(x).detach()) < ACT_TOL[backend] + 1e-2
+    assert layer(x[:0]).shape == (0, 11, 24)
+    st = layer.storage()
+    assert st.bytes == 64 * 24 + 24 * 4 + 24 * 4 and st.dense_bytes == (64 * 24 + 24) * 4
+    # the cached backend handle survives deepcopy (the engine copies models) and follows buffer changes
+    twin = copy.deepcopy(layer)
+    assert torch.equal(twin(x), y)
+    with torch.no_grad():
+        twin.weight_scale.mul_(2)
+    assert rel(twin(x) - twin.bias, 2 * (y - layer.bias)) < 1e-5
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(QuantizationError, match="unknown int8 backend 'fp4'"):
+        get_backend("fp4")
+    with pytest.raises(QuantizationError, match="unknown int8 backend"):
+        Int8Linear(8, 8, backend="fp4")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_lowrank(backend):
+    torch.manual_seed(1)
+    lr = LowRankLinear.from_linear(nn.Linear(48, 40), rank=8)
+    layer = Int8LowRankLinear.from_lowrank(lr, backend)
+    x = torch.randn(50, 48)
+    U, V = dequantize_rows(layer.U, layer.U_scale), dequantize_rows(layer.V, layer.V_scale)
+    deq = F.linear(F.linear(x, V), U, layer.bias)
+    assert rel(layer(x), deq) < 2 * ACT_TOL[backend]
+    assert torch.allclose(layer.to_dense(), U @ V)
+    assert layer.storage().bytes == 40 * 8 + 8 * 48 + (40 + 8) * 4 + 40 * 4
+
+
+def _ds(seed=0, out=40, inp=96, block=32, atoms=16, nnz=4):
+    torch.manual_seed(seed)
+    return DSLinear.from_linear(nn.Linear(inp, out), block, atoms, nnz, iters=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_ds_forward_and_layout_is_the_packed_int8_layout(backend):
+    ds = _ds()
+    layer = Int8DSLinear.from_ds(ds, backend)
+    d, v, i, b = layer.dequantized()
+    x = torch.randn(70, 96)
+    assert rel(layer(x), ds_forward_reference(x, d, v, i, b)) < ACT_TOL[backend]
+    assert rel(layer(x), ds(x).detach()) < ACT_TOL[backend] + 2e-2
+    # the same int8 numbers as pack_ds(int8) of the fp32 layer: pack adds no rounding
+    p_direct = pack_ds(ds.dictionary, ds.values, ds.indices, ds.bias, target="cpu", dtype="int8")
+    p_from_q = pack_ds(d, v, i, b, target="cpu", dtype="int8")
+    for name, t in p_direct.tensors.items():
+        assert torch.equal(p_from_q.tensors[name], t), name
+    nb, out, s, K, B = 3, 40, 4, 16, 32
+    assert layer.storage().bytes == nb * K * B + nb * K * 4 + nb * out * s * 2 + out * 4 + out * 4
+    assert layer.storage().bytes < ds.storage().bytes / 2.5
+
+
+def test_int8_ds_refuses_a_layer_in_stf():
+    ds = _ds().start_stf()
+    with pytest.raises(QuantizationError, match="STF"):
+        Int8DSLinear.from_ds(ds)
+
+
+def _ctx(tmp_path):
+    return PassContext(stage="t", work_dir=tmp_path)
+
+
+def _factorize(model, tmp_path):
+    p = DSFactorizePass({"block": 16, "atoms": 16, "nnz": 4, "iters": 2, "train": {"epochs": 0}})
+    ctx = _ctx(tmp_path)
+    p.analyze(model, ctx)
+    return p.finetune(p.transform(model, ctx), ctx)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_pass_on_ds_round_trips_save_load(tmp_path, backend):
+    model = _factorize(make_tiny_model("bert"), tmp_path)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    p = Int8Pass({"backend": backend})
+    ctx = _ctx(tmp_path)
+    report = p.analyze(model, ctx)
+    model = p.transform(model, ctx)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Int8DSLinear" in kinds and "DSLinear" not in kinds
+    assert len(report["layers"]) == 12 and report["backend"] == backend
+    for row in report["layers"].values():
+        assert 0 < row["weight_error"] < 0.02 and 0 < row["output_error"] < 0.1
+        assert row["bytes_after"] < row["bytes_before"] / 2
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+    assert rel(y, ref) < 0.1
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert {type(m).__name__ for m in again.modules()} == kinds
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, y)
+
+
+def test_int8_pass_plain_linears_and_error_ranking(tmp_path):
+    """A planted outlier weight makes its layer's quantization error the worst."""
+    model = make_tiny_model("distilbert")
+    bad = "distilbert.transformer.layer.1.ffn.lin2"
+    with torch.no_grad():
+        w = model.get_submodule(bad).weight
+        w[:, 3] = 0
+        w[:, 3] = w.abs().max() * 60  # every row's scale is set by one huge column
+    report = Int8Pass({"backend": "torch"}).analyze(model, _ctx(tmp_path))
+    assert report["worst_layer"] == bad
+    assert report["layers"][bad]["weight_error"] > 2 * sorted(r["weight_error"] for r in report["layers"].values())[-2]
+    assert all(r["type"] == "Int8Linear" for r in report["layers"].values())
+
+
+def test_int8_stacks_after_ds_and_is_refused_twice_or_before_ds():
+    def plan(stages):
+        return build_plan(recipe_from_dict({"name": "r", "model": "m", "stages": stages}))
+
+    ds = {"pass": "ds_factorize", "params": {"block": 16, "atoms": 8, "nnz": 2}}
+    plan({"ds": ds, "q": {"pass": "int8", "after": "ds"}})
+    with pytest.raises(PlanError, match="already int8"):
+        plan({"q": {"pass": "int8"}, "q2": {"pass": "int8", "after": "q"}})
+    with pytest.raises(PlanError, match="cannot come after"):
+        plan({"q": {"pass": "int8"}, "ds": {**ds, "after": "q"}})
+    with pytest.raises(PlanError, match="backend"):
+        plan({"q": {"pass": "int8", "params": {"backend": "fp4"}}})
