@@ -102,6 +102,10 @@ def leaderboard_columns(comparison: Any, compact: bool = False) -> list[tuple[st
     return cols
 
 
+def _row_name(comparison: Any, row: Any) -> str:
+    return row.id if len(comparison.runs) > 1 else row.leaf
+
+
 def pareto_text(row: Any, short: bool = False) -> str:
     marks = [name for name, on in (("size", row.pareto_bytes), ("latency", row.pareto_latency)) if on]
     if short:
@@ -198,10 +202,9 @@ def rich_attribution(comparison: Any):
     for header, _ in cols:
         table.add_column(header, justify="left" if header in ("stage", "pass", "compresses", "sizes") else "right",
                          no_wrap=header in ("stage", "pass"))
-    multi = len(comparison.runs) > 1
     for r in comparison.rows:
         for i, step in enumerate(r.attribution):
-            table.add_row((r.id if multi else r.leaf) if i == 0 else "", *[fn(step) for _, fn in cols])
+            table.add_row(_row_name(comparison, r) if i == 0 else "", *[fn(step) for _, fn in cols])
         table.add_section()
     return table
 
@@ -367,7 +370,7 @@ def markdown_comparison(comparison: Any, plots: dict[str, str] | None = None, ti
     if attribution:
         parts += ["## Per-stage attribution", ""]
         cols_a = attribution_columns()
-        rows = [[r.id if i == 0 else "", *[fn(s) for _, fn in cols_a]]
+        rows = [[_row_name(comparison, r) if i == 0 else "", *[fn(s) for _, fn in cols_a]]
                 for r in comparison.rows for i, s in enumerate(r.attribution)]
         parts += [md_table(["leaf", *[h for h, _ in cols_a]], rows), ""]
     return "\n".join(parts) + "\n"
@@ -450,7 +453,7 @@ def _html_comparison(comparison: Any, plots: dict[str, bytes], attribution: bool
             out.append(f'<img alt="metric vs {e(axis)}" src="data:image/png;base64,{b64}">')
     if attribution:
         cols_a = attribution_columns()
-        rows = [[r.id if i == 0 else "", *[fn(s) for _, fn in cols_a]]
+        rows = [[_row_name(comparison, r) if i == 0 else "", *[fn(s) for _, fn in cols_a]]
                 for r in comparison.rows for i, s in enumerate(r.attribution)]
         out += ["<h2>Per-stage attribution</h2>",
                 '<p class="note">Each stage against the model stage before it on the path; "computed" sizes come '
