@@ -169,10 +169,14 @@ def load_tokenizer(folder: str | Path) -> Any:
 
 
 class ArtifactStore:
-    """The artifacts of one run directory, addressed by stage key."""
+    """Stage artifacts addressed by key: ``<run dir>/artifacts`` or a cache folder shared by runs.
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root) / "artifacts"
+    Keys hash everything a stage's result depends on, so recipes that share a prefix (same
+    model, task, data and stages) may share one cache and compute that prefix once.
+    """
+
+    def __init__(self, root: str | Path, *, artifacts_dir: str | Path | None = None):
+        self.root = Path(artifacts_dir) if artifacts_dir is not None else Path(root) / "artifacts"
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -202,7 +206,8 @@ class ArtifactStore:
     def begin(self, key: str) -> Path:
         """A fresh temporary folder to write an artifact into."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
+        # the writer's pid in the name: a run sharing the cache never removes a live writer's folder
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=self.root))
 
     def commit(self, key: str, tmp: Path) -> Path:
         """Checksum everything in ``tmp``, then rename it into place in one step."""
@@ -229,17 +234,34 @@ class ArtifactStore:
             shutil.rmtree(final, ignore_errors=True)
 
     def clean_temporaries(self) -> int:
-        """Remove half-written folders left by a killed run."""
+        """Remove half-written folders left by killed runs (not those of a run still writing)."""
         n = 0
         if self.root.exists():
             for d in self.root.iterdir():
-                if d.name.startswith((".tmp-", ".old-")):
+                if d.name.startswith((".tmp-", ".old-")) and not _writer_alive(d.name):
                     shutil.rmtree(d, ignore_errors=True)
                     n += 1
         return n
 
     def read(self, key: str, name: str) -> Any:
         return read_json(self.path(key) / name)
+
+
+def _writer_alive(name: str) -> bool:
+    """True if a ``.tmp-<key>-<pid>-…`` folder belongs to another live process."""
+    parts = name.split("-")
+    if not name.startswith(".tmp-") or len(parts) < 4 or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

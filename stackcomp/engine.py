@@ -45,11 +45,12 @@ class StageOutcome:
 class Engine:
     """Runs one plan inside one run directory."""
 
-    def __init__(self, plan: Plan, run_dir: str | Path, *, console: Any = None, show_progress: bool = True):
+    def __init__(self, plan: Plan, run_dir: str | Path, *, console: Any = None, show_progress: bool = True,
+                 cache_dir: str | Path | None = None):
         self.plan = plan
         self.recipe = plan.recipe
         self.run_dir = Path(run_dir)
-        self.store = ArtifactStore(self.run_dir)
+        self.store = ArtifactStore(self.run_dir, artifacts_dir=cache_dir)
         self.console = console
         self.show_progress = show_progress and console is not None
         self.device = _resolve_device(self.recipe.device)
@@ -356,7 +357,8 @@ class Engine:
                 "leaf": self.plan.graph.out_degree(name) == 0, "path": self.plan.path_to(name),
             })
         return {
-            "recipe": self.recipe.name, "run_dir": str(self.run_dir), "seconds": round(seconds, 3),
+            "recipe": self.recipe.name, "run_dir": str(self.run_dir), "artifacts_dir": str(self.store.root),
+            "seconds": round(seconds, 3),
             "ran": list(self.stage_runs), "stackcomp_version": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "device": str(self.device), "stages": stages,
         }

@@ -143,3 +143,38 @@ def test_evaluate_stage_reports_sizes_without_storing_a_model(tmp_path, tiny_mod
     assert ev["metrics"]["linear_layers"] == 14  # 12 encoder linears + pooler + classifier
     assert not (tmp_path / "run" / "artifacts" / plan.stages["a.eval"].key / "model").exists()
     assert load(tmp_path / "run" / "artifacts" / plan.stages["a.eval"].key) is not None
+
+
+def test_recipes_sharing_a_cache_compute_their_common_prefix_once(tmp_path, tiny_model_dirs):
+    cache = tmp_path / "cache"
+    Engine(make_plan(tiny_model_dirs["bert"], BRANCHY), tmp_path / "run1", cache_dir=cache).run()
+    CALLS.clear()
+    other = {"a": BRANCHY["a"], "d": {"pass": "_test_scale", "after": "a", "params": {"factor": 11.0}}}
+    e = Engine(make_plan(tiny_model_dirs["bert"], {**other}, name="other"), tmp_path / "run2", cache_dir=cache)
+    summary = e.run()
+    assert CALLS == ["d"]  # `a` came from the first recipe's run
+    assert summary["artifacts_dir"] == str(cache)
+    assert not (tmp_path / "run2" / "artifacts").exists()
+
+
+def test_cleaning_spares_a_live_writers_temporary(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from stackcomp.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = store.root / f".tmp-k1-{child.pid}-abc"
+        dead = store.root / ".tmp-k2-999999999-abc"
+        mine = store.begin("k3")  # our own leftover from before: this process is the cleaner
+        for d in (live, dead):
+            d.mkdir(parents=True)
+        assert store.clean_temporaries() == 2
+        assert live.exists() and not dead.exists() and not mine.exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert os.path.exists(live)
