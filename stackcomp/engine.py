@@ -206,11 +206,14 @@ class Engine:
             return model.to(self.device)
         parent = stage.parents[0]
         others_waiting = [c for c in self._pending.get(parent, []) if c != stage.name and c not in self.outcomes]
+        # a stage taught by its own parent changes its input in place while the teacher is copied
+        # from the parent later: the parent's model must stay intact
+        keep_parent = bool(others_waiting) or stage.teacher_stage == parent
         if parent in self._models:
             model = self._models[parent]
-            return copy.deepcopy(model) if others_waiting else model
+            return copy.deepcopy(model) if keep_parent else model
         model = self._load_stage_model(parent)
-        if others_waiting:
+        if keep_parent:
             self._models[parent] = model
             return copy.deepcopy(model)
         return model
