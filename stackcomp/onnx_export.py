@@ -68,7 +68,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
         raise OnnxError(f"ONNX export takes the inputs {INPUT_NAMES}; the batch also has {sorted(unknown)}")
     example = {k: example[k].cpu() for k in INPUT_NAMES if k in example}
     dyn = torch.export.Dim.DYNAMIC
-    wrapper = _Logits(model.cpu().eval())
+    wrapper = _Logits(model.cpu()).eval()
     try:
         with torch.no_grad():
             torch.onnx.export(wrapper, (), str(path), kwargs=example, dynamo=True, opset_version=opset,
