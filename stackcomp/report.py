@@ -11,9 +11,11 @@ each stage's artifact) and builds, for every model a leaf of a run measures:
 - per-stage attribution along the path: what each stage changed in metric, bytes, latency;
 - whether the row meets the run's ``goal:`` (or one given on the command line).
 
-A stage *compresses* if its model's weights file is smaller than its parent's or its layer
-manifest holds other compressed layers than its parent's; *method* names the compressing
-passes of a path (``ds_factorize``, ``distill+ds_factorize``), or ``uncompressed``.
+A stage *compresses* if its model's weights file is smaller than its parent's (by 3% or more)
+or its layer manifest holds more compressed layers than its parent's (a pass that only
+repacks layers, e.g. ``pack``, counts only if it shrinks the weights). A row's *method*
+names the compressing passes of its path (``ds_factorize``, ``distill+ds_factorize``), or
+``uncompressed``.
 
 Nothing here runs a pass. Stages that measured no size get one computed from their artifact
 (``load_sizes``, on by default: size is a property of the weights, not a measurement).
@@ -228,8 +230,8 @@ class Run:
             prev = self.stages[parent[-1]]
             if rec.weights_bytes and prev.weights_bytes and rec.weights_bytes < SHRINK * prev.weights_bytes:
                 return True
-            if rec.layer_types is not None and prev.layer_types is not None:
-                return rec.layer_types != prev.layer_types and bool(rec.layer_types)
+            if rec.layer_types is not None and prev.layer_types is not None:  # more layers compressed
+                return sum(rec.layer_types.values()) > sum(prev.layer_types.values())
             return False
         source = _source_weight_bytes(self.lock)
         if rec.weights_bytes and source and rec.weights_bytes < SHRINK * source:

@@ -129,7 +129,8 @@ def test_pareto_mask_matches_brute_force():
         pts = [None if rng.random() < 0.15 else (rng.randrange(grid) / grid, float(rng.randrange(grid)))
                for _ in range(n)]
         assert pareto_mask(pts) == _brute(pts), pts
-    assert pareto_mask([(0.9, 10.0), (0.9, 10.0), (0.8, 5.0), (0.95, 20.0), (0.7, 6.0)]) == [True, True, True, True, False]
+    planted = [(0.9, 10.0), (0.9, 10.0), (0.8, 5.0), (0.95, 20.0), (0.7, 6.0)]
+    assert pareto_mask(planted) == [True, True, True, True, False]
 
 
 def test_pareto_marks_on_real_rows(runs):
