@@ -80,7 +80,7 @@ def test_teacher_from_an_upstream_stage_is_loaded_from_its_artifact(tmp_path, ti
     second = Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run")
     second.run()
     assert finetunes == [] and second.stage_runs == ["kd"]
-    assert loads.count("ft") == 2  # the student's input and the teacher, both from ft's artifact
+    assert "ft" in loads  # from its artifact (the student's input; the teacher is copied from it)
     teacher = seen[0]
     ft_state = ft_model.state_dict()
     assert all(torch.equal(v, ft_state[k]) for k, v in teacher.state_dict().items())

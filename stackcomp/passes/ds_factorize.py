@@ -9,7 +9,9 @@ Training (``finetune``): with ``stf: true`` (default) the straight-through facto
 the latent dense weights and the dictionaries on the task, re-solving the codes by OMP in the
 forward pass; at the end the supports are frozen. With ``stf: false`` (the task-unaware
 baseline the paper compares against) the supports are frozen right after factorization and
-only the code values and dictionaries are fine-tuned, with the same training budget.
+only the code values and dictionaries are fine-tuned, with the same training budget. With
+``teacher`` (an upstream stage, usually the fine-tuned model, or a model id) the training
+loss is knowledge distillation against it (``kd`` weights, :mod:`stackcomp.distill.kd`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from stackcomp.distill.kd import KDLoss, KDWeights
 from stackcomp.errors import PlanError
 from stackcomp.factorize.budget import ds_bytes, search_ds_config, svd_rank_for_bytes
 from stackcomp.factorize.dictionary import factorize_ds
@@ -51,6 +54,9 @@ class DSFactorizeParams(PassParams):
                              "(default nnz // 2)")
     dict_lr: float | None = Field(default=None, gt=0, description="learning rate of the dictionaries (default: train.lr)")
     train: DSTrainConfig = Field(default_factory=DSTrainConfig, description="training loop settings")
+    teacher: str | None = Field(default=None, description="train against this teacher (stage name or model id)")
+    kd: KDWeights = Field(default_factory=KDWeights, description="distillation loss weights, with teacher")
+    kd_temperature: float = Field(default=2.0, gt=0, description="softmax temperature of the soft losses")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -72,6 +78,7 @@ class DSFactorizePass(Pass):
     version = "1"
     Params = DSFactorizeParams
     forbid_after = {"int8": "factorize the fp32 weights first, then quantize the factors"}
+    teacher_param = "teacher"
 
     def _layers(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
         layers = select_targets(model, self.params.targets, self.params.ignore, self.name)
@@ -151,11 +158,20 @@ class DSFactorizePass(Pass):
             else:
                 m.freeze(train_values=True, train_dictionary=True)
             _drop_source(m)
+        kd = None
+        if p.teacher:
+            kd = KDLoss(ctx.teacher, model, p.kd, temperature=p.kd_temperature, log=ctx.log).attach(model)
         groups = _param_groups(model, ds_layers, p)
         from stackcomp.passes.finetune import train_on_task
 
-        result = train_on_task(model, ctx, p.train, optimizer_params=groups)
+        try:
+            result = train_on_task(model, ctx, p.train, optimizer_params=groups, loss_fn=kd)
+        finally:
+            if kd is not None:
+                kd.detach(model)
         model = result.model
+        if kd is not None:
+            ctx.report["kd"] = {"weights": p.kd.active(), "temperature": p.kd_temperature, **kd.summary()}
         for m in model.modules():
             if isinstance(m, DSLinear):
                 m.freeze(train_values=True)
