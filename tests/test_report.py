@@ -324,3 +324,30 @@ def test_json_is_strict_and_complete(runs):
     assert {"leaf", "metric", "delta_points", "model_bytes", "linear_bytes", "pareto_bytes", "pareto_latency",
             "meets_goal", "attribution"} <= set(back["rows"][0])
     assert list(itertools.chain.from_iterable(r["path"] for r in back["rows"])).count("ft") == 3
+
+
+def test_missing_metric_and_gpu_latency(runs, tmp_path):
+    """A leaf without a task metric is ranked nowhere and shows n/a; a GPU latency a pass wrote is shown."""
+    from stackcomp.plots import all_plots
+    from stackcomp.render import markdown_comparison
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["run1"], copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    for st in summary["stages"]:
+        if st["stage"] in ("ds_b", "ds_b.eval"):  # ds_b trained, so it measured accuracy too
+            del st["metrics"]["accuracy"], st["metrics"]["main_metric"]
+        if st["stage"] == "ds_a.eval":
+            st["metrics"]["gpu_latency_ms_per_batch"] = 1.25
+    (copy / "summary.json").write_text(json.dumps(summary))
+    c = compare([copy], load_sizes=False)
+    rows = {r.leaf: r for r in c.rows}
+    assert rows["ds_b"].metric is None and rows["ds_b"].pareto_bytes is None and rows["ds_b"].delta_points is None
+    assert c.rows[-1].leaf == "ds_b"  # unranked rows sort last
+    assert rows["ds_a"].gpu_latency_ms == 1.25 and rows["ft"].gpu_latency_ms is None
+    md = markdown_comparison(c)
+    header = next(line for line in md.splitlines() if line.startswith("| leaf"))
+    assert "GPU ms" in header
+    ds_b_line = next(line for line in md.splitlines() if line.startswith("| ds_b | ds_factorize"))
+    assert "| n/a |" in ds_b_line
+    assert set(all_plots(c)) == {"bytes", "latency"}  # drawn from the rows that have a metric
