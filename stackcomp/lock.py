@@ -96,13 +96,17 @@ def _packages(plan: Any) -> dict[str, str | None]:
 
 def _passes(plan: Any) -> dict[str, dict[str, Any]]:
     """Each pass used, by name: its class, version, and the package (and version) it comes from."""
-    top_to_dist = _md.packages_distributions()
+    top_to_dist: dict[str, list[str]] | None = None
     out = {}
     for name in plan.order:
         stage = plan.stages[name]
         cls = stage.pass_cls
         top = cls.__module__.split(".")[0]
-        dist = (top_to_dist.get(top) or [None])[0]
+        if top == "stackcomp":
+            dist = "stackcomp"
+        else:  # a plugin: find its distribution (scanning all of them takes a few hundred ms)
+            top_to_dist = top_to_dist if top_to_dist is not None else _md.packages_distributions()
+            dist = (top_to_dist.get(top) or [None])[0]
         out[stage.pass_name] = {"class": f"{cls.__module__}:{cls.__qualname__}", "version": str(cls.version),
                                 "package": dist, "package_version": _version(dist) if dist else None}
     return dict(sorted(out.items()))
