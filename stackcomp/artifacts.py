@@ -92,6 +92,7 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
             layers[name] = {"type": type(module).__name__, **module.manifest()}
     manifest = {
         "schema": MANIFEST_SCHEMA,
+        "producer": "stackcomp",
         "model_class": type(model).__name__,
         "layers": layers,
     }
@@ -105,7 +106,9 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
 
             bad = next(n for n, q in model.named_parameters() if not torch.isfinite(q).all())
             raise NumericalError(f"refusing to save: parameter {bad} holds NaN or Inf")
-    st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "stackcomp"})
+    # one metadata key: safetensors writes the metadata map in hash order, so two keys make the
+    # same weights give different bytes from run to run (the manifest says who produced the folder)
+    st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     write_json(folder / MANIFEST, manifest)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
