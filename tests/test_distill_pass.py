@@ -146,3 +146,22 @@ def test_narrow_cut_is_refused_at_run_time(tmp_path, tiny_model_dirs, data_env):
                                                     "student": {"cut": {"hidden_size": 16}}, **TRAIN}}}
     with pytest.raises(ModelError, match="keeps its teacher's width"):
         Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run").run()
+
+
+def test_minilm_distill_recipe_plans_with_matched_branches():
+    from pathlib import Path
+
+    from stackcomp.passes.distill import _train_config
+    from stackcomp.recipe import load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    plan = build_plan(load_recipe(recipes / "minilm_sst2_distill.yaml"))
+    ft_alone = build_plan(load_recipe(recipes / "minilm_sst2_finetune.yaml"))
+    assert plan.stages["ft"].key == ft_alone.stages["ft"].key  # the teacher is the fine-tune recipe's, reusable
+    kd, nokd, tiny = (plan.stages[n] for n in ("kd3", "nokd3", "tiny4"))
+    assert kd.teacher_stage == nokd.teacher_stage == tiny.teacher_stage == "ft"
+    assert kd.params.student == nokd.params.student and kd.params.student.cut.layers == [0, 2, 4]
+    assert _train_config(kd.params) == _train_config(nokd.params)  # same steps, lr, batches, seed
+    assert nokd.params.weights.active() == {"hard": 1.0} and kd.params.weights.soft > 0
+    assert tiny.params.schedule == "two_phase" and tiny.params.student.config["hidden_size"] == 312
+    assert {f"{n}.eval" for n in ("kd3", "nokd3", "tiny4")} <= set(plan.stages)
