@@ -143,10 +143,20 @@ class Run:
             self.stages[s["stage"]] = self._record(s)
 
     def artifact(self, name: str) -> Path:
-        return self.dir / "artifacts" / self.stages[name].key
+        return self._artifact_path(self.stages[name].key)
+
+    def _artifact_path(self, key: str) -> Path:
+        """``<run>/artifacts/<key>``, or the shared cache the run used (summary's ``artifacts_dir``)."""
+        roots = [self.dir / "artifacts"]
+        if self.summary.get("artifacts_dir"):
+            roots.append(Path(self.summary["artifacts_dir"]).expanduser())
+        for root in roots:
+            if (root / key).is_dir():
+                return root / key
+        return roots[-1] / key
 
     def _record(self, s: dict[str, Any]) -> StageRecord:
-        folder = self.dir / "artifacts" / s["key"]
+        folder = self._artifact_path(s["key"])
         info = _try_json(folder / "stage.json") or {}
         timings = _try_json(folder / "timings.json")
         seconds = float(sum(v for v in timings.values() if isinstance(v, (int, float)))) if timings else \

@@ -351,3 +351,19 @@ def test_missing_metric_and_gpu_latency(runs, tmp_path):
     ds_b_line = next(line for line in md.splitlines() if line.startswith("| ds_b | ds_factorize"))
     assert "| n/a |" in ds_b_line
     assert set(all_plots(c)) == {"bytes", "latency"}  # drawn from the rows that have a metric
+
+
+def test_artifacts_in_a_shared_cache(runs, tmp_path):
+    """A run made with --cache keeps its artifacts elsewhere; summary.json says where."""
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["run1"], copy)
+    cache = tmp_path / "cache"
+    shutil.move(copy / "artifacts", cache)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["artifacts_dir"] = str(cache)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    fields = ("leaf", "method", "metric", "model_bytes", "compress_seconds", "baseline")
+    want = [[getattr(r, f) for f in fields] for r in compare([runs["run1"]]).rows]
+    got = compare([copy]).rows
+    assert [[getattr(r, f) for f in fields] for r in got] == want
+    assert next(r for r in got if r.leaf == "ds_a").method == "ds_factorize"  # read from the cached manifests
