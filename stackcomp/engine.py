@@ -226,7 +226,7 @@ class Engine:
             raise ArtifactError(f"cannot load the model of cached stage {name!r}: {e}") from None
 
     def _release_parents(self, stage: Stage) -> None:
-        for parent in stage.parents:
+        for parent in [*stage.parents, *([stage.teacher_stage] if stage.teacher_stage else [])]:
             waiting = [c for c in self._pending.get(parent, []) if c not in self.outcomes]
             if not waiting and parent in self._models:
                 del self._models[parent]
