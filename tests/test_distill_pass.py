@@ -165,3 +165,12 @@ def test_minilm_distill_recipe_plans_with_matched_branches():
     assert nokd.params.weights.active() == {"hard": 1.0} and kd.params.weights.soft > 0
     assert tiny.params.schedule == "two_phase" and tiny.params.student.config["hidden_size"] == 312
     assert {f"{n}.eval" for n in ("kd3", "nokd3", "tiny4")} <= set(plan.stages)
+
+
+def test_a_teacher_that_is_not_the_parent_is_released_after_its_last_pupil(tmp_path, tiny_model_dirs, data_env):
+    stages = {"ft": FT, "ft2": {**FT, "after": "ft"},
+              "kd": {"pass": "distill", "after": "ft2", "params": {"teacher": "ft", **TRAIN, "max_steps": 1}}}
+    engine = Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run")
+    engine.run()
+    assert engine.stage_runs == ["ft", "ft2", "kd"]
+    assert engine._models == {}  # no model kept in memory once nothing downstream needs it
