@@ -14,8 +14,8 @@ each stage's artifact) and builds, for every model a leaf of a run measures:
 A stage *compresses* if its model's weights file is smaller than its parent's (by 3% or more)
 or its layer manifest holds more compressed layers than its parent's (a pass that only
 repacks layers, e.g. ``pack``, counts only if it shrinks the weights). A row's *method*
-names the compressing passes of its path (``ds_factorize``, ``distill+ds_factorize``), or
-``uncompressed``.
+names the compressing passes of its path (``ds_factorize``, ``distill+ds_factorize``; with a
+pass's ``method`` param where the rows differ in it: ``lowrank:svd``), or ``uncompressed``.
 
 Nothing here runs a pass. Stages that measured no size get one computed from their artifact
 (``load_sizes``, on by default: size is a property of the weights, not a measurement).
@@ -405,6 +405,7 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
     names = sorted({r.metric_name for r in rows if r.metric_name})
     if len(names) > 1:
         raise StackcompError(f"the runs rank by different metrics ({', '.join(names)}); compare runs of one task")
+    _qualify_methods(runs, rows)
     mark_pareto(rows)
     goals_given = False
     for row, run in ((row, run) for run in runs for row in rows if row.run == run.label):
@@ -436,6 +437,26 @@ def _latency_notes(runs: list[Run], rows: list[Row]) -> list[str]:
         return []
     what = "; ".join(f"{k}: {', '.join(v)}" for k, v in diff.items())
     return [f"CPU latencies were timed under different settings ({what}); compare them with care"]
+
+
+def _qualify_methods(runs: list[Run], rows: list[Row]) -> None:
+    """``lowrank:svd`` vs ``lowrank:fwsvd``: a pass's ``method`` param names the method when rows differ in it."""
+    by_label = {r.label: r for r in runs}
+    per_row, variants = [], {}
+    for row in rows:
+        run = by_label[row.run]
+        comp = []
+        for n in row.path:
+            if run.compresses(n):
+                m = (run.stages[n].params or {}).get("method")
+                comp.append((run.stages[n].pass_name, m if isinstance(m, str) else None))
+        per_row.append(comp)
+        for p, m in comp:
+            variants.setdefault(p, set()).add(m)
+    for row, comp in zip(rows, per_row):
+        if comp:
+            names = [f"{p}:{m}" if m is not None and len(variants[p]) > 1 else p for p, m in comp]
+            row.method = "+".join(dict.fromkeys(names))
 
 
 def _disambiguate(runs: list[Run]) -> None:

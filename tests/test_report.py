@@ -367,3 +367,16 @@ def test_artifacts_in_a_shared_cache(runs, tmp_path):
     got = compare([copy]).rows
     assert [[getattr(r, f) for f in fields] for r in got] == want
     assert next(r for r in got if r.leaf == "ds_a").method == "ds_factorize"  # read from the cached manifests
+
+
+def test_method_names_a_pass_variant_only_where_rows_differ(runs, tmp_path):
+    assert {r.leaf: r.method for r in compare([runs["run1"]]).rows}["ds_a"] == "ds_factorize"  # both use mod
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["run1"], copy)
+    key = _summary(copy)["ds_a"]["key"]
+    stage_json = copy / "artifacts" / key / "stage.json"
+    info = json.loads(stage_json.read_text())
+    info["params"]["method"] = "ksvd"
+    stage_json.write_text(json.dumps(info))
+    methods = {r.leaf: r.method for r in compare([copy]).rows}
+    assert methods == {"ds_a": "ds_factorize:ksvd", "ds_b": "ds_factorize:mod", "ft": "uncompressed"}
