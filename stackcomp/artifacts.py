@@ -194,16 +194,24 @@ class ArtifactStore:
             sums = json.loads((folder / CHECKSUMS).read_text())
         except FileNotFoundError:
             return "incomplete (no checksums)"
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return f"{CHECKSUMS} is corrupt"
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return f"{CHECKSUMS} is corrupt or unreadable"
+        if not _well_formed(sums):
+            return f"{CHECKSUMS} is corrupt (not a map of relative paths to [sha256, size])"
+        for required in ("stage.json", "metrics.json"):
+            if required not in sums:
+                return f"{CHECKSUMS} does not list {required}"
         for rel, (digest, size) in sums.items():
             f = folder / rel
-            if not f.exists():
-                return f"file {rel} is missing"
-            if f.stat().st_size != size:
-                return f"file {rel} has {f.stat().st_size} bytes, expected {size}"
-            if sha256_file(f) != digest:
-                return f"file {rel} fails its checksum"
+            try:
+                if not f.is_file():
+                    return f"file {rel} is missing"
+                if f.stat().st_size != size:
+                    return f"file {rel} has {f.stat().st_size} bytes, expected {size}"
+                if sha256_file(f) != digest:
+                    return f"file {rel} fails its checksum"
+            except OSError as e:
+                return f"file {rel} cannot be read ({e.strerror or e})"
         return None
 
     def begin(self, key: str) -> Path:
@@ -264,6 +272,20 @@ def _writer_alive(name: str) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def _well_formed(sums: Any) -> bool:
+    """CHECKSUMS.json as written by ``commit``: relative paths inside the folder -> [hex digest, size]."""
+    if not isinstance(sums, dict):
+        return False
+    for rel, entry in sums.items():
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            return False
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and not isinstance(entry[1], bool)):
+            return False
     return True
 
 
