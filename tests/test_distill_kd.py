@@ -159,8 +159,12 @@ def test_cache_is_off_when_intermediate_losses_need_the_teacher(caplog):
 
 def test_bert_teacher_distilbert_student_and_regression():
     teacher, student = make_tiny_model("bert", seed=0), make_tiny_model("distilbert", seed=1)
-    kd = KDLoss(teacher, student, KDWeights(soft=1, hard=1, cosine=1, hidden=1))
-    assert torch.isfinite(kd(student, _batch()))
+    kd = KDLoss(teacher, student, KDWeights(soft=1, hard=1, cosine=1, hidden=1, attention=1))
+    loss = kd(student, _batch())
+    assert torch.isfinite(loss) and kd.summary()["kd_attention"] > 0
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    kd.detach(student)
     rt, rs = make_tiny_model("bert", num_labels=1, seed=0), make_tiny_model("bert", num_labels=1, seed=1)
     b = {**_batch(), "labels": torch.tensor([0.5, 1.0, 2.0, 3.5])}
     kd = KDLoss(rt, rs, KDWeights(soft=1, hard=1))
