@@ -103,7 +103,8 @@ def test_intermediate_losses_do_not_depend_on_padding():
     pad = lambda x, n: torch.nn.functional.pad(x, (0, 0, 0, n), value=3.0)  # noqa: E731
     pad_att = lambda x, n: torch.nn.functional.pad(x, (0, n, 0, n), value=0.5)  # noqa: E731
     mp = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    assert L.hidden_mse(pad(s, 2), pad(t, 2) * 0, mp).item() == pytest.approx(L.hidden_mse(s, t * 0, m).item(), rel=1e-6)
+    assert L.hidden_mse(pad(s, 2), pad(t, 2) * 0, mp).item() == pytest.approx(
+        L.hidden_mse(s, t * 0, m).item(), rel=1e-6)
     assert L.hidden_cosine(pad(s, 2), pad(t, 2), mp).item() == pytest.approx(L.hidden_cosine(s, t, m).item(), rel=1e-6)
     assert L.attention_mse(pad_att(sa, 2), pad_att(ta, 2) * 0, mp).item() == pytest.approx(
         L.attention_mse(sa, ta * 0, m).item(), rel=1e-6)

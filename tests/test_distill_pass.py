@@ -56,7 +56,8 @@ def test_teacher_from_an_upstream_stage_is_loaded_from_its_artifact(tmp_path, ti
     finetunes, loads = [], []
     real_finetune = FinetunePass.finetune
     real_load = Engine._load_stage_model
-    monkeypatch.setattr(FinetunePass, "finetune", lambda self, m, ctx: finetunes.append(1) or real_finetune(self, m, ctx))
+    monkeypatch.setattr(FinetunePass, "finetune",
+                        lambda self, m, ctx: finetunes.append(1) or real_finetune(self, m, ctx))
     monkeypatch.setattr(Engine, "_load_stage_model", lambda self, name: loads.append(name) or real_load(self, name))
     stages = {"ft": FT, "kd": {"pass": "distill", "after": "ft", "params": {"teacher": "ft", **TRAIN}}}
     first = Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run")

@@ -100,7 +100,8 @@ def hidden_mse(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Ten
     return (sq * m).sum() / (m.sum().clamp_min(1.0) * student_h.shape[-1])
 
 
-def attention_mse(student_att: torch.Tensor, teacher_att: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_mse(student_att: torch.Tensor, teacher_att: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """TinyBERT's attention loss: squared error of attention maps (N, H, L, L), averaged over
     heads and (query, key) pairs of real tokens.
 

@@ -128,7 +128,8 @@ class DistillPass(Pass):
             kd1 = KDLoss(ctx.teacher, model, weights.only(INTERMEDIATE), **common)
             kd1.attach(model)
             try:
-                ctx.log.info("phase 1: intermediate-layer distillation (%s)", ", ".join(weights.only(INTERMEDIATE).active()))
+                ctx.log.info("phase 1: intermediate-layer distillation (%s)",
+                             ", ".join(weights.only(INTERMEDIATE).active()))
                 r1 = train(model, ctx.data.train_loader(config.batch_size, seed=config.seed), phase1, loss_fn=kd1,
                            progress=ctx.progress, log=ctx.log)
             finally:
