@@ -54,6 +54,8 @@ def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = Fa
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(spec)
+    if not trust_remote_code:
+        _refuse_remote_code(spec, path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -79,8 +81,34 @@ def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = Fa
     return model, tokenizer
 
 
+_REMOTE_CODE_HOW_TO = ("stackcomp does not run a model's own code unless the recipe sets `trust_remote_code: true`; "
+                       "set it only for a source you trust, or use a model that transformers supports natively")
+
+
+def _refuse_remote_code(spec: str, path: str) -> None:
+    """A local folder whose config needs its own Python files (auto_map, model type unknown to
+    transformers) is refused up front; a known model type loads with transformers' own classes."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+        auto_map, model_type = cfg.get("auto_map"), cfg.get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports a broken config itself
+    if auto_map and model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelError(f"model {spec!r} ships its own Python code (config.json auto_map: "
+                         f"{', '.join(sorted(map(str, auto_map)))}); {_REMOTE_CODE_HOW_TO}")
+
+
 def _explain_load_error(spec: str, path: str, e: Exception, allow_pickle: bool) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "trust_remote_code" in str(e) or "contains custom code" in str(e):
+        return f"model {spec!r} needs its own Python code to load ({text}); {_REMOTE_CODE_HOW_TO}"
     if Path(path).is_dir():
         folder = Path(path)
         if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
