@@ -38,14 +38,15 @@ from tests.conftest import make_tiny_model
 NO_TRAIN = {"train": {"epochs": 0}}
 
 # (pass class, params, layer type); small grids keep knob steps under 2% of the tiny budget
+CAL = {"calibration_samples": 32, "calibration_batch_size": 16}
 METHODS = {
-    "svd": (LowRankPass, {"method": "svd"}, LowRankLinear),
-    "fwsvd": (LowRankPass, {"method": "fwsvd", "fisher_batches": 2, "fisher_batch_size": 8}, LowRankLinear),
-    "drone": (LowRankPass, {"method": "drone"}, LowRankLinear),
-    "blocklr": (BlockLRPass, {"grid": [2, 2]}, BlockLowRankLinear),
-    "monarch": (BlockLRPass, {"monarch": True, "nblocks": 2}, BlockLowRankLinear),
-    "losparse": (LoSparsePass, {}, SparseLowRankLinear),
-    "dsf": (DSFPass, {"iters": 4}, DoubleSparseLinear),
+    "svd": (LowRankPass, {"method": "svd", **CAL}, LowRankLinear),
+    "fwsvd": (LowRankPass, {"method": "fwsvd", "fisher_batches": 2, "fisher_batch_size": 8, **CAL}, LowRankLinear),
+    "drone": (LowRankPass, {"method": "drone", **CAL}, LowRankLinear),
+    "blocklr": (BlockLRPass, {"grid": [2, 2], **CAL}, BlockLowRankLinear),
+    "monarch": (BlockLRPass, {"monarch": True, "nblocks": 2, **CAL}, BlockLowRankLinear),
+    "losparse": (LoSparsePass, CAL, SparseLowRankLinear),
+    "dsf": (DSFPass, {"iters": 4, **CAL}, DoubleSparseLinear),
 }
 
 
@@ -207,7 +208,9 @@ def test_ratio_is_hit_within_2_percent_and_layers_replaced(method, ratio, make_c
     assert report["targeted_ratio"] == pytest.approx(got)  # LoSparse untrained: the same magnitude selection
     assert report["asked_ratio"] == ratio and report["calibrated"]
     for row in report["layers"].values():
-        assert 0 < row["weight_error"] < 1 and 0 <= row["output_error"] < 1
+        assert 0 <= row["output_error"] < 1 and 0 < row["weight_error"] < math.inf
+        if method in ("svd", "blocklr", "monarch", "losparse"):  # best fits of W itself (per block / at init)
+            assert row["weight_error"] < 1  # data-aware ones may trade weight error for output error
     x = torch.randint(0, 1000, (2, 9))
     assert torch.isfinite(model(input_ids=x).logits).all()
 
@@ -243,7 +246,7 @@ def test_data_aware_methods_beat_svd_on_their_own_objective(make_ctx):
     ctx = make_ctx()
     reports = {}
     for method in ("svd", "drone", "fwsvd"):
-        p = LowRankPass({"method": method, "rank": 6, "fisher_batches": 2, "fisher_batch_size": 8, **NO_TRAIN})
+        p = LowRankPass({"method": method, "rank": 6, "fisher_batches": 2, "fisher_batch_size": 8, **CAL, **NO_TRAIN})
         reports[method] = (p, p.analyze(base, ctx))
     for name, row in reports["drone"][1]["layers"].items():
         assert row["output_error"] <= reports["svd"][1]["layers"][name]["output_error"] + 1e-9, name
@@ -322,7 +325,7 @@ def test_user_mistakes_name_what_is_wrong(make_ctx):
 def test_staged_factorizes_group_by_group_from_fine_tuned_weights(make_ctx):
     model = make_tiny_model("bert")
     p = LowRankPass({"ratio": 2.0, "staged": True, "stage_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-2},
-                     **NO_TRAIN})
+                     **CAL, **NO_TRAIN})
     ctx = make_ctx()
     report = p.analyze(model, ctx)
     one_shot = {n: (b.layer.rank, b.layer.to_dense().detach().clone()) for n, b in p._built.items()}
@@ -345,7 +348,7 @@ def test_dsf_sequential_feeds_compressed_outputs_forward(make_ctx):
     base = make_tiny_model("bert")
     built = {}
     for seq in (True, False):
-        p = DSFPass({"ratio": 2.0, "iters": 3, "sequential": seq, **NO_TRAIN})
+        p = DSFPass({"ratio": 2.0, "iters": 3, "sequential": seq, **CAL, **NO_TRAIN})
         p.analyze(base, make_ctx())
         built[seq] = {n: b.layer.to_dense().detach() for n, b in p._built.items()}
     first = [f"bert.encoder.layer.0.attention.self.{x}" for x in ("query", "key", "value")]
@@ -358,11 +361,11 @@ def test_dsf_sequential_feeds_compressed_outputs_forward(make_ctx):
 
 def test_staged_dsf_sequential_runs(make_ctx):
     model = make_tiny_model("bert")
-    p = DSFPass({"ratio": 2.8, "iters": 2, "staged": True, "stage_by": "layer",
-                 "stage_train": {"max_steps": 1, "batch_size": 8}, **NO_TRAIN})
+    p = DSFPass({"ratio": 2.8, "iters": 2, "staged": True, "stage_train": {"max_steps": 1, "batch_size": 8},
+                 **CAL, **NO_TRAIN})
     ctx = make_ctx()
     model, report = _run(p, model, ctx)
-    assert len(ctx.report["staged"]) == 12
+    assert [len(s["group"]) for s in ctx.report["staged"]] == [6, 6]
     names = list(report["layers"])
     assert all(isinstance(model.get_submodule(n), DoubleSparseLinear) for n in names)
 
@@ -374,7 +377,7 @@ def test_losparse_prunes_rows_by_importance_during_training(make_ctx):
     model = make_tiny_model("bert")
     names = [n for n, _ in select_targets(model, None, None, "t")]
     dense = _bytes(model, names)
-    p = LoSparsePass({"ratio": 2.0, "delta_t": 2, "prune_warmup": 0.1, "prune_final": 0.3,
+    p = LoSparsePass({"ratio": 2.0, "delta_t": 2, "prune_warmup": 0.1, "prune_final": 0.3, **CAL,
                       "train": {"max_steps": 12, "batch_size": 8, "lr": 1e-3, "keep_best": False}})
     ctx = make_ctx()
     model, report = _run(p, model, ctx)
