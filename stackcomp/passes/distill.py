@@ -59,8 +59,10 @@ class DistillParams(TrainConfig):
     """What to distil into, how, and the training loop's settings (stackcomp.train.TrainConfig)."""
 
     teacher: str | None = Field(default=None, description="an upstream stage name or a model id")
-    student: StudentSpec = Field(default_factory=StudentSpec)
-    weights: KDWeights = Field(default_factory=KDWeights)
+    student: StudentSpec = Field(default_factory=StudentSpec, description="one of cut: {layers | num_layers}, "
+                                 "config: {model_type, ...}, model: id-or-folder; default: cut every other layer")
+    weights: KDWeights = Field(default_factory=KDWeights, description="loss weights: soft, hard, pred, cosine, "
+                               "attention, hidden (0 turns one off)")
     temperature: float = Field(default=2.0, gt=0, description="softmax temperature of soft/pred losses")
     layer_map: list[int] | None = Field(default=None, description="teacher layer (1-based) for each student layer; "
                                         "default uniform (TinyBERT's g(m) = m*N/M)")
