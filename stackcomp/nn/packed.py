@@ -25,7 +25,7 @@ from stackcomp.kernels.dispatch import KERNELS, ds_forward_packed
 from stackcomp.kernels.packed import FORMAT, VERSION, PackedDS, pack_ds
 from stackcomp.kernels.reference import KernelError, ds_rebuild_weight
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
-from stackcomp.nn.quantized import _exporting
+from stackcomp.nn.quantized import _exporting, _version
 
 __all__ = ["PackedDSLinear", "Sparse24Linear"]
 
@@ -49,7 +49,7 @@ class _NoDeepcopyCache(CompressedLayer):
         return super()._apply(fn, recurse)
 
     def _key(self, *extra: Any) -> tuple:
-        return (*extra, tuple((t.data_ptr(), t._version) for t in self.buffers()))
+        return (*extra, tuple((t.data_ptr(), _version(t)) for t in self.buffers()))
 
 
 @register_layer

@@ -210,6 +210,14 @@ def _exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place update counter (inference tensors have none: they cannot change)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _flat(x: torch.Tensor, in_features: int, who: str) -> tuple[torch.Tensor, tuple[int, ...]]:
     if x.shape[-1] != in_features:
         raise QuantizationError(f"{who}: input has {x.shape[-1]} features, expected {in_features}")
@@ -257,7 +265,7 @@ class _Int8Layer(CompressedLayer):
         return [b for b in self.buffers()]
 
     def _prepared_for(self, device: torch.device, make) -> Any:
-        key = (device, tuple((t.data_ptr(), t._version) for t in self._stored()))
+        key = (device, tuple((t.data_ptr(), _version(t)) for t in self._stored()))
         if self._prepared is None or self._prepared[0] != key:
             runner = _runner(self.backend, device)
             self._prepared = (key, (runner, make(runner)))
