@@ -500,13 +500,10 @@ class FactorizerPass(Pass):
         if ctx.data is None and len(groups) > 1:
             raise PlanError(f"stage {ctx.stage!r}: staged factorization fine-tunes after each group and needs a task")
         for gi, group in enumerate(groups):
-            if gi == 0:  # the first group sees the same weights analyze saw: reuse its layers
-                first = self._built
-                if self.sequential() and self._calibration(ctx) is not None:
-                    first = self._build(model, group, ctx, install=False, bar_label=f"stage 1/{len(groups)}")
-                for n in group:
-                    set_module(model, n, first[n].layer)
-                built = {n: first[n] for n in group}
+            if gi == 0:  # the first group sees the weights (and, if sequential, the inputs) analyze saw
+                built = {n: self._built[n] for n in group}
+                for n, b in built.items():
+                    set_module(model, n, b.layer)
             else:
                 built = self._build(model, group, ctx, install=True, bar_label=f"stage {gi + 1}/{len(groups)}")
             for b in built.values():
