@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import errno
 import gc
 import logging
 import platform
@@ -24,7 +25,7 @@ from torch import nn
 
 from stackcomp import __version__
 from stackcomp.artifacts import ArtifactStore, load_model, load_tokenizer, read_json, save_model, write_json
-from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.errors import ArtifactError, NumericalError, StackcompError
 from stackcomp.passes.base import PassContext
 from stackcomp.plan import Plan, Stage
 from stackcomp.progress import NULL_PROGRESS, RichProgress
@@ -76,11 +77,16 @@ class Engine:
         return out
 
     def run(self) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_text(self.run_dir / "recipe.resolved.yaml", self.recipe.to_yaml())
-        from stackcomp.lock import write_lock
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_text(self.run_dir / "recipe.resolved.yaml", self.recipe.to_yaml())
+            from stackcomp.lock import write_lock
 
-        write_lock(self.run_dir, self.plan)  # versions, seeds, data/model hashes, hardware
+            write_lock(self.run_dir, self.plan)  # versions, seeds, data/model hashes, hardware
+            self.store.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ArtifactError(f"cannot write the run directory {self.run_dir}: {_os_reason(e)}; "
+                                "choose another --output (or free space)") from None
         removed = self.store.clean_temporaries()
         if removed:
             log.info("removed %d half-written artifact folder(s) from an interrupted run", removed)
@@ -97,7 +103,11 @@ class Engine:
             self._live = None
             self._execute(todo)
         summary = self._summary(time.time() - started)
-        _atomic_text(self.run_dir / "summary.json", _dumps(summary))
+        try:
+            _atomic_text(self.run_dir / "summary.json", _dumps(summary))
+        except OSError as e:
+            raise ArtifactError(f"every stage finished and is saved, but {self.run_dir / 'summary.json'} could not "
+                                f"be written: {_os_reason(e)}; run the same command again to write it") from None
         return summary
 
     # ------------------------------------------------------------------ planning the work
@@ -134,7 +144,16 @@ class Engine:
             self._current = name
             self._refresh(todo)
             t0 = time.perf_counter()
-            metrics = self._run_stage(stage)
+            try:
+                metrics = self._run_stage(stage)
+            except StackcompError as e:
+                _name_stage(e, stage)
+                raise
+            except OSError as e:
+                if e.errno not in _RESOURCE_ERRNOS:
+                    raise
+                raise ArtifactError(f"stage {name!r} ({stage.pass_name}): {_os_reason(e)}; nothing of this stage was "
+                                    "kept (finished stages are): fix that and run the same command to resume") from None
             self.outcomes[name] = StageOutcome(name, stage.pass_name, stage.key, "ran",
                                                seconds=time.perf_counter() - t0, metrics=metrics)
             self.stage_runs.append(name)
@@ -144,6 +163,10 @@ class Engine:
 
     def _run_stage(self, stage: Stage) -> dict[str, Any]:
         model = self._input_model(stage)
+        bad = nonfinite_tensor(model)
+        if bad:
+            source = f"model {self.recipe.model!r}" if not stage.parents else f"the model of stage {stage.parents[0]!r}"
+            raise NumericalError(f"stage {stage.name!r}: its input ({source}) holds NaN/Inf in {bad}")
         the_pass = stage.make_pass()
         tmp = self.store.begin(stage.key)
         ctx = PassContext(
@@ -379,6 +402,33 @@ def _headline(metrics: dict[str, Any]) -> str:
     if metrics.get("latency_ms_per_batch"):
         parts.append(f"{metrics['latency_ms_per_batch']:.1f}ms/batch")
     return "[cyan]" + "  ".join(parts) + "[/]" if parts else ""
+
+
+#: OS errors a user fixes (space, quota, permissions, read-only disks): reported, not a traceback
+_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                              errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
+
+
+def _os_reason(e: OSError) -> str:
+    what = e.strerror or str(e)
+    hint = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{e.filename}: {what}{hint}" if e.filename else f"{what}{hint}"
+
+
+def _name_stage(e: StackcompError, stage: Stage) -> None:
+    """Prefix the stage to a pass's error message, unless the message names it already."""
+    text = str(e)
+    if f"stage {stage.name!r}" not in text:
+        e.args = (f"stage {stage.name!r} ({stage.pass_name}): {text}", *e.args[1:])
+
+
+def nonfinite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or floating buffer holding NaN/Inf, else None."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                return f"{kind} {name!r}"
+    return None
 
 
 def _resolve_device(spec: str) -> torch.device:
