@@ -210,7 +210,9 @@ class _Guard:
         if self.eager:
             loss_bad, grad_bad = flags.tolist()
             if loss_bad:
-                raise NumericalError(f"training step {step}: the loss is NaN/Inf (before the update; weights kept)")
+                bad = _first_nonfinite(self.model, "weight")
+                where = f"; parameter {bad!r} holds NaN/Inf" if bad else ""
+                raise NumericalError(f"training step {step}: the loss is NaN/Inf (before the update; weights kept){where}")
             if grad_bad:
                 name = _first_nonfinite(self.model, "grad") or "(another process's gradients)"
                 raise NumericalError(f"training step {step}: NaN/Inf gradient in parameter {name!r}")
