@@ -108,11 +108,25 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
             raise NumericalError(f"refusing to save: parameter {bad} holds NaN or Inf")
     # one metadata key: safetensors writes the metadata map in hash order, so two keys make the
     # same weights give different bytes from run to run (the manifest says who produced the folder)
-    st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
+    try:
+        st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a failed write (disk full...) as SafetensorError
+        raise _as_os_error(e, folder / WEIGHTS) from None
     write_json(folder / MANIFEST, manifest)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def _as_os_error(e: Exception, path: Path) -> Exception:
+    """safetensors' ``I/O error: ... (os error N)`` as the OSError it was, so callers see errno N."""
+    import re
+
+    m = re.search(r"os error (\d+)", str(e))
+    if type(e).__name__ == "SafetensorError" and m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return e
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
