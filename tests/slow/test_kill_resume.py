@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _kill_resume import EVENTS, STAGES, KillPoint, Run, child_env, comparable, kill_chain, recipe_text  # noqa: E402
 
 KILLS = 20
+TRAINING = ["ft", "ds", "ft2"]  # the stages with a training loop
 
 
 def random_chain(rng: random.Random) -> list[KillPoint]:
@@ -26,8 +27,9 @@ def random_chain(rng: random.Random) -> list[KillPoint]:
     points = []
     for _ in range(rng.randint(1, 4)):
         event = rng.choice(EVENTS)
+        stage = rng.choice(TRAINING if event == "training" else STAGES)
         delay = rng.uniform(0, 1.5) if event in ("started", "training") else rng.choice([0.0, 0.0, rng.uniform(0, 0.05)])
-        points.append(KillPoint(event, rng.choice(STAGES), delay))
+        points.append(KillPoint(event, stage, delay))
     return sorted(points, key=lambda k: (STAGES.index(k.stage), EVENTS.index(k.event)))
 
 
