@@ -195,3 +195,25 @@ def test_int8_stacks_after_ds_and_is_refused_twice_or_before_ds():
         plan({"q": {"pass": "int8"}, "ds": {**ds, "after": "q"}})
     with pytest.raises(PlanError, match="backend"):
         plan({"q": {"pass": "int8", "params": {"backend": "fp4"}}})
+
+
+def test_bitsandbytes_adapter_agrees_with_linear8bitlt():
+    """Same layout as bitsandbytes' own Linear8bitLt (no outlier split): its int8 weights and SCB
+    match ours (SCB = 127 * scale; rounding may differ by one step at near-ties), and its output
+    (computed with fp16 activations) matches the adapter's within 1e-2."""
+    import logging
+
+    bnb = pytest.importorskip("bitsandbytes")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    ref = bnb.nn.Linear8bitLt(64, 24, bias=True, has_fp16_weights=False, threshold=0.0)
+    ref.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    ref.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    ref = ref.to("cpu").eval()
+    ours = Int8Linear.from_linear(lin, "bitsandbytes")
+    assert int((ref.weight.data.int() - ours.weight.int()).abs().max()) <= 1
+    assert torch.allclose(ref.weight.SCB / 127, ours.weight_scale, rtol=1e-6)
+    x = torch.randn(3, 11, 64)
+    with torch.no_grad():
+        assert rel(ours(x), ref(x).float()) < 1e-2
