@@ -126,6 +126,28 @@ def test_allocate_refuses_an_impossible_budget():
         allocate([Knob("l0", lambda k: 100 * k, 1, 5, 50.0)], 50.0)
 
 
+@pytest.mark.parametrize("out_f,in_f", [(300, 600), (600, 300), (260, 260)])
+def test_dsf_cost_is_the_layers_storage_with_wide_indices(out_f, in_f):
+    """The solver's cost model equals DoubleSparseLinear.storage() (int16 column indices here)."""
+    m = min(out_f, in_f)
+    a = 0.16 if out_f == in_f else 0.25
+    nza, total = int(m * m * a), int(0.3 * out_f * in_f)
+    nzb = total - nza
+
+    def sparse(rows, cols, nnz):
+        M = torch.zeros(rows * cols)
+        M[torch.randperm(rows * cols)[:nnz]] = torch.rand(nnz) + 0.5
+        return M.view(rows, cols)
+
+    if out_f >= in_f:  # the work ran on W^T: P = B^T (out x m), Q = A^T (m x in)
+        P, Q = sparse(out_f, m, nzb), sparse(m, in_f, nza)
+    else:
+        P, Q = sparse(out_f, m, nza), sparse(m, in_f, nzb)
+    layer = DoubleSparseLinear.from_factors(P, Q, torch.zeros(out_f))
+    assert layer.p_col.dtype == torch.int16 and layer.q_col.dtype == torch.int16
+    assert layer.storage().bytes == dsf_cost(out_f, in_f, total, None, True)
+
+
 # ----------------------------------------------------------------------------- calibration helpers
 
 
