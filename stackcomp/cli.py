@@ -88,6 +88,17 @@ CacheOpt = typer.Option(
 )
 
 
+OnlyOpt = typer.Option(
+    None, "--only", help="run only these stages (comma list or repeated) with what they need: "
+                         "ancestors, teachers, and their evaluate/export children",
+)
+
+
+def _select(plan: Any, only: Optional[list[str]]) -> Any:
+    names = [n.strip() for item in (only or []) for n in item.split(",") if n.strip()]
+    return plan.select(names) if names else plan
+
+
 def _run_dir(recipe_name: str, output: Optional[Path]) -> Path:
     from stackcomp.report import default_run_dir
 
@@ -102,6 +113,7 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: runs/<recipe name>)"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON on stdout"),
     cache: Optional[Path] = CacheOpt,
+    only: Optional[list[str]] = OnlyOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a recipe: every stage not already cached, then print the summary."""
@@ -109,6 +121,7 @@ def run(
 
     _setup_logging(verbose)
     r, plan = _load(recipe, overrides)
+    plan = _select(plan, only)
     run_dir = _run_dir(r.name, output)
     engine = Engine(plan, run_dir, console=err_console if as_json else console,
                     show_progress=not as_json, cache_dir=cache)
@@ -140,6 +153,7 @@ def plan_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory to check the cache in"),
     as_json: bool = typer.Option(False, "--json"),
     cache: Optional[Path] = CacheOpt,
+    only: Optional[list[str]] = OnlyOpt,
 ) -> None:
     """Draw the stage DAG, marking stages already cached in the run directory."""
     from rich.tree import Tree
@@ -147,6 +161,7 @@ def plan_cmd(
     from stackcomp.engine import Engine
 
     r, plan = _load(recipe, overrides)
+    plan = _select(plan, only)
     status = Engine(plan, _run_dir(r.name, output), cache_dir=cache).status()
     if as_json:
         out = [{"stage": n, "pass": plan.stages[n].pass_name, "after": plan.stages[n].parents,

@@ -55,6 +55,24 @@ class Plan:
     def ancestors(self, name: str) -> list[str]:
         return [n for n in self.order if n in nx.ancestors(self.graph, name)]
 
+    def select(self, names: list[str]) -> Plan:
+        """The part of the plan needed for ``names``: them, their ancestors (parents and teachers)
+        and the measuring stages (evaluate, export) that hang off them. For running a few
+        branches of a large recipe; keys are unchanged, so the cache is shared with full runs."""
+        unknown = [n for n in names if n not in self.stages]
+        if unknown:
+            raise PlanError(f"--only names unknown stage(s) {', '.join(map(repr, unknown))}; "
+                            f"the plan has: {', '.join(self.order)}")
+        keep = set(names)
+        for n in names:
+            keep |= nx.ancestors(self.graph, n)
+        for n in list(keep):
+            keep |= {c for c in self.graph.successors(n) if not self.stages[c].pass_cls.changes_model
+                     and set(self.stages[c].parents) <= keep}
+        return Plan(recipe=self.recipe, graph=self.graph.subgraph(keep).copy(),
+                    stages={n: s for n, s in self.stages.items() if n in keep}, source_key=self.source_key,
+                    order=[n for n in self.order if n in keep])
+
     def path_to(self, name: str) -> list[str]:
         """The chain of first parents from the root to ``name`` (the model's lineage)."""
         chain = [name]

@@ -81,3 +81,28 @@ def test_new_pass_writes_a_plugin_whose_test_passes(tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output
     r = runner.invoke(app, ["new-pass", "Bad-Name", "-o", str(tmp_path)])
     assert r.exit_code == 2
+
+
+def test_plan_only_keeps_what_the_named_stages_need(tmp_path):
+    import json
+
+    p = write(tmp_path, """
+        name: sel
+        model: minilm-l6
+        task: glue/sst2
+        stages:
+          ft: {pass: finetune}
+          a: {pass: finetune, after: ft}
+          b: {pass: finetune, after: ft}
+          c: {pass: finetune, after: b}
+        """)
+    r = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run"), "--json", "--only", "a"])
+    assert r.exit_code == 0, r.output
+    assert [s["stage"] for s in json.loads(r.stdout)] == ["ft", "a", "a.eval"]
+    full = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run"), "--json"])
+    keys = {s["stage"]: s["key"] for s in json.loads(full.stdout)}
+    assert json.loads(r.stdout)[1]["key"] == keys["a"]  # same keys: the cache is shared with full runs
+    r = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run"), "--json", "--only", "c,a"])
+    assert {s["stage"] for s in json.loads(r.stdout)} == {"ft", "a", "b", "c", "a.eval", "c.eval"}
+    r = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run"), "--only", "zz"])
+    assert r.exit_code == 2 and "unknown stage" in r.output and "Traceback" not in r.output
