@@ -327,13 +327,15 @@ class Int8Linear(_Int8Layer):
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> Int8Linear:
         bias, backend = _manifest_common(entry, cls)
-        return cls(_manifest_int(entry, "in_features", cls.__name__), _manifest_int(entry, "out_features", cls.__name__),
+        n = cls.__name__
+        return cls(_manifest_int(entry, "in_features", n), _manifest_int(entry, "out_features", n),
                    bias=bias, backend=backend)
 
     def storage(self) -> LayerStorage:
         nb = self.bias.numel() if self.bias is not None else 0
         dense = self.out_features * self.in_features + nb
-        return LayerStorage(params=self.weight.numel() + nb, bytes=float(_nbytes(self.weight, self.weight_scale, self.bias)),
+        nbytes = _nbytes(self.weight, self.weight_scale, self.bias)
+        return LayerStorage(params=self.weight.numel() + nb, bytes=float(nbytes),
                             dense_params=dense, dense_bytes=float(dense * 4))
 
     def extra_repr(self) -> str:
@@ -519,7 +521,8 @@ class Int8DSLinear(_Int8Layer):
     def storage(self) -> LayerStorage:
         nbias = self.bias.numel() if self.bias is not None else 0
         dense = self.out_features * self.in_features + nbias
-        nbytes = _nbytes(self.dictionary, self.dictionary_scale, self.values, self.values_scale, self.indices, self.bias)
+        nbytes = _nbytes(self.dictionary, self.dictionary_scale, self.values, self.values_scale, self.indices,
+                         self.bias)
         return LayerStorage(params=self.dictionary.numel() + self.values.numel() + nbias, bytes=float(nbytes),
                             dense_params=dense, dense_bytes=float(dense * 4))
 

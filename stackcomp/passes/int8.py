@@ -40,7 +40,8 @@ QUANTIZABLE = (nn.Linear, DSLinear, LowRankLinear)
 class Int8Params(PassParams):
     backend: Literal["bitsandbytes", "torch"] = Field(
         default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA) or torch (CPU)")
-    targets: list[str] | None = Field(default=None, description="module globs / re: patterns (default: encoder linears)")
+    targets: list[str] | None = Field(default=None,
+                                      description="module globs / re: patterns (default: encoder linears)")
     ignore: list[str] | None = Field(default=None, description="patterns left as they are (default: heads, embeddings)")
     error_tokens: int = Field(default=256, ge=1, description="tokens per layer used to measure the output error")
     calibration_sequences: int = Field(default=8, ge=1, description="sequences run to capture real activations")
@@ -84,7 +85,8 @@ class Int8Pass(Pass):
                                     "factors (ds_factorize freezes them at its end)")
         return layers, skipped
 
-    def _inputs(self, model: nn.Module, layers: list[tuple[str, nn.Module]], ctx: PassContext) -> dict[str, torch.Tensor]:
+    def _inputs(self, model: nn.Module, layers: list[tuple[str, nn.Module]],
+                ctx: PassContext) -> dict[str, torch.Tensor]:
         """Up to ``error_tokens`` real input rows per layer from one calibration batch (empty if no task)."""
         if ctx.data is None:
             return {}
@@ -134,7 +136,8 @@ class Int8Pass(Pass):
                     w_ref = module.weight.detach().float() if type(module) is nn.Linear else module.to_dense().float()
                     row = {"type": type(q).__name__, "shape": [module.out_features, module.in_features],
                            "weight_error": _rel(q.to_dense().float().cpu(), w_ref.cpu()),
-                           "output_error": _rel(out, ref), "activations": "calibration" if name in inputs else "gaussian",
+                           "output_error": _rel(out, ref),
+                           "activations": "calibration" if name in inputs else "gaussian",
                            "bytes_before": _bytes(module), "bytes_after": q.storage().bytes}
                     if isinstance(module, DSLinear):
                         d, v, _, _ = q.dequantized()
