@@ -212,7 +212,8 @@ class _Guard:
             if loss_bad:
                 bad = _first_nonfinite(self.model, "weight")
                 where = f"; parameter {bad!r} holds NaN/Inf" if bad else ""
-                raise NumericalError(f"training step {step}: the loss is NaN/Inf (before the update; weights kept){where}")
+                raise NumericalError(
+                    f"training step {step}: the loss is NaN/Inf (before the update; weights kept){where}")
             if grad_bad:
                 name = _first_nonfinite(self.model, "grad") or "(another process's gradients)"
                 raise NumericalError(f"training step {step}: NaN/Inf gradient in parameter {name!r}")

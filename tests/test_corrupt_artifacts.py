@@ -114,7 +114,8 @@ def test_corrupt_file_is_detected_named_and_recomputed(run_dir, caplog, rel, how
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"[]", b"{}", b'{"stage.json": "x"}',
-                                     b'{"../../etc/passwd": ["00", 1], "stage.json": ["00", 1], "metrics.json": ["00", 1]}',
+                                     b'{"../../etc/passwd": ["00", 1], "stage.json": ["00", 1], '
+                                     b'"metrics.json": ["00", 1]}',
                                      b"\xff\xfe"])
 def test_corrupt_checksum_file_is_detected(run_dir, caplog, content):
     run, plan, _ = run_dir

@@ -54,7 +54,8 @@ def _profile(config) -> settings:
 PASSES = ["finetune", "evaluate", "ds_factorize", "export"]
 NAMES = ["ft", "ds", "ev", "out", "a", "b.c", "x-1", "r[1]"]
 WEIRD_TEXT = st.text(
-    alphabet=st.one_of(st.characters(codec="utf-8"), st.sampled_from(list("[]{}:,&*!|>'\"#%@`\\/\n\t\r\x00\x85\u2028"))),
+    alphabet=st.one_of(st.characters(codec="utf-8"),
+                       st.sampled_from(list("[]{}:,&*!|>'\"#%@`\\/\n\t\r\x00\x85\u2028"))),
     max_size=24,
 )
 NUMBERS = st.one_of(
@@ -63,9 +64,11 @@ NUMBERS = st.one_of(
     st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63), 1e308, -1e308, 5e-324, 10**30]),
 )
 SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, WEIRD_TEXT)
-JUNK = st.recursive(SCALARS, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                    st.dictionaries(st.one_of(WEIRD_TEXT, st.integers()), kids, max_size=4)),
-                    max_leaves=12)
+JUNK = st.recursive(
+    SCALARS,
+    lambda kids: st.one_of(st.lists(kids, max_size=4),
+                           st.dictionaries(st.one_of(WEIRD_TEXT, st.integers()), kids, max_size=4)),
+    max_leaves=12)
 
 
 @st.composite
@@ -216,7 +219,8 @@ def recipe_text(draw) -> bytes:
         where = draw(st.sampled_from(["x", "params", "after", "name", "data", "unknown"]))
         tail = {"x": "", "params": f"\nstages: {{a: {{pass: finetune, params: {ref}}}}}",
                 "after": f"\nstages: {{a: {{pass: finetune}}, b: {{pass: evaluate, after: {ref}}}}}",
-                "name": f"\nname: {ref}", "data": f"\ndata: {{max_length: {ref}}}", "unknown": f"\nlaughs: {ref}"}[where]
+                "name": f"\nname: {ref}", "data": f"\ndata: {{max_length: {ref}}}",
+                "unknown": f"\nlaughs: {ref}"}[where]
         text = head + _drop_keys(text, tail) + tail + "\n"
     elif attack == "tag":
         key = draw(st.sampled_from(["name", "model", "task", "seed", "stages", "extra"]))
@@ -264,7 +268,8 @@ def yaml_dump(obj: object) -> str:
 
 def _drop_keys(text: str, tail: str) -> str:
     """Remove top-level lines whose key the attack redefines (so it does not trip duplicate-key errors)."""
-    keys = {line.split(":")[0].strip() for line in tail.strip().splitlines() if ":" in line and not line.startswith(" ")}
+    keys = {line.split(":")[0].strip() for line in tail.strip().splitlines()
+            if ":" in line and not line.startswith(" ")}
     out, skipping = [], False
     for line in text.splitlines():
         top = line and not line[0].isspace() and not line.startswith("-")
@@ -297,7 +302,8 @@ def _alarm(signum, frame):  # noqa: ARG001
 def check_cli(folder, data: bytes, overrides: list[str], command: str, outcomes: Counter) -> None:
     path = folder / "r.yaml"
     path.write_bytes(data)
-    args = ["validate", str(path)] if command == "validate" else ["plan", str(path), "--json", "-o", str(folder / "run")]
+    args = (["validate", str(path)] if command == "validate"
+            else ["plan", str(path), "--json", "-o", str(folder / "run")])
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT)
     try:
@@ -347,11 +353,12 @@ def test_fuzzed_recipes_give_a_plan_or_one_error_line(tmp_path, pytestconfig):
 CASES = {
     "billion_laughs_9x9": _bomb(9, 9, "l")[0] + "name: x\nmodel: m\nstages: {a: {pass: finetune, params: *l8}}\n",
     "billion_laughs_in_after": _bomb(12, 10, "l")[0] + "name: x\nmodel: m\ntask: glue/sst2\n"
-                                                      "stages: {a: {pass: finetune}, b: {pass: evaluate, after: *l11}}\n",
+                               "stages: {a: {pass: finetune}, b: {pass: evaluate, after: *l11}}\n",
     "python_object_tag": "name: !!python/object/apply:os.system ['echo pwned']\nmodel: m\nstages: {}\n",
     "python_name_tag": "name: x\nmodel: !!python/name:os.system\nstages: {}\n",
     "self_parent": "name: x\nmodel: m\ntask: glue/sst2\nstages: {a: {pass: finetune, after: a}}\n",
-    "cycle": "name: x\nmodel: m\ntask: glue/sst2\nstages: {a: {pass: finetune, after: b}, b: {pass: finetune, after: a}}\n",
+    "cycle": "name: x\nmodel: m\ntask: glue/sst2\n"
+             "stages: {a: {pass: finetune, after: b}, b: {pass: finetune, after: a}}\n",
     "markup_in_name": "name: x\nmodel: m\nstages: {a: {pass: '[/]'}}\n",
     "relative_plugin": "name: x\nmodel: m\nallow_plugins: ['..x:Y']\nstages: {a: {pass: '..x:Y'}}\n",
     "empty_plugin": "name: x\nmodel: m\nallow_plugins: [':']\nstages: {a: {pass: ':'}}\n",

@@ -109,7 +109,8 @@ def _dsf_calibrated(W):
 
 
 FACTORIZERS = {"svd": _svd, "fwsvd": _fwsvd, "drone": _drone, "blocklr": _blocklr, "monarch": _monarch,
-               "losparse": _losparse, "ds_mod": _ds, "ds_ksvd": _ds_ksvd, "dsf": _dsf, "dsf_calibrated": _dsf_calibrated}
+               "losparse": _losparse, "ds_mod": _ds, "ds_ksvd": _ds_ksvd, "dsf": _dsf,
+               "dsf_calibrated": _dsf_calibrated}
 #: these are exact minimisers of a rank-constrained problem: a rank-<=1 input comes back exactly
 EXACT_FACTORIZERS = {"svd", "fwsvd", "drone", "blocklr", "monarch", "losparse", "ds_mod", "ds_ksvd"}
 

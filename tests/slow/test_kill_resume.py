@@ -28,7 +28,8 @@ def random_chain(rng: random.Random) -> list[KillPoint]:
     for _ in range(rng.randint(1, 4)):
         event = rng.choice(EVENTS)
         stage = rng.choice(TRAINING if event == "training" else STAGES)
-        delay = rng.uniform(0, 1.5) if event in ("started", "training") else rng.choice([0.0, 0.0, rng.uniform(0, 0.05)])
+        late = rng.choice([0.0, 0.0, rng.uniform(0, 0.05)])
+        delay = rng.uniform(0, 1.5) if event in ("started", "training") else late
         points.append(KillPoint(event, stage, delay))
     return sorted(points, key=lambda k: (STAGES.index(k.stage), EVENTS.index(k.event)))
 
