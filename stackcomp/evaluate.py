@@ -2,7 +2,9 @@
 
 Sizes count every stored tensor once (shared weights, like ALBERT's layer or tied
 embeddings, count once) at its real width. Compressed layers report their own exact
-storage (``CompressedLayer.storage()``) so that e.g. uint8 indices count one byte.
+storage (``CompressedLayer.storage()``) so that e.g. uint8 indices count one byte. Layers
+that stand in for an embedding (``replaces != "linear"``, e.g. ``Int8Embedding``) count at
+their exact storage in the whole model, not among the linears.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from stackcomp.nn.base import CompressedLayer, LayerStorage, dense_storage
 def linear_storage(module: nn.Module) -> LayerStorage | None:
     """Exact storage of a linear-like module, or None if it is not one."""
     if isinstance(module, CompressedLayer):
-        return module.storage()
+        return module.storage() if module.replaces == "linear" else None
     if isinstance(module, nn.Linear):
         return dense_storage(module)
     storage = getattr(module, "storage", None)  # e.g. quantized layers that report themselves
@@ -34,9 +36,18 @@ def linear_storage(module: nn.Module) -> LayerStorage | None:
 def size_report(model: nn.Module) -> dict[str, Any]:
     """Parameters and bytes: linear layers, whole model, and their dense fp32 equivalents."""
     lin_params = lin_bytes = lin_dense_params = lin_dense_bytes = 0.0
+    other_params = other_bytes = other_dense_bytes = 0.0
     counted: set[int] = set()
     n_layers = 0
     for _, module in model.named_modules():
+        if isinstance(module, CompressedLayer) and module.replaces != "linear":
+            # e.g. int8 embeddings: exact storage (int8 tables are not floating buffers), not a linear
+            st = module.storage()
+            other_params += st.params
+            other_bytes += st.bytes
+            other_dense_bytes += st.dense_bytes
+            counted.update(id(t) for t in list(module.parameters()) + list(module.buffers()))
+            continue
         st = linear_storage(module)
         if st is None:
             continue
@@ -46,7 +57,6 @@ def size_report(model: nn.Module) -> dict[str, Any]:
         lin_dense_params += st.dense_params
         lin_dense_bytes += st.dense_bytes
         counted.update(id(t) for t in list(module.parameters()) + list(module.buffers()))
-    other_params = other_bytes = 0
     seen: set[int] = set()
     params = list(model.parameters())
     # integer buffers outside compressed layers are index helpers (position_ids), not weights
@@ -57,8 +67,9 @@ def size_report(model: nn.Module) -> dict[str, Any]:
         seen.add(id(t))
         other_params += t.numel()
         other_bytes += t.numel() * t.element_size()
+        other_dense_bytes += t.numel() * 4  # fp32 reference for the rest
     total_bytes = lin_bytes + other_bytes
-    dense_total = lin_dense_bytes + other_params * 4  # fp32 reference for the rest
+    dense_total = lin_dense_bytes + other_dense_bytes
     return {
         "linear_layers": n_layers,
         "linear_params": int(lin_params),

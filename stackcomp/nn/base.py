@@ -63,12 +63,14 @@ class LayerStorage:
 
 
 class CompressedLayer(nn.Module):
-    """Base for layers that stand in for an ``nn.Linear``."""
+    """Base for layers that stand in for an ``nn.Linear`` (or, per ``replaces``, an ``nn.Embedding``)."""
 
     in_features: int
     out_features: int
     #: bumped when the stored layout changes, so old artifacts are rebuilt rather than misread
     layout_version: ClassVar[int] = 1
+    #: the module it stands in for; size reports count only "linear" layers as linears
+    replaces: ClassVar[str] = "linear"
 
     def manifest(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -26,7 +26,10 @@ Layers (all registered for the artifact manifest, all with exact :meth:`storage`
 * :class:`Int8LowRankLinear` -- ``LowRankLinear`` with both factors int8;
 * :class:`Int8DSLinear` -- a DS layer with an int8 dictionary (scale per atom) and int8 code
   values (scale per output row across all blocks): the int8 layout of ``kernels/packed.py``, so
-  ``pack`` re-lays it out without new rounding. Its ``z = x_b D_b^T`` GEMMs run on the backend.
+  ``pack`` re-lays it out without new rounding. Its ``z = x_b D_b^T`` GEMMs run on the backend;
+* :class:`Int8Embedding` -- a quantized ``nn.Embedding`` (per-row scales, rows dequantized on
+  lookup; no backend: a gather needs no int8 arithmetic). Size reports count it with the
+  embeddings, not with the linears.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "BitsAndBytesInt8",
     "Int8Backend",
     "Int8DSLinear",
+    "Int8Embedding",
     "Int8Linear",
     "Int8LowRankLinear",
     "QuantizationError",
@@ -529,3 +533,75 @@ class Int8DSLinear(_Int8Layer):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
                 f"atoms={self.atoms}, nnz={self.nnz}, bias={self.bias is not None}, backend={self.backend}")
+
+
+@register_layer
+class Int8Embedding(CompressedLayer):
+    """``nn.Embedding`` with an int8 table and one fp32 scale per row: a quarter of the bytes.
+
+    Buffers: ``weight`` int8 (num_embeddings, embedding_dim), ``weight_scale`` float32
+    (num_embeddings,). A lookup gathers the int8 rows and their scales and dequantizes only
+    those rows, so the fp32 table never exists. Inference only (no gradients reach the table).
+    """
+
+    layout_version: ClassVar[int] = 1
+    replaces: ClassVar[str] = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        if min(num_embeddings, embedding_dim) < 1:
+            raise QuantizationError(f"Int8Embedding: num_embeddings and embedding_dim must be >= 1, got "
+                                    f"{num_embeddings}, {embedding_dim}")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise QuantizationError(f"Int8Embedding: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> Int8Embedding:
+        if emb.max_norm is not None:  # nn.Embedding renormalizes rows on lookup: not a fixed table
+            raise QuantizationError(f"Int8Embedding: embeddings with max_norm={emb.max_norm} rewrite their rows "
+                                    "on lookup; they have no int8 form")
+        layer = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        q, s = quantize_rows(emb.weight)
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(s)
+        return layer.to(emb.weight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight)  # int8 rows
+        return rows.to(self.weight_scale.dtype) * F.embedding(ids, self.weight_scale.unsqueeze(-1))
+
+    def to_dense(self) -> torch.Tensor:
+        """The dequantized table (num_embeddings, embedding_dim)."""
+        return dequantize_rows(self.weight, self.weight_scale)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"layout_version": self.layout_version, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> Int8Embedding:
+        n = cls.__name__
+        v = entry.get("layout_version", cls.layout_version)
+        if v != cls.layout_version:
+            raise ArtifactError(f"layer manifest for {n} has layout_version {v}, this stackcomp reads "
+                                f"{cls.layout_version}; re-run the stage that produced it")
+        pad = entry.get("padding_idx")
+        if pad is not None:
+            pad = _manifest_int(entry, "padding_idx", n, minimum=0)
+        try:
+            return cls(_manifest_int(entry, "num_embeddings", n), _manifest_int(entry, "embedding_dim", n), pad)
+        except QuantizationError as e:
+            raise ArtifactError(f"layer manifest for {n}: {e}") from None
+
+    def storage(self) -> LayerStorage:
+        dense = self.num_embeddings * self.embedding_dim
+        return LayerStorage(params=self.weight.numel(), bytes=float(_nbytes(self.weight, self.weight_scale)),
+                            dense_params=dense, dense_bytes=float(dense * 4))
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
