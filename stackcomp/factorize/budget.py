@@ -34,18 +34,21 @@ __all__ = [
 ]
 
 
-def index_dtype(atoms: int) -> torch.dtype:
-    """The integer type that stores atom indices 0..K-1: uint8, int16 or int32."""
-    if atoms <= 256:
+def index_dtype(n: int) -> torch.dtype:
+    """The narrowest integer type that stores indices 0..n-1 (atoms, rows, columns): uint8,
+    int16, int32 or int64. Every layer stores its indices with it."""
+    if n <= 1 << 8:
         return torch.uint8
-    if atoms <= 1 << 15:
+    if n <= 1 << 15:
         return torch.int16
-    return torch.int32
+    if n <= 1 << 31:
+        return torch.int32
+    return torch.int64
 
 
 def index_bits_for(atoms: int) -> int:
     """Bits per stored index for K atoms (``ceil(log2 K)`` rounded up to the storage type)."""
-    return {torch.uint8: 8, torch.int16: 16, torch.int32: 32}[index_dtype(atoms)]
+    return torch.empty((), dtype=index_dtype(atoms)).element_size() * 8
 
 
 def _check_pos(name: str, **vals: int) -> None:

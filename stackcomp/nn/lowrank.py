@@ -9,7 +9,8 @@
 Every layer stores exactly the tensors it reports in :meth:`storage` (values at their dtype,
 indices at the narrowest integer type that holds them), so the reported bytes are the bytes in
 the safetensors file. ``manifest()`` holds the shapes needed to rebuild an empty layer; the
-values come from the state dict.
+values come from the state dict. Manifest, repr and storage follow from each class's
+``manifest_fields`` and ``param_tensors`` (:mod:`stackcomp.nn.manifest`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackcomp.errors import ArtifactError, StackcompError
-from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
+from stackcomp.errors import StackcompError
+from stackcomp.factorize.budget import index_dtype
+from stackcomp.nn.base import register_layer
+from stackcomp.nn.manifest import DeclaredLayer, Field, bias_field, count, dtype_field, flag
 
 __all__ = [
     "LayerInputError",
@@ -39,64 +42,6 @@ class LayerInputError(StackcompError):
 
 # ----------------------------------------------------------------------------- helpers
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
-def index_dtype(n: int) -> torch.dtype:
-    """The narrowest integer dtype holding indices ``0 .. n-1`` (uint8, int16, int32, int64)."""
-    if n <= 1 << 8:
-        return torch.uint8
-    if n <= 1 << 15:
-        return torch.int16
-    if n <= 1 << 31:
-        return torch.int32
-    return torch.int64
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _manifest_get(entry: dict[str, Any], key: str, cls: str, kind: type = int) -> Any:
-    if key not in entry:
-        raise ArtifactError(f"layer manifest for {cls} lacks field {key!r} (has {sorted(entry)})")
-    v = entry[key]
-    if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-        raise ArtifactError(f"layer manifest for {cls}: field {key!r} must be a non-negative integer, got {v!r}")
-    if kind is bool and not isinstance(v, bool):
-        raise ArtifactError(f"layer manifest for {cls}: field {key!r} must be true/false, got {v!r}")
-    return v
-
-
-def _manifest_dtype(entry: dict[str, Any], cls: str) -> torch.dtype:
-    name = entry.get("dtype", "float32")
-    if name not in _DTYPES:
-        raise ArtifactError(f"layer manifest for {cls}: dtype {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _check_layout(entry: dict[str, Any], cls: type[CompressedLayer]) -> None:
-    v = entry.get("layout_version", cls.layout_version)
-    if v != cls.layout_version:
-        raise ArtifactError(
-            f"layer manifest for {cls.__name__} has layout_version {v}, this stackcomp reads {cls.layout_version}; "
-            "re-run the stage that produced it"
-        )
-
-
-def _dense_numbers(out_features: int, in_features: int, has_bias: bool) -> tuple[int, float]:
-    dense = out_features * in_features + (out_features if has_bias else 0)
-    return dense, float(dense * 4)
-
 
 def _as_param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
@@ -107,17 +52,30 @@ def _check_bias(bias: torch.Tensor | None, out_features: int, who: str) -> None:
         raise LayerInputError(f"{who}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
 
 
+def _set_params(layer: nn.Module, dtype: torch.dtype, **tensors: torch.Tensor | None) -> None:
+    """Copy factors into ``layer`` as parameters of ``dtype`` (``None`` ones, e.g. no bias, are skipped)."""
+    for name, t in tensors.items():
+        if t is not None:
+            setattr(layer, name, _as_param(t.to(dtype)))
+
+
+#: the fields every layer here starts its manifest with
+_IN_OUT = (count("in_features"), count("out_features"))
+
+
 # ----------------------------------------------------------------------------- low rank
 
 
 @register_layer
-class LowRankLinear(CompressedLayer):
+class LowRankLinear(DeclaredLayer):
     """``y = x V^T U^T + b``: two thin GEMMs, ``rank * (in + out)`` MACs per token.
 
     Parameters ``U`` (out x rank), ``V`` (rank x in), ``bias`` (out) or none.
     """
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (*_IN_OUT, count("rank"), bias_field(), dtype_field("U"))
+    param_tensors = ("U", "V", "bias")
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32):
@@ -141,9 +99,7 @@ class LowRankLinear(CompressedLayer):
             )
         _check_bias(bias, U.shape[0], "LowRankLinear.from_factors")
         layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, dtype=U.dtype)
-        layer.U, layer.V = _as_param(U), _as_param(V.to(U.dtype))
-        if bias is not None:
-            layer.bias = _as_param(bias.to(U.dtype))
+        _set_params(layer, U.dtype, U=U, V=V, bias=bias)
         return layer
 
     @classmethod
@@ -160,44 +116,12 @@ class LowRankLinear(CompressedLayer):
     def to_dense(self) -> torch.Tensor:
         return self.U @ self.V
 
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "layout_version": self.layout_version,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "bias": self.bias is not None,
-            "dtype": _dtype_name(self.U.dtype),
-        }
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> LowRankLinear:
-        _check_layout(entry, cls)
-        n = cls.__name__
-        return cls(
-            _manifest_get(entry, "in_features", n),
-            _manifest_get(entry, "out_features", n),
-            _manifest_get(entry, "rank", n),
-            bias=_manifest_get(entry, "bias", n, bool),
-            dtype=_manifest_dtype(entry, n),
-        )
-
-    def storage(self) -> LayerStorage:
-        params = self.U.numel() + self.V.numel() + (self.bias.numel() if self.bias is not None else 0)
-        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
-        return LayerStorage(params=params, bytes=float(_nbytes(self.U, self.V, self.bias)),
-                            dense_params=dense, dense_bytes=dense_bytes)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
-               f"bias={self.bias is not None}"
-
 
 # ----------------------------------------------------------------------------- block low rank
 
 
 @register_layer
-class BlockLowRankLinear(CompressedLayer):
+class BlockLowRankLinear(DeclaredLayer):
     """A p x q grid of rank-r blocks: ``U`` (p, q, d, r), ``V`` (p, q, r, c), two batched GEMMs.
 
     With ``interleave_out=True`` output group ``a`` holds rows ``a, a+p, a+2p, ...``: that is a
@@ -206,6 +130,13 @@ class BlockLowRankLinear(CompressedLayer):
     """
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (
+        *_IN_OUT,
+        Field("grid", lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(type(g) is int and g > 0 for g in v),
+              "[p, q] positive integers", load=tuple, dump=lambda m: list(m.grid)),
+        count("rank"), flag("interleave_out"), bias_field(), dtype_field("U"),
+    )
+    param_tensors = ("U", "V", "bias")
 
     def __init__(self, in_features: int, out_features: int, grid: tuple[int, int], rank: int, bias: bool = True,
                  interleave_out: bool = False, dtype: torch.dtype = torch.float32):
@@ -234,9 +165,7 @@ class BlockLowRankLinear(CompressedLayer):
         c = V.shape[3]
         _check_bias(bias, p * d, "BlockLowRankLinear.from_factors")
         layer = cls(q * c, p * d, (p, q), r, bias=bias is not None, interleave_out=interleave_out, dtype=U.dtype)
-        layer.U, layer.V = _as_param(U), _as_param(V.to(U.dtype))
-        if bias is not None:
-            layer.bias = _as_param(bias.to(U.dtype))
+        _set_params(layer, U.dtype, U=U, V=V, bias=bias)
         return layer
 
     @classmethod
@@ -259,45 +188,6 @@ class BlockLowRankLinear(CompressedLayer):
 
         return blocklr_to_dense(self.U, self.V, self.interleave_out)
 
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "layout_version": self.layout_version,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "grid": list(self.grid),
-            "rank": self.rank,
-            "interleave_out": self.interleave_out,
-            "bias": self.bias is not None,
-            "dtype": _dtype_name(self.U.dtype),
-        }
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> BlockLowRankLinear:
-        _check_layout(entry, cls)
-        n = cls.__name__
-        grid = _manifest_get(entry, "grid", n, list)
-        if not (isinstance(grid, (list, tuple)) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
-            raise ArtifactError(f"layer manifest for {n}: field 'grid' must be [p, q] positive integers, got {grid!r}")
-        return cls(
-            _manifest_get(entry, "in_features", n),
-            _manifest_get(entry, "out_features", n),
-            tuple(grid),
-            _manifest_get(entry, "rank", n),
-            bias=_manifest_get(entry, "bias", n, bool),
-            interleave_out=_manifest_get(entry, "interleave_out", n, bool),
-            dtype=_manifest_dtype(entry, n),
-        )
-
-    def storage(self) -> LayerStorage:
-        params = self.U.numel() + self.V.numel() + (self.bias.numel() if self.bias is not None else 0)
-        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
-        return LayerStorage(params=params, bytes=float(_nbytes(self.U, self.V, self.bias)),
-                            dense_params=dense, dense_bytes=dense_bytes)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, grid={self.grid}, "
-                f"rank={self.rank}, interleave_out={self.interleave_out}, bias={self.bias is not None}")
-
 
 # ----------------------------------------------------------------------------- LoSparse
 
@@ -315,7 +205,7 @@ def _row_selection(keep: torch.Tensor | None, out_features: int, who: str) -> to
 
 
 @register_layer
-class SparseLowRankLinear(CompressedLayer):
+class SparseLowRankLinear(DeclaredLayer):
     """LoSparse: ``W = U V + S`` with ``S`` stored as its kept rows only.
 
     ``sparse`` (n_rows x in) holds rows ``row_index`` (sorted, narrowest integer dtype) of ``S``;
@@ -327,6 +217,8 @@ class SparseLowRankLinear(CompressedLayer):
     """
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (*_IN_OUT, count("rank"), count("n_rows", minimum=0), bias_field(), dtype_field("U"))
+    param_tensors = ("U", "V", "sparse", "bias")
 
     def __init__(self, in_features: int, out_features: int, rank: int, n_rows: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32):
@@ -362,11 +254,8 @@ class SparseLowRankLinear(CompressedLayer):
         _check_bias(bias, out_f, who)
         idx = torch.arange(out_f) if rows is None else _row_selection(rows, out_f, who)
         layer = cls(in_f, out_f, U.shape[1], idx.numel(), bias=bias is not None, dtype=U.dtype)
-        layer.U, layer.V = _as_param(U), _as_param(V.to(U.dtype))
-        layer.sparse = _as_param(S.detach()[idx.to(S.device)].to(U.dtype))
+        _set_params(layer, U.dtype, U=U, V=V, sparse=S.detach()[idx.to(S.device)], bias=bias)
         layer.row_index = idx.to(device=U.device, dtype=index_dtype(out_f))
-        if bias is not None:
-            layer.bias = _as_param(bias.to(U.dtype))
         return layer
 
     @classmethod
@@ -414,41 +303,6 @@ class SparseLowRankLinear(CompressedLayer):
     def to_dense(self) -> torch.Tensor:
         return (self.U @ self.V).index_add(0, self.row_index.long(), self.sparse)
 
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "layout_version": self.layout_version,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "n_rows": self.n_rows,
-            "bias": self.bias is not None,
-            "dtype": _dtype_name(self.U.dtype),
-        }
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> SparseLowRankLinear:
-        _check_layout(entry, cls)
-        n = cls.__name__
-        return cls(
-            _manifest_get(entry, "in_features", n),
-            _manifest_get(entry, "out_features", n),
-            _manifest_get(entry, "rank", n),
-            _manifest_get(entry, "n_rows", n),
-            bias=_manifest_get(entry, "bias", n, bool),
-            dtype=_manifest_dtype(entry, n),
-        )
-
-    def storage(self) -> LayerStorage:
-        params = self.U.numel() + self.V.numel() + self.sparse.numel() + (
-            self.bias.numel() if self.bias is not None else 0)
-        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
-        nbytes = _nbytes(self.U, self.V, self.sparse, self.row_index, self.bias)
-        return LayerStorage(params=params, bytes=float(nbytes), dense_params=dense, dense_bytes=dense_bytes)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"n_rows={self.n_rows}, bias={self.bias is not None}")
-
 
 # ----------------------------------------------------------------------------- DSF
 
@@ -473,7 +327,7 @@ def _csr_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shap
 
 
 @register_layer
-class DoubleSparseLinear(CompressedLayer):
+class DoubleSparseLinear(DeclaredLayer):
     """DSF: ``W = P Q`` with ``P`` (out x k) and ``Q`` (k x in) both sparse, stored as CSR.
 
     Each factor is ``*_values`` (its nonzeros in row-major order, a trainable parameter),
@@ -486,6 +340,9 @@ class DoubleSparseLinear(CompressedLayer):
     """
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (*_IN_OUT, count("inner"), count("nnz_p", minimum=0), count("nnz_q", minimum=0), bias_field(),
+                       dtype_field("p_values"))
+    param_tensors = ("p_values", "q_values", "bias")
 
     def __init__(self, in_features: int, out_features: int, inner: int, nnz_p: int, nnz_q: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32):
@@ -520,10 +377,8 @@ class DoubleSparseLinear(CompressedLayer):
         pv, pc, pcol = _csr(P.detach(), k)
         qv, qc, qcol = _csr(Q.detach().to(P.dtype), in_f)
         layer = cls(in_f, out_f, k, pv.numel(), qv.numel(), bias=bias is not None, dtype=P.dtype)
-        layer.p_values, layer.q_values = _as_param(pv), _as_param(qv)
+        _set_params(layer, P.dtype, p_values=pv, q_values=qv, bias=bias)
         layer.p_crow, layer.p_col, layer.q_crow, layer.q_col = pc, pcol, qc, qcol
-        if bias is not None:
-            layer.bias = _as_param(bias.to(P.dtype))
         return layer
 
     @classmethod
@@ -534,6 +389,14 @@ class DoubleSparseLinear(CompressedLayer):
 
         res = dsf_factors(linear.weight.detach(), density=density, X=X, **dsf_kwargs)
         return cls.from_factors(res.P, res.Q, None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def nnz_p(self) -> int:
+        return self.p_values.numel()
+
+    @property
+    def nnz_q(self) -> int:
+        return self.q_values.numel()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``(P, Q)``, differentiable in the stored values."""
@@ -548,39 +411,3 @@ class DoubleSparseLinear(CompressedLayer):
     def to_dense(self) -> torch.Tensor:
         P, Q = self.factors()
         return P @ Q
-
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "layout_version": self.layout_version,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "inner": self.inner,
-            "nnz_p": self.p_values.numel(),
-            "nnz_q": self.q_values.numel(),
-            "bias": self.bias is not None,
-            "dtype": _dtype_name(self.p_values.dtype),
-        }
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> DoubleSparseLinear:
-        _check_layout(entry, cls)
-        n = cls.__name__
-        return cls(
-            _manifest_get(entry, "in_features", n),
-            _manifest_get(entry, "out_features", n),
-            _manifest_get(entry, "inner", n),
-            _manifest_get(entry, "nnz_p", n),
-            _manifest_get(entry, "nnz_q", n),
-            bias=_manifest_get(entry, "bias", n, bool),
-            dtype=_manifest_dtype(entry, n),
-        )
-
-    def storage(self) -> LayerStorage:
-        params = self.p_values.numel() + self.q_values.numel() + (self.bias.numel() if self.bias is not None else 0)
-        dense, dense_bytes = _dense_numbers(self.out_features, self.in_features, self.bias is not None)
-        nbytes = _nbytes(self.p_values, self.p_col, self.p_crow, self.q_values, self.q_col, self.q_crow, self.bias)
-        return LayerStorage(params=params, bytes=float(nbytes), dense_params=dense, dense_bytes=dense_bytes)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, inner={self.inner}, "
-                f"nnz_p={self.p_values.numel()}, nnz_q={self.q_values.numel()}, bias={self.bias is not None}")

@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.errors import StackcompError
 from stackcomp.factorize.budget import index_dtype
 from stackcomp.kernels.packed import _quantize_symmetric
 from stackcomp.kernels.reference import flat_bag_indices
-from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
+from stackcomp.nn.base import register_layer
+from stackcomp.nn.manifest import DeclaredLayer, Field, bias_field, choice, count, dtype_name
 
 __all__ = [
     "BACKENDS",
@@ -228,33 +229,12 @@ def _flat(x: torch.Tensor, in_features: int, who: str) -> tuple[torch.Tensor, tu
     return x.reshape(-1, in_features).float().contiguous(), tuple(x.shape[:-1])
 
 
-def _manifest_int(entry: dict[str, Any], key: str, who: str, minimum: int = 1) -> int:
-    v = entry.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ArtifactError(f"layer manifest for {who}: field {key!r} must be an integer >= {minimum}, got {v!r}")
-    return v
+#: the fields an int8 linear's manifest starts with, and those it ends with
+_IN_OUT = (count("in_features"), count("out_features"))
+_BIAS_BACKEND = (bias_field(default=True), choice("backend", BACKENDS, default="torch"))
 
 
-def _manifest_common(entry: dict[str, Any], cls: type[CompressedLayer]) -> tuple[bool, str]:
-    who = cls.__name__
-    v = entry.get("layout_version", cls.layout_version)
-    if v != cls.layout_version:
-        raise ArtifactError(f"layer manifest for {who} has layout_version {v}, this stackcomp reads "
-                            f"{cls.layout_version}; re-run the stage that produced it")
-    bias = entry.get("bias", True)
-    if not isinstance(bias, bool):
-        raise ArtifactError(f"layer manifest for {who}: field 'bias' must be true/false, got {bias!r}")
-    backend = entry.get("backend", "torch")
-    if backend not in BACKENDS:
-        raise ArtifactError(f"layer manifest for {who}: backend {backend!r} is not one of {sorted(BACKENDS)}")
-    return bias, backend
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class _Int8Layer(CompressedLayer):
+class _Int8Layer(DeclaredLayer):
     """Shared machinery: the backend's prepared weights, cached until a buffer or the device changes."""
 
     backend: str
@@ -293,6 +273,8 @@ class Int8Linear(_Int8Layer):
     """
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (*_IN_OUT, *_BIAS_BACKEND)
+    param_tensors = ("weight", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, backend: str = "torch"):
         super().__init__(backend)
@@ -324,34 +306,14 @@ class Int8Linear(_Int8Layer):
     def to_dense(self) -> torch.Tensor:
         return dequantize_rows(self.weight, self.weight_scale)
 
-    def manifest(self) -> dict[str, Any]:
-        return {"layout_version": self.layout_version, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None, "backend": self.backend}
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> Int8Linear:
-        bias, backend = _manifest_common(entry, cls)
-        n = cls.__name__
-        return cls(_manifest_int(entry, "in_features", n), _manifest_int(entry, "out_features", n),
-                   bias=bias, backend=backend)
-
-    def storage(self) -> LayerStorage:
-        nb = self.bias.numel() if self.bias is not None else 0
-        dense = self.out_features * self.in_features + nb
-        nbytes = _nbytes(self.weight, self.weight_scale, self.bias)
-        return LayerStorage(params=self.weight.numel() + nb, bytes=float(nbytes),
-                            dense_params=dense, dense_bytes=float(dense * 4))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"backend={self.backend}"
-
 
 @register_layer
 class Int8LowRankLinear(_Int8Layer):
     """``y = (x V^T) U^T + b`` with ``U`` (out, r) and ``V`` (r, in) int8, each with per-row scales."""
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (*_IN_OUT, count("rank"), *_BIAS_BACKEND)
+    param_tensors = ("U", "V", "bias")
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, backend: str = "torch"):
         super().__init__(backend)
@@ -393,29 +355,6 @@ class Int8LowRankLinear(_Int8Layer):
     def to_dense(self) -> torch.Tensor:
         return dequantize_rows(self.U, self.U_scale) @ dequantize_rows(self.V, self.V_scale)
 
-    def manifest(self) -> dict[str, Any]:
-        return {"layout_version": self.layout_version, "in_features": self.in_features,
-                "out_features": self.out_features, "rank": self.rank, "bias": self.bias is not None,
-                "backend": self.backend}
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> Int8LowRankLinear:
-        bias, backend = _manifest_common(entry, cls)
-        n = cls.__name__
-        return cls(_manifest_int(entry, "in_features", n), _manifest_int(entry, "out_features", n),
-                   _manifest_int(entry, "rank", n), bias=bias, backend=backend)
-
-    def storage(self) -> LayerStorage:
-        nb = self.bias.numel() if self.bias is not None else 0
-        dense = self.out_features * self.in_features + nb
-        return LayerStorage(params=self.U.numel() + self.V.numel() + nb,
-                            bytes=float(_nbytes(self.U, self.U_scale, self.V, self.V_scale, self.bias)),
-                            dense_params=dense, dense_bytes=float(dense * 4))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
-               f"bias={self.bias is not None}, backend={self.backend}"
-
 
 @register_layer
 class Int8DSLinear(_Int8Layer):
@@ -430,6 +369,12 @@ class Int8DSLinear(_Int8Layer):
     """
 
     layout_version: ClassVar[int] = 1
+    manifest_fields = (
+        *_IN_OUT, count("block"), count("atoms"), count("nnz"), *_BIAS_BACKEND,
+        Field("index_dtype", lambda v: isinstance(v, str), "a dtype name", default=None,
+              dump=lambda m: dtype_name(m.indices.dtype), init=False, repr=False),
+    )
+    param_tensors = ("dictionary", "values", "bias")
 
     def __init__(self, in_features: int, out_features: int, block: int, atoms: int, nnz: int, bias: bool = True,
                  backend: str = "torch"):
@@ -502,41 +447,9 @@ class Int8DSLinear(_Int8Layer):
         d, v, i, _ = self.dequantized()
         return ds_rebuild_weight(d, v, i)
 
-    def manifest(self) -> dict[str, Any]:
-        return {"layout_version": self.layout_version, "in_features": self.in_features,
-                "out_features": self.out_features, "block": self.block, "atoms": self.atoms, "nnz": self.nnz,
-                "bias": self.bias is not None, "backend": self.backend,
-                "index_dtype": str(self.indices.dtype).removeprefix("torch.")}
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> Int8DSLinear:
-        bias, backend = _manifest_common(entry, cls)
-        n = cls.__name__
-        try:
-            layer = cls(*(_manifest_int(entry, k, n) for k in ("in_features", "out_features", "block", "atoms", "nnz")),
-                        bias=bias, backend=backend)
-        except QuantizationError as e:
-            raise ArtifactError(f"layer manifest for {n}: {e}") from None
-        want = entry.get("index_dtype")
-        if want is not None and want != str(layer.indices.dtype).removeprefix("torch."):
-            raise ArtifactError(f"layer manifest for {n}: index_dtype {want!r} does not match atoms={layer.atoms}")
-        return layer
-
-    def storage(self) -> LayerStorage:
-        nbias = self.bias.numel() if self.bias is not None else 0
-        dense = self.out_features * self.in_features + nbias
-        nbytes = _nbytes(self.dictionary, self.dictionary_scale, self.values, self.values_scale, self.indices,
-                         self.bias)
-        return LayerStorage(params=self.dictionary.numel() + self.values.numel() + nbias, bytes=float(nbytes),
-                            dense_params=dense, dense_bytes=float(dense * 4))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
-                f"atoms={self.atoms}, nnz={self.nnz}, bias={self.bias is not None}, backend={self.backend}")
-
 
 @register_layer
-class Int8Embedding(CompressedLayer):
+class Int8Embedding(DeclaredLayer):
     """``nn.Embedding`` with an int8 table and one fp32 scale per row: a quarter of the bytes.
 
     Buffers: ``weight`` int8 (num_embeddings, embedding_dim), ``weight_scale`` float32
@@ -546,6 +459,10 @@ class Int8Embedding(CompressedLayer):
 
     layout_version: ClassVar[int] = 1
     replaces: ClassVar[str] = "embedding"
+    manifest_fields = (count("num_embeddings"), count("embedding_dim"),
+                       Field("padding_idx", lambda v: v is None or (type(v) is int and v >= 0),
+                             "null or an integer >= 0", default=None))
+    param_tensors = ("weight",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
@@ -578,30 +495,5 @@ class Int8Embedding(CompressedLayer):
         """The dequantized table (num_embeddings, embedding_dim)."""
         return dequantize_rows(self.weight, self.weight_scale)
 
-    def manifest(self) -> dict[str, Any]:
-        return {"layout_version": self.layout_version, "num_embeddings": self.num_embeddings,
-                "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> Int8Embedding:
-        n = cls.__name__
-        v = entry.get("layout_version", cls.layout_version)
-        if v != cls.layout_version:
-            raise ArtifactError(f"layer manifest for {n} has layout_version {v}, this stackcomp reads "
-                                f"{cls.layout_version}; re-run the stage that produced it")
-        pad = entry.get("padding_idx")
-        if pad is not None:
-            pad = _manifest_int(entry, "padding_idx", n, minimum=0)
-        try:
-            return cls(_manifest_int(entry, "num_embeddings", n), _manifest_int(entry, "embedding_dim", n), pad)
-        except QuantizationError as e:
-            raise ArtifactError(f"layer manifest for {n}: {e}") from None
-
-    def storage(self) -> LayerStorage:
-        dense = self.num_embeddings * self.embedding_dim
-        return LayerStorage(params=self.weight.numel(), bytes=float(_nbytes(self.weight, self.weight_scale)),
-                            dense_params=dense, dense_bytes=float(dense * 4))
-
-    def extra_repr(self) -> str:
-        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
-        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
+    def dense_params(self) -> int:
+        return self.num_embeddings * self.embedding_dim
