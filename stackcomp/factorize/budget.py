@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stackcomp.factorize.checks import check_int
 from stackcomp.factorize.dictionary import DSFactors, factorize_ds
 from stackcomp.factorize.lowrank import lowrank_bytes
 from stackcomp.factorize.omp import FactorizeError
@@ -53,8 +54,7 @@ def index_bits_for(atoms: int) -> int:
 
 def _check_pos(name: str, **vals: int) -> None:
     for k, v in vals.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise FactorizeError(f"{name}: {k} must be a positive int, got {v!r}")
+        check_int(name, k, v)
 
 
 def dense_bytes(out_features: int, in_features: int, value_bits: int = 32, bias: bool = True) -> float:

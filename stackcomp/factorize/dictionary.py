@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stackcomp.factorize.checks import check_int
 from stackcomp.factorize.omp import FactorizeError, codes_to_dense, omp
 
 __all__ = [
@@ -290,13 +291,11 @@ def learn_dictionary(
     """
     if X.dim() != 3:
         raise FactorizeError(f"learn_dictionary: X must be (P, N, B), got shape {tuple(X.shape)}")
-    for name, v in (("atoms", atoms), ("nnz", nnz)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise FactorizeError(f"learn_dictionary: {name} must be a positive int, got {v!r}")
+    check_int("learn_dictionary", "atoms", atoms)
+    check_int("learn_dictionary", "nnz", nnz)
     if nnz > atoms:
         raise FactorizeError(f"learn_dictionary: nnz={nnz} non-zeros per row need at least that many atoms, got K={atoms}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise FactorizeError(f"learn_dictionary: iters must be an int >= 0, got {iters!r}")
+    check_int("learn_dictionary", "iters", iters, minimum=0)
     if method not in METHODS:
         raise FactorizeError(f"learn_dictionary: method must be one of {METHODS}, got {method!r}")
     work = dtype or torch.float32
@@ -354,12 +353,11 @@ def factorize_ds(
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         raise FactorizeError(f"{name}: DS factorization needs a 2-D weight (out x in), got {getattr(W, 'shape', W)!r}")
     out_f, in_f = W.shape
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1 or in_f % block:
+    check_int(name, "block", block)
+    if in_f % block:
         raise FactorizeError(f"{name}: block must be a positive int dividing in_features={in_f}, got {block!r}")
-    if isinstance(atoms, bool) or not isinstance(atoms, int) or atoms < 1:
-        raise FactorizeError(f"{name}: atoms must be a positive int, got {atoms!r}")
-    if isinstance(nnz, bool) or not isinstance(nnz, int) or not 1 <= nnz <= atoms:
-        raise FactorizeError(f"{name}: nnz must be an int in [1, atoms={atoms}], got {nnz!r}")
+    check_int(name, "atoms", atoms)
+    check_int(name, "nnz", nnz, maximum=atoms, maximum_name="atoms")
     if not bool(torch.isfinite(W).all()):
         raise FactorizeError(f"{name}: the weight holds NaN or Inf")
     if isinstance(init, torch.Tensor) and init.shape != (in_f // block, atoms, block):
