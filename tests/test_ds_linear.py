@@ -238,3 +238,22 @@ def test_no_stf_ablation_trains_values_and_dictionary():
     layer(x).pow(2).sum().backward()
     assert layer.values.grad is not None and layer.dictionary.grad is not None
     assert layer.values.grad.abs().sum() > 0 and layer.dictionary.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_stf_refreshes_on_schedule_under_adamw(fused):
+    # fused AdamW updates in place without bumping version counters: steps must still be seen
+    layer = _layer()
+    layer.start_stf(refresh_every=5)
+    layer.train()
+    opt = torch.optim.AdamW([layer.weight, layer.dictionary], lr=1e-2, fused=fused)
+    for _ in range(12):
+        layer(torch.randn(4, 32)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert layer._stf_updates == 12  # one per optimizer step: refreshes at steps 1, 6, 11
+    before = layer.indices.clone(), layer.values.clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(4, 32))  # evaluation never re-solves the codes
+    assert torch.equal(layer.indices, before[0]) and torch.equal(layer.values, before[1])

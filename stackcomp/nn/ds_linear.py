@@ -29,6 +29,7 @@ dictionary is fine-tuned; nothing depends on it.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +55,30 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _GATHER_ELEMENTS = 1 << 22
 #: cost of one gathered-and-weighted code element, in matmul MACs (measured ballpark on CPU)
 _GATHER_COST = 16
+
+#: layers in STF mode; an optimizer step over a layer's latent weight marks a new step for it.
+#: (Parameter version counters cannot tell: fused AdamW updates in place without bumping them,
+#: which once left STF re-solving its codes only at the first step.)
+_STF_LAYERS: weakref.WeakSet = weakref.WeakSet()
+_STEP_HOOK = None
+
+
+def _mark_stf_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _STF_LAYERS:
+        return
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for layer in list(_STF_LAYERS):
+        if layer.stf and (id(layer.weight) in stepped or id(layer.dictionary) in stepped):
+            layer._stf_new_step = True
+
+
+def _watch_stf(layer: DSLinear) -> None:
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK = register_optimizer_step_post_hook(_mark_stf_step)
+    _STF_LAYERS.add(layer)
 
 
 def _pos_int(v: Any) -> bool:
@@ -245,7 +270,8 @@ class DSLinear(CompressedLayer):
         self.dictionary.requires_grad_(True)
         self.values.requires_grad_(False)  # C comes from OMP, not from gradients
         self.stf, self.refresh_every, self.stf_keep = True, refresh_every, keep
-        self._stf_updates, self._stf_seen = 0, None
+        self._stf_updates, self._stf_seen, self._stf_new_step = 0, None, True
+        _watch_stf(self)
         return self
 
     @torch.no_grad()
@@ -273,13 +299,15 @@ class DSLinear(CompressedLayer):
         self.indices.copy_(idx.to(self.indices.dtype))
 
     def _stf_weight(self) -> torch.Tensor:
-        if torch.is_grad_enabled() and self._stf_seen != (self.weight._version, self.dictionary._version):
-            # first training forward since the parameters changed (a new step)
+        versions = (self.weight._version, self.dictionary._version)
+        if torch.is_grad_enabled() and (self._stf_new_step or self._stf_seen != versions):
+            # first training forward since an optimizer step (or any in-place change of the parameters)
             self._normalize_dictionary()
             if self._stf_updates % self.refresh_every == 0:
                 self.refresh_codes()
             self._stf_updates += 1
             self._stf_seen = (self.weight._version, self.dictionary._version)
+            self._stf_new_step = False
         W_hat = self.reconstruct_weight(self.values.detach())  # C constant: D gets the gradient
         return W_hat + (self.weight - self.weight.detach())  # value W_hat, gradient straight to weight
 
