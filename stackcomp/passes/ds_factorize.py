@@ -75,7 +75,7 @@ class DSFactorizePass(Pass):
     """Factorize linear layers into dense dictionaries x semi-structured sparse codes (DSFormer), train with STF."""
 
     name = "ds_factorize"
-    version = "1"
+    version = "2"  # 2: STF re-solves codes on schedule under fused AdamW (v1 artifacts were trained wrong)
     Params = DSFactorizeParams
     forbid_after = {"int8": "factorize the fp32 weights first, then quantize the factors"}
     teacher_param = "teacher"
