@@ -46,17 +46,13 @@ def block_candidates(model, ratio: float, block: int) -> list[list[int]]:
     s = B/8, K as large as the bytes allow (<= 256), as bench/kernels.py sizes its layers."""
     from stackcomp.targets import select_modules
 
+    from kernels import ds_config  # bench/kernels.py, beside this script
+
     shapes = sorted({(m.out_features, m.in_features) for _, m in select_modules(model)})
     cands = []
     for out, inn in shapes:
-        nb = inn // block
-        budget = (out * inn * 4 + out * 4) / ratio - out * 4
-        s = block // 8
-        K = int((budget - nb * out * s * 5) // (nb * block * 4))
-        if K > 256:
-            K = 256
-            s = int((budget - nb * K * block * 4) // (nb * out * 5))
-        cands.append([block, K, s])
+        _, K, B, s = ds_config(out, inn, block=block, ratio=ratio)
+        cands.append([B, K, s])
     return cands
 
 
