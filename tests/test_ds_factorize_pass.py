@@ -71,12 +71,7 @@ def test_block_must_divide_inputs(tmp_path):
 
 
 def test_int8_before_ds_is_refused():
-    from stackcomp.passes.base import Pass, register_pass
-
-    @register_pass
-    class _FakeInt8(Pass):
-        name = "int8"
-
+    # the real int8 pass (a fake registered under its name would replace it for later tests)
     r = recipe_from_dict({"name": "x", "model": "m", "task": "glue/sst2", "stages": {
         "q": {"pass": "int8"}, "ds": {"pass": "ds_factorize", "after": "q", "params": {"ratio": 2.0}}}})
     with pytest.raises(PlanError, match="factorize the fp32 weights first"):
