@@ -30,6 +30,8 @@ Layers (all registered for the artifact manifest, all with exact :meth:`storage`
 * :class:`Int8Embedding` -- a quantized ``nn.Embedding`` (per-row scales, rows dequantized on
   lookup; no backend: a gather needs no int8 arithmetic). Size reports count it with the
   embeddings, not with the linears.
+* :class:`Int4Embedding` -- the same with 4-bit codes, two per byte, and an fp16 scale and
+  offset per group of ``group_size`` entries of a row (about 4.5 bits per entry at 64).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from stackcomp.errors import StackcompError
 from stackcomp.factorize.budget import index_dtype
 from stackcomp.kernels.packed import _quantize_symmetric
 from stackcomp.kernels.reference import flat_bag_indices
-from stackcomp.nn.base import register_layer
+from stackcomp.nn.base import LayerStorage, register_layer
 from stackcomp.nn.manifest import DeclaredLayer, Field, bias_field, choice, count, dtype_name
 
 __all__ = [
@@ -54,14 +56,19 @@ __all__ = [
     "BitsAndBytesInt8",
     "Int8Backend",
     "Int8DSLinear",
+    "Int4Embedding",
     "Int8Embedding",
     "Int8Linear",
     "Int8LowRankLinear",
     "QuantizationError",
     "TorchDynamicInt8",
+    "dequantize_groups_4bit",
     "dequantize_rows",
     "get_backend",
+    "pack_nibbles",
+    "quantize_groups_4bit",
     "quantize_rows",
+    "unpack_nibbles",
 ]
 
 log = logging.getLogger("stackcomp.int8")
@@ -82,6 +89,70 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.unsqueeze(-1)
+
+
+_F16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _f16_toward(x: torch.Tensor, down: bool) -> torch.Tensor:
+    """``x`` (float32) in float16, rounded toward -inf (``down``) or +inf: the stored bound still holds."""
+    h = x.half()
+    wrong = h.float() > x if down else h.float() < x
+    limit = torch.full_like(h, float("-inf") if down else float("inf"))
+    return torch.where(wrong, torch.nextafter(h, limit), h)
+
+
+def quantize_groups_4bit(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit codes per group of ``group_size`` columns: ``w ~= code * scale + offset``.
+
+    Returns ``(codes uint8 (rows, cols) in [0, 15], scale float16 (rows, groups), offset float16
+    (rows, groups))``. ``offset`` is the group's minimum rounded down to fp16 and ``scale`` its
+    range over 15 rounded up, so every entry lies in ``[offset, offset + 15 scale]`` as stored and
+    rounds to a code within half a step of it. A constant group is exact (code 0; scale 1 if the
+    fp16 offset hits it exactly), so zero rows (padding) stay zero.
+    """
+    w = w.detach().float()
+    rows, cols = w.shape
+    if group_size < 1 or cols % group_size:
+        raise QuantizationError(f"4-bit groups of {group_size} do not tile rows of {cols} entries; "
+                                "group_size must divide the row length")
+    if not torch.isfinite(w).all() or float(w.abs().max()) > _F16_MAX / 2:
+        raise QuantizationError(f"4-bit quantization keeps scales and offsets in fp16: entries must be finite "
+                                f"and within +-{_F16_MAX / 2:.0f}, got max |w| = {float(w.abs().max())}")
+    g = w.reshape(rows, cols // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    offset = _f16_toward(lo, down=True)
+    scale = _f16_toward((hi - offset.float()) / 15, down=False)
+    for _ in range(4):  # float32 rounding of offset + 15 * scale may still fall short of the max
+        short = offset.float() + 15 * scale.float() < hi
+        if not short.any():
+            break
+        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((g - offset.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp_(0, 15)
+    return codes.to(torch.uint8).reshape(rows, cols), scale, offset
+
+
+def dequantize_groups_4bit(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """float32 ``codes * scale + offset`` with one (scale, offset) per group of the last dimension."""
+    groups = scale.shape[-1]
+    c = codes.reshape(*codes.shape[:-1], groups, codes.shape[-1] // groups).float()
+    out = c * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
+    return out.reshape(codes.shape)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15] (..., n) -> (..., ceil(n / 2)) bytes: even entries low nibble, odd high."""
+    if codes.shape[-1] % 2:
+        codes = F.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: (..., ceil(n / 2)) bytes -> (..., n) uint8 codes."""
+    both = torch.stack((packed & 15, packed >> 4), dim=-1)
+    return both.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :n]
 
 
 # ----------------------------------------------------------------------------- backends
@@ -497,3 +568,89 @@ class Int8Embedding(DeclaredLayer):
 
     def dense_params(self) -> int:
         return self.num_embeddings * self.embedding_dim
+
+
+@register_layer
+class Int4Embedding(DeclaredLayer):
+    """``nn.Embedding`` with 4-bit codes: about 4.5 bits per entry (group 64) against int8's 8.25.
+
+    Each row is cut into groups of ``group_size`` entries; a group stores ``code * scale +
+    offset`` with codes in [0, 15] and an fp16 scale and offset (:func:`quantize_groups_4bit`).
+    Asymmetric, because on MiniLM's word table it has lower error at the same bytes: relative
+    Frobenius error 0.090 at group 64 (fp16 scale + offset, 0.5 bit per entry of overhead)
+    against 0.094-0.097 for symmetric codes at group 32 (fp16 scale only, the same overhead);
+    a group's values are not centred on zero, and the offset spends all 16 codes on its range.
+
+    ``group_size`` larger than the row means one group per row; otherwise it must divide
+    ``embedding_dim`` (a :class:`QuantizationError` says so): groups never straddle rows, and
+    ragged last groups would need a second layout for a case no model here has.
+
+    Buffers: ``weight`` uint8 (num_embeddings, ceil(embedding_dim / 2)), two codes a byte
+    (:func:`pack_nibbles`); ``weight_scale`` and ``weight_offset`` float16 (num_embeddings,
+    embedding_dim / group_size). A lookup gathers only the packed rows of the ids and their
+    scales, unpacks and dequantizes those rows. Inference only. ``padding_idx`` is kept as
+    ``nn.Embedding`` keeps it (a zero padding row stays exactly zero).
+    """
+
+    layout_version: ClassVar[int] = 1
+    replaces: ClassVar[str] = "embedding"
+    manifest_fields = (count("num_embeddings"), count("embedding_dim"),
+                       Field("padding_idx", lambda v: v is None or (type(v) is int and v >= 0),
+                             "null or an integer >= 0", default=None),
+                       count("group_size", default=64))
+    param_tensors = ("weight",)
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 group_size: int = 64):
+        super().__init__()
+        if min(num_embeddings, embedding_dim) < 1:
+            raise QuantizationError(f"Int4Embedding: num_embeddings and embedding_dim must be >= 1, got "
+                                    f"{num_embeddings}, {embedding_dim}")
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise QuantizationError(f"Int4Embedding: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+        if type(group_size) is not int or group_size < 1:
+            raise QuantizationError(f"Int4Embedding: group_size must be an integer >= 1, got {group_size!r}")
+        group_size = min(group_size, embedding_dim)
+        if embedding_dim % group_size:
+            raise QuantizationError(f"Int4Embedding: group_size {group_size} does not divide embedding_dim "
+                                    f"{embedding_dim}; pick a divisor (e.g. 32, 64, 128 for 384) or a size >= "
+                                    f"{embedding_dim} for one group per row")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
+        groups = embedding_dim // group_size
+        self.register_buffer("weight", torch.zeros(num_embeddings, (embedding_dim + 1) // 2, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, groups, dtype=torch.float16))
+        self.register_buffer("weight_offset", torch.zeros(num_embeddings, groups, dtype=torch.float16))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group_size: int = 64) -> Int4Embedding:
+        if emb.max_norm is not None:  # nn.Embedding renormalizes rows on lookup: not a fixed table
+            raise QuantizationError(f"Int4Embedding: embeddings with max_norm={emb.max_norm} rewrite their rows "
+                                    "on lookup; they have no 4-bit form")
+        layer = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, group_size)
+        codes, scale, offset = quantize_groups_4bit(emb.weight, layer.group_size)
+        layer.weight.copy_(pack_nibbles(codes))
+        layer.weight_scale.copy_(scale)
+        layer.weight_offset.copy_(offset)
+        return layer.to(emb.weight.device)
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked codes, uint8 (num_embeddings, embedding_dim) in [0, 15]."""
+        return unpack_nibbles(self.weight, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = unpack_nibbles(F.embedding(ids, self.weight), self.embedding_dim)  # only the looked-up rows
+        return dequantize_groups_4bit(codes, F.embedding(ids, self.weight_scale), F.embedding(ids, self.weight_offset))
+
+    def to_dense(self) -> torch.Tensor:
+        """The dequantized table (num_embeddings, embedding_dim), float32."""
+        return dequantize_groups_4bit(self.codes(), self.weight_scale, self.weight_offset)
+
+    def dense_params(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def storage(self) -> LayerStorage:
+        """Exact bytes of the packed codes, scales and offsets; params count the table's entries, not bytes."""
+        st = super().storage()
+        return LayerStorage(params=self.dense_params(), bytes=st.bytes, dense_params=st.dense_params,
+                            dense_bytes=st.dense_bytes)
