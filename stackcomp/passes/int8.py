@@ -6,10 +6,15 @@ row), ``LowRankLinear`` -> ``Int8LowRankLinear`` (both factors). Other compresse
 int8 form yet and are left as they are (listed in the report). ``backend`` picks who runs the
 int8 arithmetic: ``bitsandbytes`` or ``torch`` (PyTorch's dynamic int8 linear, faster on CPU).
 
-``embeddings: true`` also turns the model's ``nn.Embedding`` tables (word, position, token type)
-into ``Int8Embedding`` (per-row scales): for a small model they are most of the bytes (MiniLM:
-47 of 91 MB). They are chosen apart from ``targets`` (whose default leaves embeddings out); an
-explicit ``ignore`` still applies. A table tied to another weight (an LM head) is left as it is.
+``embeddings: true`` (or ``"int8"``) also turns the model's ``nn.Embedding`` tables (word,
+position, token type) into ``Int8Embedding`` (per-row scales): for a small model they are most of
+the bytes (MiniLM: 47 of 91 MB). ``embeddings: "int4"`` makes them ``Int4Embedding`` instead:
+4-bit codes with an fp16 scale and offset per ``embedding_group_size`` entries of a row, about
+4.5 bits per entry at 64 against int8's 8.25, at a larger error (the report says how much). They
+are chosen apart from ``targets`` (whose default leaves embeddings out); an explicit ``ignore``
+still applies. A table tied to another weight (an LM head) is left as it is.
+``embedding_group_size`` enters the stage key only with ``"int4"`` (where it matters), so older
+int8 stages keep their keys.
 
 ``analyze`` quantizes every layer (kept for ``transform``) and reports per layer the relative
 error of the weight and of the layer's output on real activations (one calibration batch when
@@ -21,7 +26,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
 from stackcomp.errors import PlanError
@@ -29,6 +34,7 @@ from stackcomp.nn.base import CompressedLayer
 from stackcomp.nn.ds_linear import DSLinear
 from stackcomp.nn.lowrank import LowRankLinear
 from stackcomp.nn.quantized import (
+    Int4Embedding,
     Int8DSLinear,
     Int8Embedding,
     Int8Linear,
@@ -49,11 +55,29 @@ class Int8Params(PassParams):
     targets: list[str] | None = Field(default=None,
                                       description="module globs / re: patterns (default: encoder linears)")
     ignore: list[str] | None = Field(default=None, description="patterns left as they are (default: heads, embeddings)")
-    embeddings: bool = Field(default=False, description="also quantize the nn.Embedding tables (word, position, "
-                                                        "token type) to int8 with per-row scales")
+    embeddings: bool | Literal["int8", "int4"] = Field(
+        default=False, description="also quantize the nn.Embedding tables (word, position, token type): true or "
+                                   "int8 (per-row scales), int4 (4-bit codes, fp16 scale + offset per group)")
+    embedding_group_size: int = Field(default=64, ge=1, description="int4 embeddings: entries of a row sharing one "
+                                                                    "scale and offset (must divide the row length)")
     error_tokens: int = Field(default=256, ge=1, description="tokens per layer used to measure the output error")
     calibration_sequences: int = Field(default=8, ge=1, description="sequences run to capture real activations")
     seed: int = 0
+
+    @property
+    def embedding_format(self) -> str | None:
+        """None (tables kept), "int8" or "int4"."""
+        if self.embeddings is False:
+            return None
+        return "int8" if self.embeddings is True else self.embeddings
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+        # the group size only shapes int4 tables: elsewhere it stays out of the dump (and the stage key)
+        data = handler(self)
+        if self.embedding_format != "int4":
+            data.pop("embedding_group_size", None)
+        return data
 
 
 def quantize_module(module: nn.Module, backend: str) -> nn.Module:
@@ -85,7 +109,7 @@ class Int8Pass(Pass):
         chosen = list(select_modules(model, p.targets, p.ignore, types=QUANTIZABLE + (CompressedLayer,)))
         layers = [(n, m) for n, m in chosen if isinstance(m, QUANTIZABLE)]
         skipped = [f"{n} ({type(m).__name__}: no int8 form)" for n, m in chosen
-                   if not isinstance(m, QUANTIZABLE + (Int8Embedding,))]
+                   if not isinstance(m, QUANTIZABLE + (Int8Embedding, Int4Embedding))]
         if not layers:
             raise PlanError(f"int8: no linear, DS or low-rank layer matches targets={p.targets} ignore={p.ignore}")
         stf = [n for n, m in layers if getattr(m, "stf", False)]
@@ -96,13 +120,14 @@ class Int8Pass(Pass):
 
     def _embeddings(self, model: nn.Module) -> tuple[list[tuple[str, nn.Embedding]], list[str]]:
         """The embedding tables to quantize, and those left as they are (tied to another weight)."""
-        if not self.params.embeddings:
+        if self.params.embedding_format is None:
             return [], []
         ignore = self.params.ignore or ()
         found = [(n, m) for n, m in model.named_modules()
                  if isinstance(m, nn.Embedding) and not any(matches(n, pat) for pat in ignore)]
         if not found:
-            raise PlanError(f"int8: embeddings: true, but the model has no nn.Embedding outside ignore={ignore}")
+            raise PlanError(f"int8: embeddings: {self.params.embeddings}, but the model has no nn.Embedding outside "
+                            f"ignore={ignore}")
         owners: dict[int, list[str]] = {}
         for pname, t in model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(t), []).append(pname)
@@ -179,7 +204,7 @@ class Int8Pass(Pass):
                 bar.advance()
             emb_rows = {}
             for name, module in embeddings:
-                q = Int8Embedding.from_embedding(module)
+                q = quantize_embedding(module, p.embedding_format, p.embedding_group_size, name)
                 self._quantized[name] = q
                 emb_rows[name] = _embedding_row(module, q)
                 bar.advance()
@@ -192,7 +217,10 @@ class Int8Pass(Pass):
             "worst_layer": max(rows, key=lambda n: rows[n]["output_error"]),
             "bytes_before": before, "bytes_after": after, "ratio": before / after if after else None,
         }
-        if self.params.embeddings:
+        if p.embedding_format is not None:
+            report["embedding_format"] = p.embedding_format
+            if p.embedding_format == "int4":
+                report["embedding_group_size"] = p.embedding_group_size
             eb = sum(r["bytes_before"] for r in emb_rows.values())
             ea = sum(r["bytes_after"] for r in emb_rows.values())
             report["embeddings"] = emb_rows
@@ -215,20 +243,35 @@ class Int8Pass(Pass):
         return model
 
 
+def quantize_embedding(module: nn.Embedding, fmt: str, group_size: int = 64,
+                       name: str = "embedding") -> Int8Embedding | Int4Embedding:
+    """The ``fmt`` ("int8" or "int4") form of one table; a group size that does not fit names the table."""
+    if fmt == "int8":
+        return Int8Embedding.from_embedding(module)
+    try:
+        return Int4Embedding.from_embedding(module, group_size)
+    except QuantizationError as e:
+        raise QuantizationError(f"int8: embedding {name} ({module.num_embeddings} x {module.embedding_dim}), "
+                                f"embedding_group_size={group_size}: {e}") from None
+
+
 def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     dev = next(iter(list(module.parameters()) + list(module.buffers()))).device
     return module(x.to(dev)).float().cpu()
 
 
-def _embedding_row(module: nn.Embedding, q: Int8Embedding) -> dict:
-    """Errors of one int8 table: whole-table relative, worst row relative, worst entry in scale steps."""
+def _embedding_row(module: nn.Embedding, q: Int8Embedding | Int4Embedding) -> dict:
+    """Errors of one quantized table: whole-table relative, worst row relative, worst entry in scale steps."""
     with torch.no_grad():
         w = module.weight.detach().float().cpu()
         err = q.to_dense().float().cpu() - w
         norms = w.norm(dim=1)
         row_err = err.norm(dim=1) / torch.where(norms > 0, norms, torch.ones_like(norms))
-        steps = err.abs().amax(dim=1) / q.weight_scale.float().cpu()
-    return {"type": "Int8Embedding", "shape": [module.num_embeddings, module.embedding_dim],
+        step = q.weight_scale.float().cpu()  # int8: one per row; int4: one per group of a row
+        step = step.unsqueeze(1) if step.dim() == 1 else step.repeat_interleave(q.group_size, dim=1)
+        steps = (err.abs() / step).amax(dim=1)
+    extra = {"group_size": q.group_size} if isinstance(q, Int4Embedding) else {}
+    return {"type": type(q).__name__, "shape": [module.num_embeddings, module.embedding_dim], **extra,
             "weight_error": _rel(w + err, w), "max_row_error": float(row_err.max()),
             "max_error_in_steps": float(steps.max()),
             "bytes_before": float(w.numel() * module.weight.element_size()), "bytes_after": q.storage().bytes}

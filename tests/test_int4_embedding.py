@@ -1,0 +1,263 @@
+"""Int4Embedding and ``embeddings: int4`` in the int8 pass: packing, error bound, lookups, exact bytes, round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stackcomp.artifacts import MANIFEST, load_model, save_model
+from stackcomp.errors import ArtifactError
+from stackcomp.evaluate import size_report
+from stackcomp.nn.quantized import (
+    Int4Embedding,
+    Int8Embedding,
+    QuantizationError,
+    dequantize_groups_4bit,
+    pack_nibbles,
+    quantize_groups_4bit,
+    unpack_nibbles,
+)
+from stackcomp.passes.base import PassContext
+from stackcomp.passes.int8 import Int8Params, Int8Pass
+
+from conftest import make_tiny_model
+
+
+def _table(n=60, d=48, seed=0) -> nn.Embedding:
+    g = torch.Generator().manual_seed(seed)
+    emb = nn.Embedding(n, d, padding_idx=0)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(n, d, generator=g) * torch.logspace(-3, 1, n).unsqueeze(1))
+        emb.weight[0] = 0  # the padding row
+        emb.weight[7, :16] = 0.25  # a constant group
+        emb.weight[9, 5] = 300.0  # one outlier widens its group's range only
+        emb.weight[11] += 5.0  # a row far from zero: offsets, not just scales
+    return emb
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 48])
+def test_pack_unpack_round_trip_is_exact(n):
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 16, (5, n), generator=g, dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (n + 1) // 2)
+    # the layout by hand: even entry in the low nibble, odd entry in the high one
+    assert int(packed[0, 0]) == int(codes[0, 0]) + (16 * int(codes[0, 1]) if n > 1 else 0)
+    assert torch.equal(unpack_nibbles(packed, n), codes)
+
+
+def test_planted_codes_are_recovered_exactly():
+    """A table that is exactly code * scale + offset with fp16-exact numbers comes back bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    rows, groups, G = 6, 3, 8
+    codes = torch.randint(0, 16, (rows, groups * G), generator=g, dtype=torch.uint8)
+    codes.view(rows, groups, G)[..., 0] = 0  # every group spans the full code range,
+    codes.view(rows, groups, G)[..., 1] = 15  # so its min and max pin the scale and offset
+    scale = (2.0 ** torch.randint(-6, 2, (rows, groups), generator=g)).half()
+    offset = (torch.randint(-64, 64, (rows, groups), generator=g) / 16).half()
+    w = dequantize_groups_4bit(codes, scale, offset)
+    emb = nn.Embedding(rows, groups * G)
+    with torch.no_grad():
+        emb.weight.copy_(w)
+    q = Int4Embedding.from_embedding(emb, group_size=G)
+    assert torch.equal(q.codes(), codes)
+    assert torch.equal(q.weight_scale, scale) and torch.equal(q.weight_offset, offset)
+    assert torch.equal(q.to_dense(), w)
+
+
+@pytest.mark.parametrize("group", [8, 16, 48])
+def test_error_is_at_most_half_a_step_per_entry(group):
+    emb = _table(seed=group)
+    q = Int4Embedding.from_embedding(emb, group_size=group)
+    w = emb.weight.detach()
+    err = (q.to_dense() - w).abs()
+    step = q.weight_scale.float().repeat_interleave(group, dim=1)
+    assert (err <= step / 2 + 1e-6 * w.abs()).all()
+    assert err.max() > 0  # a real quantization, not a copy
+    assert torch.equal(q.to_dense()[0], torch.zeros(48))  # the padding row stays exactly zero
+    # offsets: the group minimum rounded down to fp16; scales: (max - offset) / 15 rounded up to fp16
+    gw = w.reshape(60, -1, group)
+    lo, hi = gw.amin(-1), gw.amax(-1)
+    off, sc = q.weight_offset.float(), q.weight_scale.float()
+    assert (off <= lo).all() and (off >= lo - lo.abs() * 2**-10 - 2**-24).all()
+    rng = (hi - off) / 15
+    nonconst = rng > 0
+    assert (sc[nonconst] >= rng[nonconst]).all()
+    assert (sc[nonconst] <= rng[nonconst] * (1 + 2**-9) + 2**-24).all()
+    codes = q.codes().reshape(60, -1, group)
+    assert (codes.amax(-1)[nonconst] >= 14).all()  # the codes span the range: no wasted levels
+
+
+def test_smaller_groups_give_smaller_error_and_int4_is_worse_than_int8():
+    emb = _table(seed=5)
+    w = emb.weight.detach()
+
+    def rel(q):
+        return float((q.to_dense() - w).norm() / w.norm())
+
+    e8 = rel(Int8Embedding.from_embedding(emb))
+    e4 = [rel(Int4Embedding.from_embedding(emb, group_size=g)) for g in (48, 16, 8)]
+    assert e4[0] > e4[1] > e4[2] > e8 > 0
+
+
+def test_forward_equals_embedding_of_the_dequantized_table():
+    emb = _table()
+    q = Int4Embedding.from_embedding(emb, group_size=16)
+    table = q.to_dense()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 60, (3, 9), generator=g)
+    ids[0, 0] = ids[2, 4] = 0  # padding_idx
+    ids[1, 1] = 59
+    out = q(ids)
+    assert out.shape == (3, 9, 48) and out.dtype == torch.float32
+    assert torch.equal(out, F.embedding(ids, table, padding_idx=0))
+    assert torch.equal(out[0, 0], torch.zeros(48))
+    assert q(torch.zeros(0, dtype=torch.long)).shape == (0, 48)
+
+
+def test_odd_dim_and_group_larger_than_the_row():
+    emb = nn.Embedding(10, 7)
+    q = Int4Embedding.from_embedding(emb, group_size=64)  # one group per row
+    assert q.group_size == 7 and q.weight.shape == (10, 4) and q.weight_scale.shape == (10, 1)
+    ids = torch.arange(10)
+    assert torch.equal(q(ids), q.to_dense())
+    assert float((q.to_dense() - emb.weight.detach()).abs().max()) <= float(q.weight_scale.max()) / 2 + 1e-6
+
+
+@pytest.mark.parametrize("n,d,group", [(1000, 384, 64), (1000, 384, 32), (30522, 384, 128), (5, 7, 7)])
+def test_storage_is_exact(n, d, group):
+    st = Int4Embedding(n, d, group_size=group).storage()
+    assert st.params == n * d and st.dense_params == n * d
+    # packed codes (half a byte each, a row padded to whole bytes) + fp16 scale and offset per group
+    assert st.bytes == n * ((d + 1) // 2) + n * (d // group) * 2 * 2
+    assert st.dense_bytes == n * d * 4
+
+
+@pytest.mark.parametrize("group,match", [(100, "does not divide embedding_dim 384"), (0, "group_size must be"),
+                                         (-4, "group_size must be")])
+def test_bad_group_size_is_a_clear_error(group, match):
+    with pytest.raises(QuantizationError, match=match):
+        Int4Embedding(10, 384, group_size=group)
+    with pytest.raises(QuantizationError, match="group"):
+        quantize_groups_4bit(torch.zeros(2, 384), 100)
+
+
+def test_values_beyond_fp16_and_max_norm_are_refused():
+    emb = nn.Embedding(4, 8)
+    with torch.no_grad():
+        emb.weight[1, 1] = 1e6
+    with pytest.raises(QuantizationError, match="fp16"):
+        Int4Embedding.from_embedding(emb, group_size=8)
+    with pytest.raises(QuantizationError, match="max_norm"):
+        Int4Embedding.from_embedding(nn.Embedding(10, 4, max_norm=1.0))
+
+
+@pytest.mark.parametrize("field,value", [("num_embeddings", 0), ("group_size", 0), ("group_size", 5),
+                                         ("padding_idx", 10), ("layout_version", 2)])
+def test_bad_manifest_entries_are_artifact_errors(field, value):
+    entry = {"layout_version": 1, "num_embeddings": 10, "embedding_dim": 8, "padding_idx": None, "group_size": 4,
+             field: value}
+    with pytest.raises(ArtifactError, match="Int4Embedding"):
+        Int4Embedding.from_manifest(entry)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _run_pass(model, tmp_path, **params):
+    p = Int8Pass({"backend": "torch", **params})
+    ctx = PassContext(stage="t", work_dir=tmp_path)
+    report = p.analyze(model, ctx)
+    return p.transform(model, ctx), report
+
+
+def test_params_accept_int4_and_keep_old_keys():
+    old = {"backend": "bitsandbytes", "targets": None, "ignore": None, "embeddings": False, "error_tokens": 256,
+           "calibration_sequences": 8, "seed": 0}
+    assert Int8Params().model_dump(mode="json") == old  # default stages keep their keys
+    assert Int8Params(embeddings=True).model_dump(mode="json") == {**old, "embeddings": True}
+    assert Int8Params(embeddings=True).embedding_format == "int8"
+    assert Int8Params(embeddings="int8").embedding_format == "int8"
+    assert Int8Params().embedding_format is None
+    p = Int8Params(embeddings="int4", embedding_group_size=32)
+    assert p.embedding_format == "int4"
+    assert p.model_dump(mode="json") == {**old, "embeddings": "int4", "embedding_group_size": 32}
+    assert Int8Params.model_validate(p.model_dump(mode="json")) == p
+    with pytest.raises(ValueError):
+        Int8Params(embeddings="int3")
+    with pytest.raises(ValueError):
+        Int8Params(embeddings="int4", embedding_group_size=0)
+
+
+def test_pass_int4_changes_tables_keeps_logits_close_and_round_trips(tmp_path):
+    model = make_tiny_model("bert")  # hidden 32: group 16 gives two groups a row
+    tables = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    assert len(tables) == 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30522, (2, 11), generator=g)
+    ids[0, -3:] = model.config.pad_token_id
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    before = size_report(model)
+    model, report = _run_pass(model, tmp_path, embeddings="int4", embedding_group_size=16)
+
+    embs = {n: m for n, m in model.named_modules() if isinstance(m, Int4Embedding)}
+    assert set(embs) == set(tables) == set(report["embeddings"])
+    assert report["embedding_format"] == "int4" and report["embedding_group_size"] == 16
+    for n, m in embs.items():
+        row = report["embeddings"][n]
+        rows, d = tables[n].shape
+        assert row["type"] == "Int4Embedding" and row["group_size"] == 16 and m.group_size == 16
+        assert not torch.equal(m.to_dense(), tables[n])  # the table changed
+        assert 0 < row["weight_error"] < 0.15 and row["max_row_error"] < 0.3
+        assert 0 < row["max_error_in_steps"] <= 0.5 + 1e-4
+        assert row["bytes_after"] == rows * d // 2 + rows * (d // 16) * 4
+        assert row["bytes_before"] == 4 * tables[n].numel()
+    assert report["embedding_max_weight_error"] == max(r["weight_error"] for r in report["embeddings"].values())
+
+    after = size_report(model)
+    saved_lin = before["linear_bytes"] - after["linear_bytes"]
+    saved_emb = sum(4 * t.numel() - (t.numel() // 2 + t.shape[0] * (t.shape[1] // 16) * 4) for t in tables.values())
+    assert before["model_bytes"] - after["model_bytes"] == saved_lin + saved_emb
+    assert after["model_dense_bytes"] == before["model_dense_bytes"]
+    assert after["model_params"] == before["model_params"]
+
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+    assert not torch.equal(y, ref)
+    assert float((y - ref).norm() / ref.norm()) < 0.2
+
+    save_model(model, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    word = next(n for n in tables if n.endswith("word_embeddings"))
+    assert manifest["layers"][word] == {"type": "Int4Embedding", "layout_version": 1, "num_embeddings": 30522,
+                                        "embedding_dim": 32, "padding_idx": model.config.pad_token_id,
+                                        "group_size": 16}
+    again = load_model(tmp_path / "m")
+    for n, m in again.named_modules():
+        if n in embs:
+            assert isinstance(m, Int4Embedding)
+            for b in ("weight", "weight_scale", "weight_offset"):
+                assert torch.equal(getattr(m, b), getattr(embs[n], b))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, y)
+    assert size_report(again) == after
+
+
+def test_pass_int4_is_smaller_than_int8_and_less_exact(tmp_path):
+    m8, r8 = _run_pass(make_tiny_model("bert"), tmp_path, embeddings=True)
+    m4, r4 = _run_pass(make_tiny_model("bert"), tmp_path, embeddings="int4")  # default group 64 > 32: one per row
+    assert r8["embedding_format"] == "int8" and "embedding_group_size" not in r8
+    assert all(r["group_size"] == 32 for r in r4["embeddings"].values())
+    assert r4["embedding_bytes_after"] < r8["embedding_bytes_after"]
+    assert size_report(m4)["model_bytes"] < size_report(m8)["model_bytes"]
+    assert r4["embedding_max_weight_error"] > r8["embedding_max_weight_error"]
+
+
+def test_pass_bad_group_size_names_the_table(tmp_path):
+    with pytest.raises(QuantizationError, match=r"word_embeddings.*embedding_group_size=12.*does not divide"):
+        _run_pass(make_tiny_model("bert"), tmp_path, embeddings="int4", embedding_group_size=12)
