@@ -60,3 +60,36 @@ def test_pair_task_and_regression_heads(tmp_path, tiny_model_dirs, data_env):
     summary = Engine(plan, tmp_path / "run").run()
     ev = next(s for s in summary["stages"] if s["stage"] == "ft.eval")["metrics"]
     assert "accuracy" in ev
+
+
+def test_only_runs_add_up_in_the_run_summary(tmp_path, tiny_model_dirs, data_env):
+    """Two ``--only`` runs of one recipe: the second summary lists both branches (done ones from
+    the cache, nothing recomputed), never the branch that was not run."""
+    import json
+
+    p = tmp_path / "r.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: tiny-only
+        model: {tiny_model_dirs['bert']}
+        task: glue/sst2
+        data: {{max_length: 32}}
+        x-ft: &ft {{max_steps: 2, batch_size: 8}}
+        stages:
+          ft: {{pass: finetune, params: *ft}}
+          a: {{pass: finetune, after: ft, params: {{max_steps: 2, batch_size: 8, lr: 1.0e-4}}}}
+          b: {{pass: finetune, after: ft, params: {{max_steps: 2, batch_size: 8, lr: 2.0e-4}}}}
+          c: {{pass: finetune, after: ft, params: {{max_steps: 2, batch_size: 8, lr: 3.0e-4}}}}
+    """))
+    run = ["run", str(p), "-o", str(tmp_path / "run"), "--json", "--only"]
+    r = CliRunner().invoke(app, [*run, "a"])
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout[r.stdout.index("{"):])
+    assert {s["stage"] for s in first["stages"]} == {"ft", "a", "a.eval"}
+    r = CliRunner().invoke(app, [*run, "b"])
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.stdout[r.stdout.index("{"):])
+    assert set(second["ran"]) == {"b", "b.eval"}  # ft and a came from the cache
+    assert {s["stage"] for s in second["stages"]} == {"ft", "a", "a.eval", "b", "b.eval"}
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {s["stage"] for s in on_disk["stages"]} == {"ft", "a", "a.eval", "b", "b.eval"}
+    assert all(s["status"] == "cached" for s in on_disk["stages"])
