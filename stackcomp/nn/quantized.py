@@ -155,6 +155,18 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return both.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :n]
 
 
+def _unpack_nibbles_float(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`unpack_nibbles` as float32 arithmetic (high = floor(byte / 16), low = byte - 16 high).
+
+    The form ONNX export records: torch.onnx writes a uint8 ``>>`` as int8 ops that ONNX
+    Runtime refuses to load (a Concat of uint8 and int8). Same codes, exactly (integers < 256).
+    """
+    b = packed.float()
+    hi = torch.floor(b * 0.0625)
+    both = torch.stack((b - 16 * hi, hi), dim=-1)
+    return both.reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :n]
+
+
 # ----------------------------------------------------------------------------- backends
 
 
@@ -639,7 +651,9 @@ class Int4Embedding(DeclaredLayer):
         return unpack_nibbles(self.weight, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        codes = unpack_nibbles(F.embedding(ids, self.weight), self.embedding_dim)  # only the looked-up rows
+        rows = F.embedding(ids, self.weight)  # only the looked-up rows
+        unpack = _unpack_nibbles_float if _exporting() else unpack_nibbles  # ONNX: no uint8 shifts
+        codes = unpack(rows, self.embedding_dim)
         return dequantize_groups_4bit(codes, F.embedding(ids, self.weight_scale), F.embedding(ids, self.weight_offset))
 
     def to_dense(self) -> torch.Tensor:
