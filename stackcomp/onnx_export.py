@@ -87,7 +87,9 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> tuple[Path, list[str
 
     MatMuls with a constant weight of more than 2 dimensions (the DS layers' batched dictionary
     products) stay fp32: ONNX Runtime's integer MatMul takes per-channel scales on 2-D weights
-    only. Returns the path and the names of the nodes left in fp32.
+    only. Gathers from fp16 tables (``Int4Embedding``'s scales and offsets) stay as they are: ONNX
+    Runtime would give their DequantizeLinear fp16 scales, which it then refuses to load. Returns
+    the path and the names of the MatMul/Gemm nodes left in fp32.
     """
     require_onnx()
     import onnx
@@ -96,7 +98,10 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> tuple[Path, list[str
     graph = onnx.load(str(src)).graph
     batched = {t.name for t in graph.initializer if len(t.dims) > 2}
     keep = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and batched.intersection(n.input)]
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep)
+    fp16 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    fp16_gathers = [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in fp16]
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_exclude=keep + fp16_gathers)
     proto = onnx.load(str(dst))
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     onnx.save(proto, str(dst))
