@@ -30,7 +30,7 @@ from stackcomp.kernels import KernelError, ds_cpu
 from stackcomp.kernels.reference import ds_forward_reference
 from stackcomp.nn.ds_linear import DSLinear
 from stackcomp.nn.packed import PackedDSLinear, Sparse24Linear
-from stackcomp.nn.quantized import Int8DSLinear
+from stackcomp.nn.quantized import Int4Embedding, Int8DSLinear, Int8Embedding
 from stackcomp.passes.base import PassContext
 from stackcomp.passes.ds_factorize import DSFactorizePass
 from stackcomp.passes.int8 import Int8Pass
@@ -141,14 +141,14 @@ def _ctx(tmp_path, stage="t"):
     return PassContext(stage=stage, work_dir=tmp_path)
 
 
-def _stack(tmp_path, int8: bool, kind: str = "bert"):
+def _stack(tmp_path, int8: bool, kind: str = "bert", embeddings: bool | str = False):
     model = make_tiny_model(kind)
     ctx = _ctx(tmp_path)
     p = DSFactorizePass({"block": 16, "atoms": 16, "nnz": 4, "iters": 2, "train": {"epochs": 0}})
     p.analyze(model, ctx)
     model = p.finetune(p.transform(model, ctx), ctx)
     if int8:
-        q = Int8Pass({"backend": "torch"})
+        q = Int8Pass({"backend": "torch", "embeddings": embeddings, "embedding_group_size": 16})
         q.analyze(model, ctx)
         model = q.transform(model, ctx)
     return model
@@ -266,6 +266,68 @@ def test_pack_onnx_parity(tmp_path):
     # ORT's own int8 on top: weights quantized, logits close
     assert rep["int8"]["parity"]["max_rel_diff"] < 0.1
     assert (tmp_path / rep["int8"]["path"]).exists()
+
+
+@pytest.mark.parametrize("embeddings", ["int8", "int4"])
+def test_pack_onnx_parity_quantized_embeddings(tmp_path, embeddings):
+    """DS + int8 with int8 / 4-bit embedding tables: exported with the tables still packed, parity in ORT."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    model = _stack(tmp_path, int8=True, embeddings=embeddings)
+    kind = Int8Embedding if embeddings == "int8" else Int4Embedding
+    word = model.bert.embeddings.word_embeddings
+    assert type(word) is kind and (embeddings == "int8" or word.weight_scale.shape[1] == 2)  # 2 groups a row
+    ctx = _ctx(tmp_path)
+    p = PackPass({"target": "onnx", "onnx_int8": True})
+    p.analyze(model, ctx)
+    model = p.transform(model, ctx)
+    assert type(model.bert.embeddings.word_embeddings) is kind
+    rep = ctx.report["onnx"]
+    assert rep["parity"]["max_rel_diff"] < 1e-3 and rep["parity"]["argmax_agreement"] == 1.0
+    proto = onnx.load(str(tmp_path / rep["path"]))
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    assert "BitShift" not in {n.op_type for n in proto.graph.node}
+    table = next(t for t in proto.graph.initializer if t.name.endswith("word_embeddings.weight"))
+    # the table is exported as stored (int8 rows, or two 4-bit codes a byte), not dequantized to fp32
+    want = onnx.TensorProto.INT8 if embeddings == "int8" else onnx.TensorProto.UINT8
+    assert table.data_type == want and list(table.dims) == list(word.weight.shape)
+    assert rep["int8"]["parity"]["max_rel_diff"] < 0.1  # ORT's int8 model loads and runs too
+
+
+def test_int4_embedding_onnx_export_is_exact(tmp_path):
+    """The export-time unpacking gives the eager codes for every byte, and ORT's lookups equal eager ones."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from stackcomp.nn.quantized import _unpack_nibbles_float, unpack_nibbles
+    from stackcomp.onnx_export import ort_session
+
+    every = torch.arange(256, dtype=torch.uint8).reshape(8, 32)
+    assert torch.equal(_unpack_nibbles_float(every, 64), unpack_nibbles(every, 64).float())
+    assert torch.equal(_unpack_nibbles_float(every, 63), unpack_nibbles(every, 63).float())  # odd rows
+    g = torch.Generator().manual_seed(0)
+    for dim, group in ((24, 8), (7, 7)):  # three groups a row; an odd row length (last byte half used)
+        emb = nn.Embedding(50, dim, padding_idx=0)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(50, dim, generator=g) * 3 + 1)
+            emb.weight[0] = 0
+        layer = Int4Embedding.from_embedding(emb, group_size=group).eval()
+        ids = torch.randint(0, 50, (3, 5), generator=g)
+        ids[0, 0] = 0
+        path = tmp_path / f"emb{dim}.onnx"
+        dyn = torch.export.Dim.DYNAMIC
+        torch.onnx.export(layer, (ids,), str(path), dynamo=True, input_names=["ids"], output_names=["rows"],
+                          dynamic_shapes=({0: dyn, 1: dyn},), external_data=False, verbose=False)
+        sess = ort_session(path)
+        for x in (ids, torch.randint(0, 50, (2, 9), generator=g)):
+            got = torch.from_numpy(sess.run(["rows"], {"ids": x.numpy()})[0])
+            with torch.no_grad():
+                ref = layer(x)
+            assert torch.allclose(got, ref, rtol=1e-6, atol=1e-6), float((got - ref).abs().max())
+            assert torch.equal(ref, layer.to_dense()[x])
+            if x is ids:  # holds the padding id: its rows stay zero
+                assert torch.equal(got[0, 0], torch.zeros(dim))
 
 
 def test_albert_recipe_offline_on_tiny_albert(tmp_path, tiny_model_dirs, data_env):
