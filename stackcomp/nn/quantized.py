@@ -531,6 +531,16 @@ class Int8DSLinear(_Int8Layer):
         return ds_rebuild_weight(d, v, i)
 
 
+def _table_padding_idx(layer: str, num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> int | None:
+    """Check an embedding table's shape; return ``padding_idx`` in [0, num_embeddings) (or None)."""
+    if min(num_embeddings, embedding_dim) < 1:
+        raise QuantizationError(f"{layer}: num_embeddings and embedding_dim must be >= 1, got "
+                                f"{num_embeddings}, {embedding_dim}")
+    if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+        raise QuantizationError(f"{layer}: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+    return padding_idx % num_embeddings if padding_idx is not None else None
+
+
 @register_layer
 class Int8Embedding(DeclaredLayer):
     """``nn.Embedding`` with an int8 table and one fp32 scale per row: a quarter of the bytes.
@@ -549,13 +559,9 @@ class Int8Embedding(DeclaredLayer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
-        if min(num_embeddings, embedding_dim) < 1:
-            raise QuantizationError(f"Int8Embedding: num_embeddings and embedding_dim must be >= 1, got "
-                                    f"{num_embeddings}, {embedding_dim}")
-        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
-            raise QuantizationError(f"Int8Embedding: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+        padding_idx = _table_padding_idx("Int8Embedding", num_embeddings, embedding_dim, padding_idx)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
+        self.padding_idx = padding_idx
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
 
@@ -615,11 +621,7 @@ class Int4Embedding(DeclaredLayer):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  group_size: int = 64):
         super().__init__()
-        if min(num_embeddings, embedding_dim) < 1:
-            raise QuantizationError(f"Int4Embedding: num_embeddings and embedding_dim must be >= 1, got "
-                                    f"{num_embeddings}, {embedding_dim}")
-        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
-            raise QuantizationError(f"Int4Embedding: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+        padding_idx = _table_padding_idx("Int4Embedding", num_embeddings, embedding_dim, padding_idx)
         if type(group_size) is not int or group_size < 1:
             raise QuantizationError(f"Int4Embedding: group_size must be an integer >= 1, got {group_size!r}")
         group_size = min(group_size, embedding_dim)
@@ -628,7 +630,7 @@ class Int4Embedding(DeclaredLayer):
                                     f"{embedding_dim}; pick a divisor (e.g. 32, 64, 128 for 384) or a size >= "
                                     f"{embedding_dim} for one group per row")
         self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
-        self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
+        self.padding_idx = padding_idx
         groups = embedding_dim // group_size
         self.register_buffer("weight", torch.zeros(num_embeddings, (embedding_dim + 1) // 2, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings, groups, dtype=torch.float16))
