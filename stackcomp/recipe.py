@@ -145,6 +145,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     sweeps: list[tuple[list[str], list[Any]]] = []
     for item in overrides:
         keys, values = parse_override(item)
+        keys = _join_stage_name(keys, raw.get("stages"))
         if len(values) == 1:
             _set_path(raw, keys, values[0], item)
         else:
@@ -290,6 +291,18 @@ def _parse_scalar(text: str, item: str) -> Any:
     if isinstance(value, str) and _FLOAT.match(value.strip()):
         return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
     return value
+
+
+def _join_stage_name(keys: list[str], stages: Any) -> list[str]:
+    """``stages.ds2.8x.params.nnz`` -> ["stages", "ds2.8x", "params", "nnz"]: stage names may hold
+    dots; the shortest run of segments that names an existing stage is taken as the name."""
+    if len(keys) < 3 or keys[0] != "stages" or not isinstance(stages, dict) or keys[1] in stages:
+        return keys
+    for j in range(3, len(keys) + 1):
+        name = ".".join(keys[1:j])
+        if name in stages:
+            return ["stages", name, *keys[j:]]
+    return keys
 
 
 def _set_path(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> None:

@@ -164,3 +164,13 @@ def test_recipe_seed_drives_data_seed_unless_data_sets_one():
     base = {"name": "r", "model": "m", "task": "glue/sst2", "stages": {"ft": {"pass": "finetune"}}}
     assert recipe_from_dict({**base, "seed": 5}).data_options().seed == 5
     assert recipe_from_dict({**base, "seed": 5, "data": {"seed": 3}}).data_options().seed == 3
+
+
+def test_overrides_and_sweeps_reach_stage_names_with_dots():
+    raw = {**BASE, "stages": {**BASE["stages"], "ds2.8x": {"pass": "finetune", "after": "ft", "params": {"lr": 1.0}}}}
+    r = recipe_from_dict(raw, ["stages.ds2.8x.params.lr=2e-5"])
+    assert r.stages["ds2.8x"].params["lr"] == pytest.approx(2e-5)
+    r = recipe_from_dict(raw, ["stages.ds2.8x.params.batch_size=4,8"])
+    assert {"ds2.8x[batch_size=4]", "ds2.8x[batch_size=8]"} <= set(r.stages)
+    with pytest.raises(RecipeError, match="no stage named 'ds2'"):
+        recipe_from_dict(raw, ["stages.ds2.9x.params.lr=1"])
