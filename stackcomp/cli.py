@@ -107,8 +107,12 @@ def _summarize_done(full_plan: Any, run_dir: Path, cache: Optional[Path], summar
         return summary
     merged = Engine(full_plan.select(done, with_measures=False), run_dir, show_progress=False,
                     cache_dir=cache, console=Console(stderr=True, quiet=True)).run()
-    merged["ran"] = summary["ran"]
-    merged["seconds"] = summary["seconds"]
+    from stackcomp.engine import _atomic_text, _dumps
+
+    this_run = {s["stage"]: s for s in summary["stages"]}
+    merged["stages"] = [this_run.get(s["stage"], s) for s in merged["stages"]]
+    merged["ran"], merged["seconds"] = summary["ran"], summary["seconds"]
+    _atomic_text(run_dir / "summary.json", _dumps(merged))
     return merged
 
 

@@ -92,4 +92,6 @@ def test_only_runs_add_up_in_the_run_summary(tmp_path, tiny_model_dirs, data_env
     assert {s["stage"] for s in second["stages"]} == {"ft", "a", "a.eval", "b", "b.eval"}
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {s["stage"] for s in on_disk["stages"]} == {"ft", "a", "a.eval", "b", "b.eval"}
-    assert all(s["status"] == "cached" for s in on_disk["stages"])
+    assert on_disk["ran"] == second["ran"] and on_disk["seconds"] == second["seconds"]
+    status = {s["stage"]: s["status"] for s in on_disk["stages"]}
+    assert status["b"] == status["b.eval"] == "ran" and status["a"] == status["ft"] == "cached"
