@@ -1,0 +1,79 @@
+"""Latency of saved stage models from finished runs, side by side in one process.
+
+    STACKCOMP_DATA_DIR=../shared/data python bench/stage_latency.py runs/minilm-sst2-stack3 ft kd3 kd3_int8 kd3_pack
+
+Each evaluate stage times its own model when it runs, so models evaluated at different times
+(another session, another load on the machine) are not comparable. This loads the named stages'
+artifacts (from the run's artifact folder or the shared cache it used) and times them
+interleaved over the same SST-2 dev batches, with the timing of ``bench/model_latency.py``
+(min over rounds of the per-round median ms per batch). Ratios are against the first stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import warnings
+
+import torch
+from transformers import AutoTokenizer
+
+from stackcomp.artifacts import load_model
+from stackcomp.data import DataOptions, TaskData, get_task
+from stackcomp.evaluate import size_report
+from stackcomp.report import Run
+
+from model_latency import agreement, time_models
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run directory (runs/<recipe name>)")
+    ap.add_argument("stages", nargs="+", help="stages whose saved models to time; the first is the reference")
+    ap.add_argument("--task", default="glue/sst2")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    run = Run(args.run)
+    models = {}
+    for name in args.stages:
+        folder = run.artifact(name) / "model"
+        models[name] = load_model(folder, device="cpu").eval()
+    tok = AutoTokenizer.from_pretrained(run.artifact(args.stages[0]) / "model")
+    data = TaskData(get_task(args.task), tok, DataOptions(max_length=args.max_length))
+    batches = []
+    for i, b in enumerate(data.eval_loader(args.batch_size, sort_by_length=False)):
+        if i >= args.batches:
+            break
+        batches.append({k: v for k, v in b.items() if k != "labels"})
+
+    with torch.inference_mode():
+        ms = time_models(models, batches, args.rounds)
+        ref = args.stages[0]
+        agree = agreement({"fp32": models[ref], **models}, batches)
+    sizes = {n: size_report(m)["model_bytes"] for n, m in models.items()}
+    print(f"\n{args.run}: {len(batches)} SST-2 dev batches x {args.batch_size}, max_length {args.max_length}, "
+          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'stage':<16} {'ms/batch':>9} {'vs ' + ref:>12} {'MB':>8} {'x smaller':>10} {'agree':>6}")
+    for n in args.stages:
+        print(f"{n:<16} {ms[n]:>9.2f} {ms[ref] / ms[n]:>11.2f}x {sizes[n] / 1e6:>8.2f} "
+              f"{sizes[ref] / sizes[n]:>9.2f}x {agree[n]:>6.3f}")
+    if args.json:
+        print(json.dumps({"args": vars(args), "ms_per_batch": ms, "model_bytes": sizes, "argmax_agreement": agree,
+                          "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}))
+
+
+if __name__ == "__main__":
+    main()
