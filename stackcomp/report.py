@@ -343,6 +343,7 @@ class Row:
     meets_goal: bool | None = None
     goal_failures: list[str] = field(default_factory=list)
     attribution: list[StepDelta] = field(default_factory=list)
+    also_in: list[str] = field(default_factory=list)  # other runs with the same leaf model (same key)
 
     @property
     def id(self) -> str:
@@ -401,7 +402,16 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
     if goal is not None and not hasattr(goal, "model_dump"):
         goal = _goal(goal, Path("--goal"))
     sizes = _SizeCache(load_sizes)
-    rows = [_row(run, leaf, sizes) for run in runs for leaf in run.leaf_models()]
+    rows, by_key, shared = [], {}, 0
+    for run in runs:
+        for leaf in run.leaf_models():
+            key = run.stages[leaf].key
+            if key in by_key:  # same key, same artifact: recipes sharing a cache list it once
+                by_key[key].also_in.append(run.label)
+                shared += 1
+                continue
+            by_key[key] = _row(run, leaf, sizes)
+            rows.append(by_key[key])
     names = sorted({r.metric_name for r in rows if r.metric_name})
     if len(names) > 1:
         raise StackcompError(f"the runs rank by different metrics ({', '.join(names)}); compare runs of one task")
@@ -416,7 +426,9 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
     rows.sort(key=_sort_key)
     return Comparison(runs=runs, rows=rows, task=tasks[0] if tasks else None,
                       metric_name=names[0] if names else None, goals_given=goals_given,
-                      notes=_latency_notes(runs, rows))
+                      notes=_latency_notes(runs, rows) + ([
+                          f"{shared} leaf model(s) shared by several runs (same stage key, one artifact) are "
+                          "listed once, under the first run given"] if shared else []))
 
 
 def _latency_notes(runs: list[Run], rows: list[Row]) -> list[str]:

@@ -380,3 +380,18 @@ def test_method_names_a_pass_variant_only_where_rows_differ(runs, tmp_path):
     stage_json.write_text(json.dumps(info))
     methods = {r.leaf: r.method for r in compare([copy]).rows}
     assert methods == {"ds_a": "ds_factorize:ksvd", "ds_b": "ds_factorize:mod", "ft": "uncompressed"}
+
+
+def test_leaves_shared_by_several_runs_are_listed_once(runs, tmp_path):
+    """Two recipes run with one cache share stages (same keys): each model is one row, not two."""
+    copy = tmp_path / "tiny-copy"
+    shutil.copytree(runs["run1"], copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["recipe"] = "tiny-copy"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    alone = compare([runs["run1"]])
+    both = compare([runs["run1"], copy])
+    assert len(both.runs) == 2
+    assert [(r.run, r.leaf) for r in both.rows] == [(r.run, r.leaf) for r in alone.rows]
+    assert all(len(r.also_in) == 1 and r.also_in[0] != r.run for r in both.rows)
+    assert any("listed once" in n for n in both.notes) and not any("listed once" in n for n in alone.notes)
