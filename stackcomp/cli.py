@@ -94,28 +94,6 @@ OnlyOpt = typer.Option(
 )
 
 
-def _summarize_done(full_plan: Any, run_dir: Path, cache: Optional[Path], summary: dict) -> dict:
-    """After an ``--only`` run, rewrite the run's summary over every stage of the recipe that is
-    done (cached with all its ancestors), not only the selection: successive ``--only`` runs of
-    one recipe then add up, and ``compare``/``report`` see all finished branches."""
-    from stackcomp.engine import Engine
-
-    status = Engine(full_plan, run_dir, cache_dir=cache).status()
-    done = [n for n in full_plan.order
-            if status[n] == "cached" and all(status[a] == "cached" for a in full_plan.ancestors(n))]
-    if set(done) <= {s["stage"] for s in summary["stages"]}:
-        return summary
-    merged = Engine(full_plan.select(done, with_measures=False), run_dir, show_progress=False,
-                    cache_dir=cache, console=Console(stderr=True, quiet=True)).run()
-    from stackcomp.engine import _atomic_text, _dumps
-
-    this_run = {s["stage"]: s for s in summary["stages"]}
-    merged["stages"] = [this_run.get(s["stage"], s) for s in merged["stages"]]
-    merged["ran"], merged["seconds"] = summary["ran"], summary["seconds"]
-    _atomic_text(run_dir / "summary.json", _dumps(merged))
-    return merged
-
-
 def _select(plan: Any, only: Optional[list[str]]) -> Any:
     names = [n.strip() for item in (only or []) for n in item.split(",") if n.strip()]
     return plan.select(names) if names else plan
@@ -146,10 +124,8 @@ def run(
     plan = _select(full_plan, only)
     run_dir = _run_dir(r.name, output)
     engine = Engine(plan, run_dir, console=err_console if as_json else console,
-                    show_progress=not as_json, cache_dir=cache)
+                    show_progress=not as_json, cache_dir=cache, full_plan=full_plan)
     summary = engine.run()
-    if plan is not full_plan:
-        summary = _summarize_done(full_plan, run_dir, cache, summary)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:

@@ -47,8 +47,12 @@ class Engine:
     """Runs one plan inside one run directory."""
 
     def __init__(self, plan: Plan, run_dir: str | Path, *, console: Any = None, show_progress: bool = True,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, full_plan: Plan | None = None):
+        """``full_plan``: the recipe's whole plan when ``plan`` is a part of it (``--only``); the
+        summary then also lists the stages of the whole plan that are done, so successive
+        ``--only`` runs of one recipe add up for ``compare`` and ``report``."""
         self.plan = plan
+        self.full_plan = full_plan or plan
         self.recipe = plan.recipe
         self.run_dir = Path(run_dir)
         self.store = ArtifactStore(self.run_dir, artifacts_dir=cache_dir)
@@ -373,14 +377,21 @@ class Engine:
         return tree
 
     def _summary(self, seconds: float) -> dict[str, Any]:
+        full = self.full_plan
+        shown = set(self.plan.order)
+        for name in full.order:  # topological: a stage is shown once its ancestors are
+            if (name not in shown and self.store.is_complete(full.stages[name].key)
+                    and all(a in shown for a in full.ancestors(name))):
+                shown.add(name)
         stages = []
-        for name in self.plan.order:
-            stage = self.plan.stages[name]
-            o = self.outcomes[name]
+        for name in (n for n in full.order if n in shown):
+            stage = full.stages[name]
+            o = self.outcomes.get(name) or StageOutcome(name, stage.pass_name, stage.key, "cached",
+                                                        metrics=self._read_metrics(stage.key))
             stages.append({
                 "stage": name, "pass": stage.pass_name, "key": stage.key, "parents": stage.parents,
                 "status": o.status, "seconds": round(o.seconds, 3), "metrics": o.metrics,
-                "leaf": self.plan.graph.out_degree(name) == 0, "path": self.plan.path_to(name),
+                "leaf": not any(c in shown for c in full.graph.successors(name)), "path": full.path_to(name),
             })
         return {
             "recipe": self.recipe.name, "run_dir": str(self.run_dir), "artifacts_dir": str(self.store.root),

@@ -55,11 +55,10 @@ class Plan:
     def ancestors(self, name: str) -> list[str]:
         return [n for n in self.order if n in nx.ancestors(self.graph, name)]
 
-    def select(self, names: list[str], *, with_measures: bool = True) -> Plan:
+    def select(self, names: list[str]) -> Plan:
         """The part of the plan needed for ``names``: them, their ancestors (parents and teachers)
-        and (``with_measures``) the measuring stages (evaluate, export) that hang off them. For
-        running a few branches of a large recipe; keys are unchanged, so the cache is shared with
-        full runs."""
+        and the measuring stages (evaluate, export) that hang off them. For running a few
+        branches of a large recipe; keys are unchanged, so the cache is shared with full runs."""
         unknown = [n for n in names if n not in self.stages]
         if unknown:
             raise PlanError(f"--only names unknown stage(s) {', '.join(map(repr, unknown))}; "
@@ -67,7 +66,7 @@ class Plan:
         keep = set(names)
         for n in names:
             keep |= nx.ancestors(self.graph, n)
-        for n in list(keep) if with_measures else ():
+        for n in list(keep):
             keep |= {c for c in self.graph.successors(n) if not self.stages[c].pass_cls.changes_model
                      and set(self.stages[c].parents) <= keep}
         return Plan(recipe=self.recipe, graph=self.graph.subgraph(keep).copy(),
