@@ -98,8 +98,9 @@ def time_models(models: dict, batches: list[dict], rounds: int) -> dict[str, flo
 
 
 @torch.inference_mode()
-def agreement(models: dict, batches: list[dict]) -> dict[str, float]:
-    ref = [models["fp32"](**b).logits.argmax(-1) for b in batches]
+def agreement(models: dict, batches: list[dict], ref_name: str = "fp32") -> dict[str, float]:
+    """Share of sequences whose argmax matches the ``ref_name`` model's."""
+    ref = [models[ref_name](**b).logits.argmax(-1) for b in batches]
     out = {}
     for name, m in models.items():
         got = [m(**b).logits.argmax(-1) for b in batches]

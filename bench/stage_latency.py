@@ -62,7 +62,7 @@ def main() -> None:
     with torch.inference_mode():
         ms = time_models(models, batches, args.rounds)
         ref = args.stages[0]
-        agree = agreement({"fp32": models[ref], **models}, batches)
+        agree = agreement(models, batches, ref_name=ref)
     sizes = {n: size_report(m)["model_bytes"] for n, m in models.items()}
     print(f"\n{args.run}: {len(batches)} SST-2 dev batches x {args.batch_size}, max_length {args.max_length}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")

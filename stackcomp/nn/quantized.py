@@ -531,6 +531,12 @@ class Int8DSLinear(_Int8Layer):
         return ds_rebuild_weight(d, v, i)
 
 
+#: the fields an embedding table's manifest starts with
+_TABLE = (count("num_embeddings"), count("embedding_dim"),
+          Field("padding_idx", lambda v: v is None or (type(v) is int and v >= 0), "null or an integer >= 0",
+                default=None))
+
+
 def _table_padding_idx(layer: str, num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> int | None:
     """Check an embedding table's shape; return ``padding_idx`` in [0, num_embeddings) (or None)."""
     if min(num_embeddings, embedding_dim) < 1:
@@ -552,9 +558,7 @@ class Int8Embedding(DeclaredLayer):
 
     layout_version: ClassVar[int] = 1
     replaces: ClassVar[str] = "embedding"
-    manifest_fields = (count("num_embeddings"), count("embedding_dim"),
-                       Field("padding_idx", lambda v: v is None or (type(v) is int and v >= 0),
-                             "null or an integer >= 0", default=None))
+    manifest_fields = _TABLE
     param_tensors = ("weight",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
@@ -612,10 +616,7 @@ class Int4Embedding(DeclaredLayer):
 
     layout_version: ClassVar[int] = 1
     replaces: ClassVar[str] = "embedding"
-    manifest_fields = (count("num_embeddings"), count("embedding_dim"),
-                       Field("padding_idx", lambda v: v is None or (type(v) is int and v >= 0),
-                             "null or an integer >= 0", default=None),
-                       count("group_size", default=64))
+    manifest_fields = (*_TABLE, count("group_size", default=64))
     param_tensors = ("weight",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
