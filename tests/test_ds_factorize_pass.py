@@ -84,13 +84,15 @@ def test_stf_and_frozen_support_train_through_the_engine(tmp_path, tiny_model_di
         "name": "ds", "model": str(tiny_model_dirs["bert"]), "task": "glue/sst2", "data": {"max_length": 32},
         "stages": {"ds": {"pass": "ds_factorize", "params": {
             "block": 16, "atoms": 16, "nnz": 4, "iters": 2, "stf": stf,
-            "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3}}}},
+            "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "eval_every": 2}}}},
     })
     plan = build_plan(r)
     summary = Engine(plan, tmp_path / "run").run()
     ds = next(s for s in summary["stages"] if s["stage"] == "ds")
     assert ds["metrics"]["train_steps"] == 4
     ev = next(s for s in summary["stages"] if s["stage"] == "ds.eval")["metrics"]
+    # the saved model is the one the loop evaluated and kept (STF: no final OMP solve after it)
+    assert ev["eval_loss"] == pytest.approx(ds["metrics"]["eval_loss"], rel=1e-6, abs=1e-7)
     # exact accounting: the factorized layers' bytes from the pass + the dense pooler and classifier
     import json
 

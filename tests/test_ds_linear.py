@@ -257,3 +257,30 @@ def test_stf_refreshes_on_schedule_under_adamw(fused):
     with torch.no_grad():
         layer(torch.randn(4, 32))  # evaluation never re-solves the codes
     assert torch.equal(layer.indices, before[0]) and torch.equal(layer.values, before[1])
+
+
+def test_freeze_without_resolve_keeps_the_evaluated_layer():
+    """After STF training the codes the loop evaluated are kept (resolve=False); a final solve
+    from the latent weight gives a different layer, which is why the pass does not do it."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = DSLinear.from_linear(_linear(seed=3), block=8, atoms=12, nnz=3, iters=2)
+    layer.start_stf(refresh_every=3)
+    layer.train()
+    opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(64, 32)
+    for _ in range(7):  # the last steps move the latent weight after the last refresh
+        loss = (layer(x) - 1).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer.eval()
+    with torch.no_grad():
+        evaluated = layer(x)
+    kept, resolved = copy.deepcopy(layer), copy.deepcopy(layer)
+    kept.freeze(resolve=False)
+    resolved.freeze(resolve=True)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), evaluated, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(resolved(x), evaluated, atol=1e-3, rtol=1e-3)

@@ -311,13 +311,19 @@ class DSLinear(CompressedLayer):
         W_hat = self.reconstruct_weight(self.values.detach())  # C constant: D gets the gradient
         return W_hat + (self.weight - self.weight.detach())  # value W_hat, gradient straight to weight
 
-    def freeze(self, train_values: bool = True, train_dictionary: bool = True) -> DSLinear:
-        """End STF (final OMP solve, support fixed from now on, latent weight dropped) and set which
-        factors keep training. On a layer not in STF this only sets ``requires_grad``: the no-STF
-        ablation (support frozen from the start, values and dictionary fine-tuned)."""
+    def freeze(self, train_values: bool = True, train_dictionary: bool = True, resolve: bool = True) -> DSLinear:
+        """End STF (support fixed from now on, latent weight dropped) and set which factors keep
+        training. On a layer not in STF this only sets ``requires_grad``: the no-STF ablation
+        (support frozen from the start, values and dictionary fine-tuned).
+
+        ``resolve``: solve the codes once more from the latent weight first. Pass False after a
+        training loop that evaluated (and maybe restored) the current codes: the layer then stays
+        exactly the one that was evaluated and selected; a final solve would change it.
+        """
         if self.stf:
-            self._normalize_dictionary()
-            self.refresh_codes()
+            self._normalize_dictionary()  # C D unchanged
+            if resolve:
+                self.refresh_codes()
             del self.weight
             self.stf = False
         self.values.requires_grad_(train_values)

@@ -75,7 +75,9 @@ class DSFactorizePass(Pass):
     """Factorize linear layers into dense dictionaries x semi-structured sparse codes (DSFormer), train with STF."""
 
     name = "ds_factorize"
-    version = "2"  # 2: STF re-solves codes on schedule under fused AdamW (v1 artifacts were trained wrong)
+    # 2: STF re-solves codes on schedule under fused AdamW (v1 artifacts were trained wrong)
+    # 3: no final OMP solve after training: the saved model is the one the loop evaluated/kept
+    version = "3"
     Params = DSFactorizeParams
     forbid_after = {"int8": "factorize the fp32 weights first, then quantize the factors"}
     teacher_param = "teacher"
@@ -174,7 +176,8 @@ class DSFactorizePass(Pass):
             ctx.report["kd"] = {"weights": p.kd.active(), "temperature": p.kd_temperature, **kd.summary()}
         for m in model.modules():
             if isinstance(m, DSLinear):
-                m.freeze(train_values=True)
+                # no final solve: keep the codes the loop evaluated (and restored, with keep_best)
+                m.freeze(train_values=True, resolve=False)
         ctx.report["stf"] = p.stf
         return model
 
