@@ -156,6 +156,7 @@ def plan_cmd(
     only: Optional[list[str]] = OnlyOpt,
 ) -> None:
     """Draw the stage DAG, marking stages already cached in the run directory."""
+    from rich.markup import escape
     from rich.tree import Tree
 
     from stackcomp.engine import Engine
@@ -173,9 +174,9 @@ def plan_cmd(
     for name in plan.order:
         st = plan.stages[name]
         mark = {"cached": "[green]cached[/]", "todo": "[yellow]to run[/]"}.get(status[name], f"[red]{status[name]}[/]")
-        extra = f" [dim](also after {', '.join(st.parents[1:])})[/]" if len(st.parents) > 1 else ""
-        teacher = f" [dim]teacher={st.teacher_stage}[/]" if st.teacher_stage else ""
-        label = f"{name} [blue]{st.pass_name}[/] {mark} [dim]{st.key[:10]}[/]{extra}{teacher}"
+        extra = f" [dim](also after {escape(', '.join(st.parents[1:]))})[/]" if len(st.parents) > 1 else ""
+        teacher = f" [dim]teacher={escape(st.teacher_stage)}[/]" if st.teacher_stage else ""
+        label = f"{escape(name)} [blue]{st.pass_name}[/] {mark} [dim]{st.key[:10]}[/]{extra}{teacher}"
         parent = nodes.get(st.parents[0]) if st.parents else None
         nodes[name] = (parent or tree).add(label)
     console.print(tree)
@@ -370,6 +371,8 @@ def diff(
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
+    from rich.markup import escape
+
     table = Table(title=f"{summary['recipe']} — {summary['seconds']:.1f}s")
     for col in ("stage", "pass", "status", "time", "metric", "model MB", "linear ×", "latency ms"):
         table.add_column(col, justify="right" if col not in ("stage", "pass", "status") else "left")
@@ -381,7 +384,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ratio = f"{m['linear_ratio_bytes']:.2f}" if m.get("linear_ratio_bytes") else ""
         lat = f"{m['latency_ms_per_batch']:.1f}" if m.get("latency_ms_per_batch") else ""
         status = "[green]ran[/]" if s["status"] == "ran" else "[dim]cached[/]"
-        table.add_row(s["stage"], s["pass"], status, f"{s['seconds']:.1f}s" if s["status"] == "ran" else "",
+        table.add_row(escape(s["stage"]), s["pass"], status, f"{s['seconds']:.1f}s" if s["status"] == "ran" else "",
                       metric, mb, ratio, lat)
     return table
 

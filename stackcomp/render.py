@@ -16,6 +16,13 @@ from typing import Any
 NA = "n/a"
 
 
+def _plain(*cells: Any) -> list[Any]:
+    """Table cells as literal text: stage names from sweeps (``kd3[seed=1]``) look like rich markup."""
+    from rich.markup import escape
+
+    return [escape(c) if isinstance(c, str) else c for c in cells]
+
+
 # ----------------------------------------------------------------------------- number formats
 
 
@@ -186,7 +193,7 @@ def rich_leaderboard(comparison: Any):
         style = "bold" if (r.pareto_bytes or r.pareto_latency) else None
         if r.meets_goal is False:
             style = "dim"
-        table.add_row(*[fn(r) for _, fn in cols], style=style)
+        table.add_row(*_plain(*[fn(r) for _, fn in cols]), style=style)
     return table
 
 
@@ -204,7 +211,7 @@ def rich_attribution(comparison: Any):
                          no_wrap=header in ("stage", "pass"))
     for r in comparison.rows:
         for i, step in enumerate(r.attribution):
-            table.add_row(_row_name(comparison, r) if i == 0 else "", *[fn(step) for _, fn in cols])
+            table.add_row(*_plain(_row_name(comparison, r) if i == 0 else "", *[fn(step) for _, fn in cols]))
         table.add_section()
     return table
 
@@ -220,7 +227,7 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
         console.print(f"[yellow]note[/]: {note}")
     failing = [r for r in comparison.rows if r.meets_goal is False]
     for r in failing:
-        console.print(f"[dim]✗ {r.id}: {'; '.join(r.goal_failures)}[/]")
+        console.print(f"[dim]✗ {_plain(r.id)[0]}: {_plain('; '.join(r.goal_failures))[0]}[/]")
     if attribution:
         console.print(rich_attribution(comparison))
     console.print("[dim]metric in %; Δ pts against the uncompressed parent (the stage before the first compressing "
@@ -236,14 +243,14 @@ def print_stage_analysis(stages: list[dict[str, Any]], console: Any) -> None:
         blocks = analysis_blocks(st["report"])
         if not blocks:
             continue
-        console.rule(f"[bold]{st['stage']}[/] [dim]{st['pass']} · {st['seconds']:.1f}s[/]")
+        console.rule(f"[bold]{_plain(st['stage'])[0]}[/] [dim]{_plain(st['pass'])[0]} · {st['seconds']:.1f}s[/]")
         for b in blocks:
             table = Table(title=b["title"], title_justify="left", show_header=b["kind"] == "table",
                           box=box.SIMPLE_HEAD, padding=(0, 1))
             for c in b["columns"]:
                 table.add_column(c, overflow="fold")
             for row in b["rows"]:
-                table.add_row(*row)
+                table.add_row(*_plain(*row))
             console.print(table)
             if b.get("note"):
                 console.print(f"[dim]{b['note']}[/]")
@@ -263,7 +270,7 @@ def rich_diff(d: dict[str, Any]):
             table.add_column(c, overflow="fold")
         for it in items:
             cells = [value(it["field"], 80), _side(it, "a"), _side(it, "b")]
-            table.add_row(*([it["leaf"]] if section == "results" else []), *cells)
+            table.add_row(*_plain(*([it["leaf"]] if section == "results" else []), *cells))
         out.append(table)
     return out
 

@@ -46,6 +46,28 @@ def test_validate_ok_and_plan_draws_the_tree(tmp_path):
     assert r.exit_code == 0 and "ft" in r.output and "to run" in r.output
 
 
+def test_plan_and_summary_show_swept_stage_names_literally(tmp_path):
+    """Sweep clones are named like ``ft[lr=1e-05]``, which rich would read as markup and drop."""
+    from stackcomp.cli import summary_table
+    from rich.console import Console
+
+    p = write(tmp_path, """
+        name: demo
+        model: minilm-l6
+        task: glue/sst2
+        stages:
+          ft: {pass: finetune}
+    """)
+    r = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run"), "stages.ft.params.seed=1,2"],
+                      terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "ft[seed=1]" in r.output and "ft[seed=2]" in r.output
+    console = Console(record=True, width=200)
+    console.print(summary_table({"recipe": "demo", "seconds": 1.0, "stages": [
+        {"stage": "ft[seed=1]", "pass": "finetune", "status": "ran", "seconds": 1.0, "metrics": {}}]}))
+    assert "ft[seed=1]" in console.export_text()
+
+
 def test_missing_recipe_file(tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 2 and "not found" in r.output
