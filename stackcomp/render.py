@@ -139,6 +139,24 @@ def attribution_columns() -> list[tuple[str, Any]]:
     ]
 
 
+def seed_columns(comparison: Any) -> list[tuple[str, Any]]:
+    """Columns of the over-seeds table (rows differing only in ``[seed=...]``)."""
+    cols: list[tuple[str, Any]] = []
+    if len(comparison.runs) > 1:
+        cols.append(("run", lambda g: g.run))
+    cols += [
+        ("leaf", lambda g: g.name), ("seeds", lambda g: ",".join(g.seeds)),
+        ("mean %", lambda g: pct(g.mean)), ("± std pts", lambda g: NA if g.std is None else f"{g.std * 100:.2f}"),
+        ("min–max %", lambda g: f"{pct(g.min)}–{pct(g.max)}"), ("mean vs", lambda g: pts(g.mean_delta_points)),
+        ("each %", lambda g: " ".join(pct(v) for v in g.metrics)),
+    ]
+    return cols
+
+
+SEED_NOTE = ("rows that differ only in a swept seed, pooled: mean and sample standard deviation over seeds; a "
+             "difference between two methods smaller than their spread is noise")
+
+
 def _with_delta(v: str, d: str) -> str:
     return v if d == NA or v == NA else f"{v} ({d})"
 
@@ -216,6 +234,20 @@ def rich_attribution(comparison: Any):
     return table
 
 
+def rich_seed_table(comparison: Any):
+    from rich.table import Table
+
+    from rich import box
+
+    table = Table(title=f"over seeds — {SEED_NOTE}", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    cols = seed_columns(comparison)
+    for header, _ in cols:
+        table.add_column(header, justify="left" if header in ("run", "leaf", "seeds", "each %") else "right")
+    for g in comparison.seed_groups:
+        table.add_row(*_plain(*[fn(g) for _, fn in cols]))
+    return table
+
+
 def print_comparison(comparison: Any, console: Any, attribution: bool = True) -> None:
     console.print(rich_leaderboard(comparison))
     for g in goals_text(comparison):
@@ -228,6 +260,8 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
     failing = [r for r in comparison.rows if r.meets_goal is False]
     for r in failing:
         console.print(f"[dim]✗ {_plain(r.id)[0]}: {_plain('; '.join(r.goal_failures))[0]}[/]")
+    if comparison.seed_groups:
+        console.print(rich_seed_table(comparison))
     if attribution:
         console.print(rich_attribution(comparison))
     console.print("[dim]metric in %; Δ pts against the uncompressed parent (the stage before the first compressing "
@@ -374,6 +408,10 @@ def markdown_comparison(comparison: Any, plots: dict[str, str] | None = None, ti
         parts += [f"- **{v}**", ""]
     for axis, link in (plots or {}).items():
         parts += [f"![metric vs {axis}]({link})", ""]
+    if comparison.seed_groups:
+        cols_s = seed_columns(comparison)
+        parts += ["## Over seeds", "", SEED_NOTE[0].upper() + SEED_NOTE[1:] + ".", "",
+                  md_table([h for h, _ in cols_s], [[fn(g) for _, fn in cols_s] for g in comparison.seed_groups]), ""]
     if attribution:
         parts += ["## Per-stage attribution", ""]
         cols_a = attribution_columns()
@@ -458,6 +496,10 @@ def _html_comparison(comparison: Any, plots: dict[str, bytes], attribution: bool
         for axis, png in plots.items():
             b64 = base64.b64encode(png).decode("ascii")
             out.append(f'<img alt="metric vs {e(axis)}" src="data:image/png;base64,{b64}">')
+    if comparison.seed_groups:
+        cols_s = seed_columns(comparison)
+        out += ["<h2>Over seeds</h2>", f'<p class="note">{e(SEED_NOTE[0].upper() + SEED_NOTE[1:])}.</p>',
+                html_table([h for h, _ in cols_s], [[fn(g) for _, fn in cols_s] for g in comparison.seed_groups])]
     if attribution:
         cols_a = attribution_columns()
         rows = [[_row_name(comparison, r) if i == 0 else "", *[fn(s) for _, fn in cols_a]]

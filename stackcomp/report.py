@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,58 @@ class Row:
 
 
 @dataclass
+class SeedGroup:
+    """Rows that differ only in a swept seed (``kd3[seed=1]``, ``kd3[seed=2]``): one method, n runs.
+
+    A single run's metric moves by tenths of a point with the seed; claims of "A beats B" by less
+    than the spread seen here are noise.
+    """
+
+    run: str
+    name: str  # the leaf name with the ``[seed=...]`` part removed
+    seeds: list[str]
+    leaves: list[str]
+    metrics: list[float]
+    mean: float
+    std: float | None  # sample standard deviation (n - 1); None for one seed
+    min: float
+    max: float
+    mean_delta_points: float | None
+
+
+_SEED_TAG = re.compile(r"\[seed=([^\]]+)\]")
+
+
+def seed_groups(rows: list[Row]) -> list[SeedGroup]:
+    """Group the rows of each run whose leaf names differ only in ``[seed=...]``: mean, spread.
+
+    Only rows with a metric count; a group needs two seeds or more.
+    """
+    found: dict[tuple[str, str], list[tuple[str, Row]]] = {}
+    for row in rows:
+        m = _SEED_TAG.search(row.leaf)
+        if m is None or row.metric is None:
+            continue
+        name = _SEED_TAG.sub("", row.leaf)
+        found.setdefault((row.run, name), []).append((m.group(1), row))
+    groups = []
+    for (run, name), members in found.items():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda sr: (not sr[0].lstrip("-").isdigit(), int(sr[0]) if sr[0].lstrip("-").isdigit() else 0,
+                                     sr[0]))
+        values = [r.metric for _, r in members]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        deltas = [r.delta_points for _, r in members if r.delta_points is not None]
+        groups.append(SeedGroup(run=run, name=name, seeds=[s for s, _ in members], leaves=[r.leaf for _, r in members],
+                                metrics=values, mean=mean, std=std, min=min(values), max=max(values),
+                                mean_delta_points=sum(deltas) / len(deltas) if len(deltas) == len(values) else None))
+    groups.sort(key=lambda g: -g.mean)
+    return groups
+
+
+@dataclass
 class Comparison:
     runs: list[Run]
     rows: list[Row]
@@ -358,6 +411,7 @@ class Comparison:
     metric_name: str | None
     goals_given: bool
     notes: list[str] = field(default_factory=list)
+    seed_groups: list[SeedGroup] = field(default_factory=list)
 
     @property
     def any_goal_met(self) -> bool | None:
@@ -375,6 +429,7 @@ class Comparison:
                       "goal": r.goal.model_dump() if r.goal else None} for r in self.runs],
             "goals_given": self.goals_given, "any_goal_met": self.any_goal_met, "notes": self.notes,
             "rows": [_clean(asdict(row)) for row in self.rows],
+            "seed_groups": [_clean(asdict(g)) for g in self.seed_groups],
         }
 
 
@@ -426,6 +481,7 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
     rows.sort(key=_sort_key)
     return Comparison(runs=runs, rows=rows, task=tasks[0] if tasks else None,
                       metric_name=names[0] if names else None, goals_given=goals_given,
+                      seed_groups=seed_groups(rows),
                       notes=_latency_notes(runs, rows) + ([
                           f"{shared} leaf model(s) shared by several runs (same stage key, one artifact) are "
                           "listed once, under the first run given"] if shared else []))

@@ -395,3 +395,54 @@ def test_leaves_shared_by_several_runs_are_listed_once(runs, tmp_path):
     assert [(r.run, r.leaf) for r in both.rows] == [(r.run, r.leaf) for r in alone.rows]
     assert all(len(r.also_in) == 1 and r.also_in[0] != r.run for r in both.rows)
     assert any("listed once" in n for n in both.notes) and not any("listed once" in n for n in alone.notes)
+
+
+def _row(leaf, metric, delta, run="r"):
+    from dataclasses import MISSING, fields
+
+    from stackcomp.report import Row
+
+    required = {f.name: None for f in fields(Row) if f.default is MISSING and f.default_factory is MISSING}
+    required.update(run=run, leaf=leaf, metric=metric, delta_points=delta, measured_by=[], path=[], passes=[],
+                    compress_seconds=0.0, path_seconds=0.0)
+    return Row(**required)
+
+
+def test_seed_groups_pool_rows_that_differ_only_in_the_seed():
+    from stackcomp.report import seed_groups
+
+    rows = [_row("kd3[seed=42]", 0.8842, -1.95), _row("kd3[seed=1]", 0.8888, -1.49), _row("kd3[seed=2]", 0.8796, -2.41),
+            _row("nokd3[seed=1]", 0.88, -2.37), _row("nokd3[seed=2]", None, None),  # no metric: left out
+            _row("ds[seed=1].int8", 0.9, 0.0), _row("ds[seed=3].int8", 0.8, -10.0),  # a tag inside the name
+            _row("kd3[seed=1]", 0.5, 0.0, run="other"),  # another run: its own (single-seed) group, dropped
+            _row("plain", 0.9, 0.0)]
+    groups = {g.name: g for g in seed_groups(rows)}
+    assert set(groups) == {"kd3", "ds.int8"}  # nokd3 has one seed with a metric
+    g = groups["kd3"]
+    assert g.seeds == ["1", "2", "42"] and g.leaves == ["kd3[seed=1]", "kd3[seed=2]", "kd3[seed=42]"]
+    vals = [0.8888, 0.8796, 0.8842]
+    assert g.mean == pytest.approx(sum(vals) / 3)
+    assert g.std == pytest.approx(float(torch.tensor(vals, dtype=torch.float64).std()))  # n - 1
+    assert (g.min, g.max) == (0.8796, 0.8888)
+    assert g.mean_delta_points == pytest.approx((-1.95 - 1.49 - 2.41) / 3)
+    assert groups["ds.int8"].std == pytest.approx(0.1 / 2 ** 0.5)
+    assert [g.name for g in seed_groups(rows)] == ["kd3", "ds.int8"]  # best mean first
+
+
+def test_seed_table_in_every_output(runs):
+    from rich.console import Console
+
+    from stackcomp import render
+    from stackcomp.report import seed_groups
+
+    c = compare([runs["run1"]], load_sizes=False)
+    assert c.seed_groups == [] and "Over seeds" not in render.markdown_comparison(c)
+    c.seed_groups = seed_groups([_row("kd3[seed=1]", 0.88, -2.0), _row("kd3[seed=2]", 0.89, -1.0)])
+    md = render.markdown_comparison(c)
+    assert "## Over seeds" in md and "| kd3 | 1,2 | 88.50 | 0.71 |" in md
+    assert "Over seeds" in render.html_comparison(c, {})
+    console = Console(record=True, width=250)
+    render.print_comparison(c, console, attribution=False)
+    text = console.export_text()
+    assert "over seeds" in text and "88.00 89.00" in text
+    assert json.loads(json.dumps(c.to_json()))["seed_groups"][0]["seeds"] == ["1", "2"]
