@@ -12,6 +12,16 @@ from stackcomp.cli import app
 runner = CliRunner()
 
 
+DEMO = """
+    name: demo
+    model: minilm-l6
+    task: glue/sst2
+    stages:
+      ft: {pass: finetune}
+      ev: {pass: evaluate, after: ft}
+"""
+
+
 def write(tmp_path, text, name="r.yaml"):
     p = tmp_path / name
     p.write_text(textwrap.dedent(text))
@@ -32,14 +42,7 @@ def test_validate_errors_exit_2_without_traceback(tmp_path, text, needle):
 
 
 def test_validate_ok_and_plan_draws_the_tree(tmp_path):
-    p = write(tmp_path, """
-        name: demo
-        model: minilm-l6
-        task: glue/sst2
-        stages:
-          ft: {pass: finetune}
-          ev: {pass: evaluate, after: ft}
-    """)
+    p = write(tmp_path, DEMO)
     r = runner.invoke(app, ["validate", str(p)])
     assert r.exit_code == 0 and "2 stages" in r.output
     r = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run")])
@@ -51,17 +54,11 @@ def test_plan_and_summary_show_swept_stage_names_literally(tmp_path):
     from stackcomp.cli import summary_table
     from rich.console import Console
 
-    p = write(tmp_path, """
-        name: demo
-        model: minilm-l6
-        task: glue/sst2
-        stages:
-          ft: {pass: finetune}
-    """)
+    p = write(tmp_path, DEMO)
     r = runner.invoke(app, ["plan", str(p), "-o", str(tmp_path / "run"), "stages.ft.params.seed=1,2"],
                       terminal_width=200)
     assert r.exit_code == 0, r.output
-    assert "ft[seed=1]" in r.output and "ft[seed=2]" in r.output
+    assert "ft[seed=1]" in r.output and "ev[seed=2]" in r.output
     console = Console(record=True, width=200)
     console.print(summary_table({"recipe": "demo", "seconds": 1.0, "stages": [
         {"stage": "ft[seed=1]", "pass": "finetune", "status": "ran", "seconds": 1.0, "metrics": {}}]}))
