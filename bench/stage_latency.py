@@ -1,6 +1,7 @@
 """Latency of saved stage models from finished runs, side by side in one process.
 
     STACKCOMP_DATA_DIR=../shared/data python bench/stage_latency.py runs/minilm-sst2-stack3 ft kd3 kd3_int8 kd3_pack
+    ... runs/minilm-sst2-stack3 ft kd3_int8 --onnx ft,kd3     # + the fp32 models in ONNX Runtime, fp32 and int8
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -27,6 +28,35 @@ from stackcomp.report import Run
 from model_latency import agreement, time_models
 
 
+class OrtModel:
+    """An ONNX Runtime session called like the torch model (``model(**batch).logits``)."""
+
+    def __init__(self, path, threads: int):
+        from stackcomp.onnx_export import ort_session
+
+        self.session = ort_session(path, threads=threads)
+        self.nbytes = os.path.getsize(path)
+
+    def __call__(self, **inputs):
+        from types import SimpleNamespace
+
+        from stackcomp.onnx_export import run_session
+
+        return SimpleNamespace(logits=run_session(self.session, inputs))
+
+
+def ort_models(name: str, model, example: dict, threads: int) -> dict:
+    """``name@ort`` and ``name@ort-int8``: the stage model exported to ONNX, fp32 and dynamic int8."""
+    import tempfile
+
+    from stackcomp.onnx_export import export_onnx, quantize_onnx_int8
+
+    folder = tempfile.mkdtemp(prefix=f"stage_latency_{name}_")
+    path = export_onnx(model, os.path.join(folder, "model.onnx"), example)
+    qpath, _ = quantize_onnx_int8(path, os.path.join(folder, "model.int8.onnx"))
+    return {f"{name}@ort": OrtModel(path, threads), f"{name}@ort-int8": OrtModel(qpath, threads)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory (runs/<recipe name>)")
@@ -37,6 +67,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--onnx", default="", help="comma list of stages to also time in ONNX Runtime: each is "
+                    "exported (stackcomp.onnx_export) and run as '<stage>@ort' (fp32) and '<stage>@ort-int8' "
+                    "(ONNX Runtime's dynamic int8)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -59,15 +92,19 @@ def main() -> None:
             break
         batches.append({k: v for k, v in b.items() if k != "labels"})
 
+    for name in [n for n in args.onnx.split(",") if n]:
+        models.update(ort_models(name, models.get(name) or load_model(run.artifact(name) / "model", device="cpu").eval(),
+                                 batches[0], torch.get_num_threads()))
+
     with torch.inference_mode():
         ms = time_models(models, batches, args.rounds)
         ref = args.stages[0]
         agree = agreement(models, batches, ref_name=ref)
-    sizes = {n: size_report(m)["model_bytes"] for n, m in models.items()}
+    sizes = {n: m.nbytes if isinstance(m, OrtModel) else size_report(m)["model_bytes"] for n, m in models.items()}
     print(f"\n{args.run}: {len(batches)} SST-2 dev batches x {args.batch_size}, max_length {args.max_length}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'stage':<16} {'ms/batch':>9} {'vs ' + ref:>12} {'MB':>8} {'x smaller':>10} {'agree':>6}")
-    for n in args.stages:
+    for n in models:
         print(f"{n:<16} {ms[n]:>9.2f} {ms[ref] / ms[n]:>11.2f}x {sizes[n] / 1e6:>8.2f} "
               f"{sizes[ref] / sizes[n]:>9.2f}x {agree[n]:>6.3f}")
     if args.json:
