@@ -12,8 +12,8 @@ random classification head: accuracy is not measured, speed does not depend on i
   ds+int8   the same factors through the int8 pass (torch backend), packed int8 (the full stack)
 
 Timing: each round runs every model over the same dev batches (the first ``--batches`` in file
-order, as ``evaluate`` times them) and takes the median per batch; rounds interleave the
-models; the table shows the minimum over rounds of those medians (min-of-medians), with the
+order, as ``evaluate`` times them), the models taking turns on every batch (order reversed every
+other round), and takes each model's median per batch; the table shows the minimum over rounds of those medians (min-of-medians), with the
 ratios against fp32 and against int8-only. ``agree`` is the share of sequences whose argmax
 matches fp32's (a sanity check, not accuracy). Bytes are whole-model bytes (embeddings included).
 """
@@ -81,19 +81,24 @@ def build_models(model, ratio: float, iters: int, backend: str, log, block: int 
 
 @torch.inference_mode()
 def time_models(models: dict, batches: list[dict], rounds: int) -> dict[str, float]:
+    """Min over rounds of each model's median ms per batch. Models take turns on every batch, so
+    a slow spell of the machine (other tenants, frequency) hits them all alike."""
     best: dict[str, float] = {}
     for name, m in models.items():  # warm up: kernel builds, prepacked weights, allocator
         for b in batches[:2]:
             m(**b)
-    for _ in range(rounds):
-        for name, m in models.items():
-            per = []
-            for b in batches:
+    for r in range(rounds):
+        per: dict[str, list[float]] = {name: [] for name in models}
+        order = list(models.items())
+        if r % 2:
+            order.reverse()  # nobody always runs first after another model warmed the caches
+        for b in batches:
+            for name, m in order:
                 t0 = time.perf_counter()
                 m(**b)
-                per.append(time.perf_counter() - t0)
-            med = statistics.median(per) * 1e3
-            best[name] = min(best.get(name, float("inf")), med)
+                per[name].append(time.perf_counter() - t0)
+        for name, times in per.items():
+            best[name] = min(best.get(name, float("inf")), statistics.median(times) * 1e3)
     return best
 
 
