@@ -93,8 +93,8 @@ def main() -> None:
         batches.append({k: v for k, v in b.items() if k != "labels"})
 
     for name in [n for n in args.onnx.split(",") if n]:
-        models.update(ort_models(name, models.get(name) or load_model(run.artifact(name) / "model", device="cpu").eval(),
-                                 batches[0], torch.get_num_threads()))
+        model = models[name] if name in models else load_model(run.artifact(name) / "model", device="cpu").eval()
+        models.update(ort_models(name, model, batches[0], torch.get_num_threads()))
 
     with torch.inference_mode():
         ms = time_models(models, batches, args.rounds)

@@ -146,15 +146,15 @@ def seed_columns(comparison: Any) -> list[tuple[str, Any]]:
         cols.append(("run", lambda g: g.run))
     cols += [
         ("leaf", lambda g: g.name), ("seeds", lambda g: ",".join(g.seeds)),
-        ("mean %", lambda g: pct(g.mean)), ("± std pts", lambda g: NA if g.std is None else f"{g.std * 100:.2f}"),
+        ("mean %", lambda g: pct(g.mean)), ("± std pts", lambda g: f"{g.std * 100:.2f}"),
         ("min–max %", lambda g: f"{pct(g.min)}–{pct(g.max)}"), ("mean vs", lambda g: pts(g.mean_delta_points)),
         ("each %", lambda g: " ".join(pct(v) for v in g.metrics)),
     ]
     return cols
 
 
-SEED_NOTE = ("rows that differ only in a swept seed, pooled: mean and sample standard deviation over seeds; a "
-             "difference between two methods smaller than their spread is noise")
+SEED_NOTE = ("Rows that differ only in a swept seed, pooled: mean and sample standard deviation over seeds; a "
+             "difference between two methods smaller than their spread is noise.")
 
 
 def _with_delta(v: str, d: str) -> str:
@@ -239,7 +239,8 @@ def rich_seed_table(comparison: Any):
 
     from rich import box
 
-    table = Table(title=f"over seeds — {SEED_NOTE}", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table = Table(title="over seeds", caption=SEED_NOTE, title_justify="left", caption_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
     cols = seed_columns(comparison)
     for header, _ in cols:
         table.add_column(header, justify="left" if header in ("run", "leaf", "seeds", "each %") else "right")
@@ -249,6 +250,8 @@ def rich_seed_table(comparison: Any):
 
 
 def print_comparison(comparison: Any, console: Any, attribution: bool = True) -> None:
+    from rich.markup import escape
+
     console.print(rich_leaderboard(comparison))
     for g in goals_text(comparison):
         console.print(f"[dim]goal[/] {g}")
@@ -259,7 +262,7 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
         console.print(f"[yellow]note[/]: {note}")
     failing = [r for r in comparison.rows if r.meets_goal is False]
     for r in failing:
-        console.print(f"[dim]✗ {_plain(r.id)[0]}: {_plain('; '.join(r.goal_failures))[0]}[/]")
+        console.print(f"[dim]✗ {escape(r.id)}: {escape('; '.join(r.goal_failures))}[/]")
     if comparison.seed_groups:
         console.print(rich_seed_table(comparison))
     if attribution:
@@ -271,13 +274,14 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
 
 def print_stage_analysis(stages: list[dict[str, Any]], console: Any) -> None:
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     for st in stages:
         blocks = analysis_blocks(st["report"])
         if not blocks:
             continue
-        console.rule(f"[bold]{_plain(st['stage'])[0]}[/] [dim]{_plain(st['pass'])[0]} · {st['seconds']:.1f}s[/]")
+        console.rule(f"[bold]{escape(st['stage'])}[/] [dim]{escape(st['pass'])} · {st['seconds']:.1f}s[/]")
         for b in blocks:
             table = Table(title=b["title"], title_justify="left", show_header=b["kind"] == "table",
                           box=box.SIMPLE_HEAD, padding=(0, 1))
@@ -410,7 +414,7 @@ def markdown_comparison(comparison: Any, plots: dict[str, str] | None = None, ti
         parts += [f"![metric vs {axis}]({link})", ""]
     if comparison.seed_groups:
         cols_s = seed_columns(comparison)
-        parts += ["## Over seeds", "", SEED_NOTE[0].upper() + SEED_NOTE[1:] + ".", "",
+        parts += ["## Over seeds", "", SEED_NOTE, "",
                   md_table([h for h, _ in cols_s], [[fn(g) for _, fn in cols_s] for g in comparison.seed_groups]), ""]
     if attribution:
         parts += ["## Per-stage attribution", ""]
@@ -498,7 +502,7 @@ def _html_comparison(comparison: Any, plots: dict[str, bytes], attribution: bool
             out.append(f'<img alt="metric vs {e(axis)}" src="data:image/png;base64,{b64}">')
     if comparison.seed_groups:
         cols_s = seed_columns(comparison)
-        out += ["<h2>Over seeds</h2>", f'<p class="note">{e(SEED_NOTE[0].upper() + SEED_NOTE[1:])}.</p>',
+        out += ["<h2>Over seeds</h2>", f'<p class="note">{e(SEED_NOTE)}</p>',
                 html_table([h for h, _ in cols_s], [[fn(g) for _, fn in cols_s] for g in comparison.seed_groups])]
     if attribution:
         cols_a = attribution_columns()

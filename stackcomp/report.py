@@ -365,7 +365,7 @@ class SeedGroup:
     leaves: list[str]
     metrics: list[float]
     mean: float
-    std: float | None  # sample standard deviation (n - 1); None for one seed
+    std: float  # sample standard deviation (n - 1); a group has two seeds or more
     min: float
     max: float
     mean_delta_points: float | None
