@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from stackcomp.errors import PlanError
-from stackcomp.passes.base import KNOWN_NEEDS, Pass, PassParams, get_pass
+from stackcomp.passes.base import KEY_OMIT_DEFAULT_MARK, KNOWN_NEEDS, Pass, PassParams, get_pass
 from stackcomp.recipe import Recipe, _format_validation
 
 KEY_SCHEMA = "stackcomp-key-1"
@@ -139,7 +139,7 @@ def build_plan(recipe: Recipe) -> Plan:
         teacher_key = stages[stage.teacher_stage].key if stage.teacher_stage else None
         stage.key = _hash({
             "parents": parent_keys, "teacher": teacher_key, "pass": stage.pass_name,
-            "version": stage.pass_cls.version, "params": stage.params.model_dump(mode="json"),
+            "version": stage.pass_cls.version, "params": params_for_key(stage.params),
         })
     return Plan(recipe=recipe, graph=graph, stages=stages, source_key=source_key, order=order)
 
@@ -183,6 +183,24 @@ def _check_needs_and_order(recipe: Recipe, stages: dict[str, Stage], graph: nx.D
             reason = cls.forbid_after.get(anc_cls.name)
             if reason:
                 raise PlanError(f"stage {name!r} ({cls.name}) cannot come after {anc!r} ({anc_cls.name}): {reason}")
+
+
+def params_for_key(params: BaseModel) -> dict[str, Any]:
+    """A stage's params as its key sees them: fields marked ``KEY_OMIT_DEFAULT``
+    (stackcomp.passes.base) are left out while at their default, nested models included."""
+    out = params.model_dump(mode="json")
+    _omit_defaults(params, out)
+    return out
+
+
+def _omit_defaults(params: BaseModel, dumped: dict[str, Any]) -> None:
+    for name, field in type(params).model_fields.items():
+        value = getattr(params, name)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get(KEY_OMIT_DEFAULT_MARK) and value == field.get_default(call_default_factory=True):
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _omit_defaults(value, dumped[name])
 
 
 def _hash(obj: Any) -> str:

@@ -177,3 +177,17 @@ def test_a_teacher_that_is_not_the_parent_is_released_after_its_last_pupil(tmp_p
     engine.run()
     assert engine.stage_runs == ["ft", "ft2", "kd"]
     assert engine._models == {}  # no model kept in memory once nothing downstream needs it
+
+
+def test_augmented_distillation_trains_on_the_copies_too(tmp_path, tiny_model_dirs, data_env):
+    params = {"teacher": "ft", "weights": {"soft": 0.5, "hard": 0.5}, "batch_size": 16, "lr": 1.0e-3,
+              "warmup_ratio": 0.0, "epochs": 1, "cache_teacher_logits": True}
+    stages = {"ft": FT,
+              "kd": {"pass": "distill", "after": "ft", "params": params},
+              "kd_aug": {"pass": "distill", "after": "ft", "params": {**params, "augment": {"copies": 2, "seed": 1}}}}
+    engine = Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run")
+    summary = engine.run()
+    plain, aug = (_summary_metrics(summary, s)["train_steps"] for s in ("kd", "kd_aug"))
+    assert plain == 6 and 6 < aug <= 18  # 96 examples, 16 a batch; + up to two changed copies of each
+    report = read_json(_artifact(engine, "kd_aug") / "report.json")["kd"]
+    assert report["teacher_calls"] == aug and report["kd_hard"] > 0

@@ -99,3 +99,27 @@ def test_module_path_pass_allowed_when_listed():
     plan = build_plan(recipe({"a": {"pass": "stackcomp.passes.finetune:FinetunePass"}},
                              allow_plugins=["stackcomp.passes.finetune:FinetunePass"]))
     assert plan.stages["a"].pass_cls.name == "finetune"
+
+
+def test_a_param_marked_key_omit_default_keeps_old_keys_until_set():
+    from pydantic import BaseModel, Field
+
+    from stackcomp.passes.base import KEY_OMIT_DEFAULT
+    from stackcomp.plan import params_for_key
+
+    class Inner(BaseModel):
+        depth: int = 1
+        extra: str | None = Field(default=None, json_schema_extra=KEY_OMIT_DEFAULT)
+
+    class Old(PassParams):
+        lr: float = 0.1
+        inner: Inner = Inner()
+
+    class New(Old):
+        augment: dict | None = Field(default=None, json_schema_extra=KEY_OMIT_DEFAULT)
+        plain: int | None = None  # unmarked: always in the key
+
+    assert params_for_key(Old()) == {"lr": 0.1, "inner": {"depth": 1}}
+    assert params_for_key(New()) == {"lr": 0.1, "inner": {"depth": 1}, "plain": None}
+    assert params_for_key(New(augment={"copies": 2}))["augment"] == {"copies": 2}
+    assert params_for_key(Old(inner=Inner(extra="x")))["inner"] == {"depth": 1, "extra": "x"}

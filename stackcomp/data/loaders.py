@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from stackcomp.data.augment import AugmentOptions, augment_dataset
 from stackcomp.data.glue import TaskSpec, get_task, load_split, resolve_split
 from stackcomp.data.metrics import compute_metrics as _compute_metrics
 from stackcomp.errors import DataError
@@ -102,6 +103,7 @@ class TaskData:
         self.collator = _Collate(tokenizer)
         self._tokenized: dict[str, tuple[datasets.Dataset, np.ndarray]] = {}
         self._sorted: dict[str, datasets.Dataset] = {}
+        self._augmented_sets: dict[str, tuple[datasets.Dataset, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ facts
 
@@ -180,18 +182,20 @@ class TaskData:
     # ------------------------------------------------------------------ loaders
 
     def train_loader(self, batch_size: int, seed: int | None = None, group_by_length: bool | None = None,
-                     *, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+                     *, num_workers: int = 0, drop_last: bool = False,
+                     augment: AugmentOptions | None = None) -> DataLoader:
         """Shuffled training batches (seeded), length-grouped unless told otherwise.
 
         Each pass over the loader draws a new order from the same seeded generator, so epochs
         differ and a rerun repeats them. Under accelerate's ``prepare`` every process builds the
-        same order from the same seed and takes its own shard of the batches.
+        same order from the same seed and takes its own shard of the batches. ``augment`` adds
+        perturbed copies of every example (:mod:`stackcomp.data.augment`), marked ``augmented``.
         """
         from torch.utils.data import DataLoader, RandomSampler
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         _check_batch_size(batch_size)
-        ds, lengths = self._split("train")
+        ds, lengths = self._split("train") if augment is None else self._augmented(augment)
         generator = torch.Generator().manual_seed(self.options.seed if seed is None else seed)
         group = self.options.group_by_length if group_by_length is None else group_by_length
         if group:
@@ -200,6 +204,16 @@ class TaskData:
             sampler = RandomSampler(ds, generator=generator)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
                           num_workers=num_workers, drop_last=drop_last)
+
+    def _augmented(self, options: AugmentOptions) -> tuple[datasets.Dataset, np.ndarray]:
+        key = options.model_dump_json()
+        if key not in self._augmented_sets:
+            start = time.perf_counter()
+            ds, lengths = augment_dataset(self._split("train")[0], self.tokenizer, options, pair=self.task.is_pair)
+            log.info("augmented %s train: %d examples -> %d in %.1f s", self.task.name, len(self._split("train")[0]),
+                     len(ds), time.perf_counter() - start)
+            self._augmented_sets[key] = ds, lengths
+        return self._augmented_sets[key]
 
     def eval_loader(self, batch_size: int, *, split: str | None = None, sort_by_length: bool = True,
                     num_workers: int = 0) -> DataLoader:

@@ -77,6 +77,13 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, Any], drop: Sequence[st
     return {k: v for k, v in batch.items() if k in named and k not in drop}
 
 
+def _gold_rows(batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """Rows whose gold label holds: all (None) unless the batch marks augmented copies
+    (:mod:`stackcomp.data.augment`), whose labels belong to the example they were perturbed from."""
+    marks = batch.get("augmented")
+    return None if marks is None else marks.view(-1) == 0
+
+
 def _attr(out: Any, name: str) -> Any:
     if hasattr(out, name):  # HF ModelOutput: absent fields are None attributes, not keys
         return getattr(out, name)
@@ -242,7 +249,11 @@ class KDLoss(nn.Module):
             labels = batch.get("labels")
             if labels is None:
                 raise RecipeError("the hard-label loss needs 'labels' in the training batches")
-            parts["hard"] = L.hard_loss(logits, labels)
+            gold = _gold_rows(batch)
+            if gold is None:
+                parts["hard"] = L.hard_loss(logits, labels)
+            elif gold.any():
+                parts["hard"] = L.hard_loss(logits[gold], labels[gold])
         if self.needs_teacher:
             t = self.teacher_outputs(batch)
             mask = batch.get("attention_mask")

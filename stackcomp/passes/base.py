@@ -38,6 +38,12 @@ _PLUGIN_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[
 #: What a pass may say it needs; the plan checks each before the run.
 KNOWN_NEEDS = frozenset({"task", "teacher"})
 
+KEY_OMIT_DEFAULT_MARK = "key_omit_default"
+KEY_OMIT_DEFAULT = {KEY_OMIT_DEFAULT_MARK: True}
+"""``Field(..., json_schema_extra=KEY_OMIT_DEFAULT)`` on a param added to a pass after artifacts
+exist: while it has its default the pass does the same work as before, so the param stays out of
+stage keys (stackcomp.plan) and those artifacts stay valid."""
+
 
 class PassParams(BaseModel):
     """Base for every pass's parameters: unknown keys and NaN/Inf numbers are errors, not silently used."""

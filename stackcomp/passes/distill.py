@@ -8,7 +8,8 @@ states) first, with no evaluation, then the prediction-layer losses with the usu
 and best checkpoint. The teacher (an upstream stage or a model id, ``params.teacher``) is
 supplied by the engine: an upstream stage's model comes from its artifact or memory, never
 re-trained. With only the hard-label loss the teacher is never loaded: that is the no-KD
-baseline on the same loop and steps.
+baseline on the same loop and steps. ``augment`` adds perturbed copies of the training examples
+that only the teacher's losses learn from (:mod:`stackcomp.data.augment`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from torch import nn
 
+from stackcomp.data.augment import AugmentOptions
 from stackcomp.distill.kd import INTERMEDIATE, PREDICTION, KDLoss, KDWeights
 from stackcomp.distill.students import cut_student, student_from_config, student_from_pretrained
-from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.passes.base import KEY_OMIT_DEFAULT, Pass, PassContext, PassParams
 from stackcomp.passes.finetune import train_on_task
 from stackcomp.train import TrainConfig, train
 
@@ -71,6 +73,10 @@ class DistillParams(TrainConfig):
     intermediate: IntermediatePhase = Field(default_factory=IntermediatePhase, description="two_phase: phase 1")
     cache_teacher_logits: bool = Field(default=False, description="keep teacher logits across epochs (only when no "
                                        "intermediate loss needs the teacher's hidden states)")
+    augment: AugmentOptions | None = Field(default=None, description="add teacher-labelled perturbed copies of "
+                                           "each training example (masking, n-grams; stackcomp.data.augment): "
+                                           "{copies, mask_prob, ngram_prob, ngram_max, seed}",
+                                           json_schema_extra=KEY_OMIT_DEFAULT)
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -82,6 +88,9 @@ class DistillParams(TrainConfig):
                 raise ValueError(f"schedule two_phase needs an intermediate loss weight ({', '.join(INTERMEDIATE)})")
             if not any(getattr(w, k) > 0 for k in PREDICTION):
                 raise ValueError(f"schedule two_phase needs a prediction loss weight ({', '.join(PREDICTION)})")
+        if self.augment is not None and not any(getattr(w, k) > 0 for k in ("soft", "pred", *INTERMEDIATE)):
+            raise ValueError("augment: the perturbed copies have no gold label and learn only from the teacher; "
+                             "set a teacher loss weight (soft, pred, cosine, attention or hidden)")
         return self
 
 
@@ -132,7 +141,8 @@ class DistillPass(Pass):
             try:
                 ctx.log.info("phase 1: intermediate-layer distillation (%s)",
                              ", ".join(weights.only(INTERMEDIATE).active()))
-                r1 = train(model, ctx.data.train_loader(config.batch_size, seed=config.seed), phase1, loss_fn=kd1,
+                loader = ctx.data.train_loader(config.batch_size, seed=config.seed, augment=p.augment)
+                r1 = train(model, loader, phase1, loss_fn=kd1,
                            progress=ctx.progress, log=ctx.log)
             finally:
                 kd1.detach(model)
@@ -144,7 +154,7 @@ class DistillPass(Pass):
         kd = KDLoss(ctx.teacher, model, weights, cache_teacher_logits=p.cache_teacher_logits, **common)
         kd.attach(model)
         try:
-            result = train_on_task(model, ctx, config, loss_fn=kd)
+            result = train_on_task(model, ctx, config, augment=p.augment, loss_fn=kd)
         finally:
             kd.detach(model)
         ctx.report["kd"] = {"weights": weights.active(), "temperature": p.temperature, "layer_map": kd.layer_map,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from stackcomp.data.augment import AugmentOptions
 from stackcomp.passes.base import Pass, PassContext
 from stackcomp.train import TrainConfig, train
 
@@ -25,12 +26,14 @@ class FinetunePass(Pass):
         return result.model
 
 
-def train_on_task(model: nn.Module, ctx: PassContext, config: TrainConfig, **train_kwargs):
-    """Train ``model`` on ctx's task data and record what the loop measured in ctx.metrics."""
+def train_on_task(model: nn.Module, ctx: PassContext, config: TrainConfig, *, augment: AugmentOptions | None = None,
+                  **train_kwargs):
+    """Train ``model`` on ctx's task data (plus perturbed copies with ``augment``) and record what
+    the loop measured in ctx.metrics."""
     data = ctx.data
     result = train(
         model,
-        data.train_loader(config.batch_size, seed=config.seed),
+        data.train_loader(config.batch_size, seed=config.seed, augment=augment),
         config,
         eval_loader=data.eval_loader(config.eval_batch_size),
         compute_metrics=data.compute_metrics,
