@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -221,7 +222,7 @@ def passes_describe(name: str = typer.Argument(..., help="pass name")) -> None:
     for col in ("name", "type", "default", "description"):
         table.add_column(col)
     for fname, field in cls.Params.model_fields.items():
-        ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        ann = getattr(field.annotation, "__name__", None) or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(field.annotation))
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         table.add_row(fname, ann, default, field.description or "")
     console.print(table)

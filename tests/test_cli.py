@@ -79,6 +79,8 @@ def test_passes_list_and_describe():
     assert r.exit_code == 0 and "lr" in r.output and "epochs" in r.output
     r = runner.invoke(app, ["passes", "describe", "nonexistent"])
     assert r.exit_code == 2 and "unknown pass" in r.output
+    r = runner.invoke(app, ["passes", "describe", "distill"], env={"COLUMNS": "200"})
+    assert "AugmentOptions | None" in r.output and "augment.AugmentOptions" not in r.output
 
 
 def test_real_process_exit_code(tmp_path):
