@@ -5,4 +5,5 @@ from stackcomp.data.glue import TaskSpec, get_task, list_tasks, load_split
 from stackcomp.data.loaders import DataOptions, TaskData
 from stackcomp.data.metrics import compute_metrics
 
-__all__ = ["AugmentOptions", "DataOptions", "TaskData", "TaskSpec", "compute_metrics", "get_task", "list_tasks", "load_split"]
+__all__ = ["AugmentOptions", "DataOptions", "TaskData", "TaskSpec", "compute_metrics", "get_task", "list_tasks",
+           "load_split"]

@@ -28,7 +28,6 @@ from stackcomp.errors import DataError
 
 if TYPE_CHECKING:
     import datasets
-    import pyarrow as pa
 
 
 class AugmentOptions(BaseModel):
