@@ -14,8 +14,9 @@ random classification head: accuracy is not measured, speed does not depend on i
 Timing: each round runs every model over the same dev batches (the first ``--batches`` in file
 order, as ``evaluate`` times them), the models taking turns on every batch (order reversed every
 other round), and takes each model's median per batch; the table shows the minimum over rounds
-of those medians (min-of-medians), with the ratios against fp32 and against int8-only. ``agree`` is the share of sequences whose argmax
-matches fp32's (a sanity check, not accuracy). Bytes are whole-model bytes (embeddings included).
+of those medians (min-of-medians), with the ratios against fp32 and against int8-only. ``agree``
+is the share of sequences whose argmax matches fp32's (a sanity check, not accuracy). Bytes are
+whole-model bytes (embeddings included).
 """
 
 from __future__ import annotations

@@ -222,7 +222,9 @@ def passes_describe(name: str = typer.Argument(..., help="pass name")) -> None:
     for col in ("name", "type", "default", "description"):
         table.add_column(col)
     for fname, field in cls.Params.model_fields.items():
-        ann = getattr(field.annotation, "__name__", None) or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(field.annotation))
+        # "stackcomp.data.augment.AugmentOptions | None" -> "AugmentOptions | None"
+        ann = getattr(field.annotation, "__name__", None) or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1",
+                                                                    str(field.annotation))
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         table.add_row(fname, ann, default, field.description or "")
     console.print(table)

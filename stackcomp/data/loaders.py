@@ -208,10 +208,10 @@ class TaskData:
     def _augmented(self, options: AugmentOptions) -> tuple[datasets.Dataset, np.ndarray]:
         key = options.model_dump_json()
         if key not in self._augmented_sets:
-            start = time.perf_counter()
-            ds, lengths = augment_dataset(self._split("train")[0], self.tokenizer, options, pair=self.task.is_pair)
-            log.info("augmented %s train: %d examples -> %d in %.1f s", self.task.name, len(self._split("train")[0]),
-                     len(ds), time.perf_counter() - start)
+            start, train = time.perf_counter(), self._split("train")[0]
+            ds, lengths = augment_dataset(train, self.tokenizer, options, pair=self.task.is_pair)
+            log.info("augmented %s train: %d examples -> %d in %.1f s", self.task.name, len(train), len(ds),
+                     time.perf_counter() - start)
             self._augmented_sets[key] = ds, lengths
         return self._augmented_sets[key]
 
