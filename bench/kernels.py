@@ -10,7 +10,9 @@ does not depend on the numbers), packed fp32 and int8, and timed against:
   qdyn    torch.ao dynamic int8 quantization (fbgemm/x86; per-tensor activation scales)
   bnb     bitsandbytes Linear8bitLt(has_fp16_weights=False) (int8 weights + activations)
   ds32    packed DS, fp32, compiled CPU kernel
-  ds8     packed DS, int8 dictionary and values, compiled CPU kernel
+  ds8     packed DS, int8 dictionary and values, compiled CPU kernel (the one the pack pass picks:
+          8-bit activations and a permute-gather on AVX-512 VBMI+VNNI CPUs, else ds8q15)
+  ds8q15  the same layer on the 16-bit-activation int8 kernel (AVX2)
   dstorch DS on the plain torch path (embedding_bag / rebuild+GEMM), the no-compiler fallback
 Timing: rounds interleave all candidates; each round takes the median of several calls; the
 table shows the minimum over rounds of those medians (min-of-medians), in microseconds.
@@ -102,7 +104,7 @@ def main() -> None:
     shapes = [tuple(int(a) for a in s.split("x")) for s in args.shapes.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
-    cols = ["dense", "qdyn", "bnb", "ds32", "ds8"] + ([] if args.no_torch_path else ["dstorch"])
+    cols = ["dense", "qdyn", "bnb", "ds32", "ds8", "ds8q15"] + ([] if args.no_torch_path else ["dstorch"])
     rows = []
     for out, inn in shapes:
         nb, K, B, s = ds_config(out, inn)
@@ -123,8 +125,12 @@ def main() -> None:
             e32 = (ds_forward_packed(xc, p32) - ds_forward_reference(xc, d, v, idx, bias)).abs().max()
             r8 = ds_forward_reference(xc, *p8.unpack())
             e8 = (ds_forward_packed(xc, p8) - r8).abs().max() / r8.abs().max()
+            q15 = ds_cpu.cpu_caller(p8, int8_kernel_name="q15") if ext else None
+            e8q = (q15(xc) - r8).abs().max() / r8.abs().max() if q15 else float("nan")
+        kern8 = ds_cpu.int8_kernel(p8, ext) if ext else "torch"
         cfg = (f"{out}x{inn}: B={B} K={K} s={s} nb={nb}, bytes {ratio:.2f}x, MACs {flops:.2f}x smaller "
-               f"(check: ds32 max abs err {float(e32):.1e}, ds8 rel err {float(e8):.1e} vs its dequantized layer)")
+               f"(check: ds32 max abs err {float(e32):.1e}; max abs err / max |y| vs the dequantized layer: ds8 "
+               f"[{kern8}] {float(e8):.1e}, ds8q15 {float(e8q):.1e})")
         print(cfg, flush=True)
         for nt in threads:
             torch.set_num_threads(nt)
@@ -134,6 +140,8 @@ def main() -> None:
                        "ds32": lambda: ds_forward_packed(x, p32), "ds8": lambda: ds_forward_packed(x, p8)}
                 if bnbl is not None:
                     fns["bnb"] = lambda: bnbl(x)
+                if q15 is not None:
+                    fns["ds8q15"] = lambda: q15(x)
                 if not args.no_torch_path:
                     fns["dstorch"] = lambda: ds_forward_packed(x, p32, kernel="torch")
                 with torch.inference_mode():

@@ -28,6 +28,7 @@ from stackcomp.kernels import (
     KernelError,
     PackedDS,
     choose_kernel,
+    ds_forward_act8_reference,
     ds_forward_embedding_bag,
     ds_forward_packed,
     ds_forward_rebuild,
@@ -45,6 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 FP32_TOL = 2e-5
 INT8_KERNEL_TOL = 2e-3
 INT8_PACK_TOL = 5e-2
+#: the vnni8 kernel against its oracle (same rounding; only float32 order and one fused multiply-add differ)
+ACT8_ORACLE_TOL = 1e-5
+#: 8-bit activations (x and z rounded per token) against the exact layer: ~1e-2 measured, max-based
+ACT8_EXACT_TOL = 3e-2
 
 # (nb, K, B, out, s): one block / several; K <= 256 (uint8 indices) and K > 256 (int16); odd B and out
 SHAPES = [(1, 16, 24, 21, 3), (3, 40, 16, 32, 4), (2, 300, 8, 13, 5), (2, 24, 7, 9, 2)]
@@ -77,6 +82,19 @@ def dense_weight_loops(d, v, idx):
 
 def rel_err(y, r):
     return float((y.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
+
+
+def int8_check(ext, p, x, y, kernel=None):
+    """Assert y is the int8 CPU kernel's output for x: the vnni8 kernel (where it runs for this
+    layer and token count) against its 8-bit-activation oracle, the q15 kernel against the exact
+    reference on the dequantized factors."""
+    T = x.numel() // x.shape[-1]
+    exact = ds_forward_reference(x, *p.unpack())
+    if T > ds_cpu.SMALL_MAX_TOKENS and ds_cpu.int8_kernel(p, ext, kernel) == "vnni8":
+        assert rel_err(y, ds_forward_act8_reference(x, *p.unpack_int8())) < ACT8_ORACLE_TOL
+        assert rel_err(y, exact) < ACT8_EXACT_TOL
+    else:
+        assert rel_err(y, exact) < INT8_KERNEL_TOL
 
 
 # ------------------------------------------------------------------------------ reference & torch
@@ -188,8 +206,66 @@ def test_cpu_kernel(ext, dtype, shape, bias, T):
     if dtype == "fp32":
         assert exact < FP32_TOL
     else:
-        assert rel_err(y, ds_forward_reference(x, *p.unpack())) < INT8_KERNEL_TOL
+        int8_check(ext, p, x, y)
         assert exact < INT8_PACK_TOL
+        yq = ds_cpu.cpu_caller(p, int8_kernel_name="q15")(x)  # the AVX2 kernel, wherever vnni8 is the default
+        assert rel_err(yq, ds_forward_reference(x, *p.unpack())) < INT8_KERNEL_TOL
+
+
+@pytest.fixture
+def vnni8(ext):
+    if not ext.has_vnni8():
+        pytest.skip("the vnni8 kernel needs AVX-512 VBMI and VNNI; this CPU or build lacks them")
+    return ext
+
+
+@pytest.mark.parametrize("K", [1, 63, 64, 65, 128, 129, 200, 256])
+@pytest.mark.parametrize("T", [3, 4, 5, 255, 256, 257])
+def test_vnni8_kernel_matches_its_oracle(vnni8, K, T):
+    """Every table width (1, 2, 4 registers: K <= 64, <= 128, <= 256, index bit 7 picking the upper
+    pair), token tiles and the 256-token super-chunks cut anywhere; odd B, out and s pad."""
+    nb, B, out, s = 2, 13, 37, 5 if K > 4 else 1
+    d, v, idx, b = make_ds(nb, K, B, out, s, seed=K)
+    if K > 4:
+        idx[0, :, 0] = K - 1  # the last atom is used
+    p = pack_ds(d, v, idx, b, dtype="int8")
+    assert ds_cpu.int8_kernel(p, vnni8) == "vnni8"
+    x = torch.randn(T, nb * B, generator=torch.Generator().manual_seed(T))
+    x[1] = 0.0  # a zero token: amax 0, scale 0, output = bias
+    y = ds_forward_packed(x, p, kernel="cpu")
+    int8_check(vnni8, p, x, y)
+    assert torch.allclose(y[1], b)
+
+
+def test_vnni8_extremes(vnni8):
+    """Full-scale int8 everywhere (the largest integer sums), one huge token among small ones,
+    a 3072-wide layer (many output vectors) and in-place reuse of the operands."""
+    d, v, idx, b = make_ds(6, 128, 128, 3072, 24)
+    v[:, :16] = 5.0
+    v[:, 16:32] = -5.0
+    p = pack_ds(d, v, idx, b, dtype="int8")
+    x = torch.randn(70, 768)
+    x[7] *= 1e4
+    for _ in range(2):
+        int8_check(vnni8, p, x, ds_forward_packed(x, p, kernel="cpu"))
+
+
+def test_int8_kernel_choice(ext, monkeypatch):
+    d, v, idx, b = make_ds(3, 40, 16, 32, 4)
+    p = pack_ds(d, v, idx, b, dtype="int8")
+    want = "vnni8" if ext.has_vnni8() else "q15"
+    assert ds_cpu.int8_kernel(p, ext) == want
+    monkeypatch.setenv("STACKCOMP_INT8_KERNEL", "q15")
+    assert ds_cpu.int8_kernel(p, ext) == "q15"
+    monkeypatch.setenv("STACKCOMP_INT8_KERNEL", "fast")
+    with pytest.raises(KernelError, match="STACKCOMP_INT8_KERNEL"):
+        ds_cpu.int8_kernel(p, ext)
+    big = pack_ds(*make_ds(1, 300, 8, 16, 3), dtype="int8")
+    assert ds_cpu.int8_kernel(big, ext, "auto") == "q15"   # K > 256: the q15 kernel
+    with pytest.raises(KernelError, match="at most 256 atoms"):
+        ds_cpu.int8_kernel(big, ext, "vnni8")
+    with pytest.raises(KernelError, match="int8 packed layer"):
+        pack_ds(d, v, idx, b).unpack_int8()
 
 
 def test_cpu_kernel_int8_extremes(ext):
@@ -235,7 +311,7 @@ def test_cpu_kernel_edge_cases(ext):
     with pytest.raises(KernelError, match="no backward"):
         ds_forward_packed(x, p, kernel="cpu")
     xs = torch.randn(6, 96)[:, ::2]  # not contiguous
-    assert rel_err(ds_forward_packed(xs, p), ds_forward_reference(xs, *p.unpack())) < INT8_KERNEL_TOL
+    int8_check(ext, p, xs, ds_forward_packed(xs, p))
 
 
 def test_cpu_build_is_cached(ext):

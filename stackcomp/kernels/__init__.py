@@ -7,6 +7,7 @@ Entry points:
 * :func:`ds_forward_packed` -- run a packed layer (compiled CPU kernel, torch, Triton, reference);
 * :func:`choose_kernel` -- which kernel a target gets here;
 * :func:`ds_forward_reference` -- the exact oracle on canonical tensors;
+  :func:`ds_forward_act8_reference` -- the oracle of the int8 kernel with 8-bit activations;
   :func:`ds_forward_torch` -- the fastest uncompiled path on canonical tensors;
 * :func:`semi_structured_24` -- 2:4 sparse weights for plain linears (CUDA, compute >= 8.0).
 
@@ -18,6 +19,7 @@ from stackcomp.kernels.ds_triton import semi_structured_24, semi_structured_24_s
 from stackcomp.kernels.packed import PackedDS, pack_ds
 from stackcomp.kernels.reference import (
     KernelError,
+    ds_forward_act8_reference,
     ds_forward_embedding_bag,
     ds_forward_rebuild,
     ds_forward_reference,
@@ -30,6 +32,7 @@ __all__ = [
     "KernelError",
     "PackedDS",
     "choose_kernel",
+    "ds_forward_act8_reference",
     "ds_forward_embedding_bag",
     "ds_forward_packed",
     "ds_forward_rebuild",

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ds_cpu_kernels.h"
+#include "ds_cpu_vnni8.h"
 
 using namespace dskern;
 
@@ -75,10 +76,69 @@ torch::Tensor ds_forward(torch::Tensor x, torch::Tensor dict, torch::Tensor dsca
   return y;
 }
 
+// The 8-bit-activation int8 kernel (ds_cpu_vnni8.h); operands from ds_cpu.vnni8_operands.
+torch::Tensor ds_forward_vnni8(torch::Tensor x, torch::Tensor dpk, torch::Tensor dcor, torch::Tensor dsc,
+                               torch::Tensor vidx, torch::Tensor vval, torch::Tensor vcor, torch::Tensor vsc,
+                               c10::optional<torch::Tensor> bias, int64_t out, int64_t K, int64_t B) {
+#if defined(DS_HAVE_VNNI8)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 (T, in)");
+  TORCH_CHECK(dpk.dim() == 5 && dpk.scalar_type() == at::kChar && dpk.is_contiguous() && dpk.size(3) == 16 &&
+                  dpk.size(4) == 4, "dpk: contiguous int8 (nb, KV, B4, 16, 4)");
+  TORCH_CHECK(vidx.dim() == 5 && vidx.scalar_type() == at::kByte && vidx.is_contiguous() && vidx.size(3) == 16 &&
+                  vidx.size(4) == 4, "vidx: contiguous uint8 (nb, L, OV, 16, 4)");
+  TORCH_CHECK(vval.sizes() == vidx.sizes() && vval.scalar_type() == at::kChar && vval.is_contiguous(),
+              "vval: int8, same shape as vidx");
+  GeoV g;
+  g.T = x.size(0);
+  g.in = x.size(1);
+  g.out = out;
+  g.nb = dpk.size(0);
+  g.KV = dpk.size(1);
+  g.B4 = dpk.size(2);
+  g.K = K;
+  g.B = B;
+  g.L = vidx.size(1);
+  g.OV = vidx.size(2);
+  TORCH_CHECK(g.nb * g.B == g.in, "x has ", g.in, " features, the layer ", g.nb * g.B);
+  TORCH_CHECK(K >= 1 && K <= 256 && g.KV * 16 >= K && g.B4 * 4 >= B && vidx.size(0) == g.nb &&
+                  g.OV * 16 >= out, "vnni8 operands do not match the layer");
+  TORCH_CHECK(dcor.scalar_type() == at::kInt && dcor.numel() == g.nb * g.KV * 16 && dsc.scalar_type() == at::kFloat &&
+                  dsc.numel() == g.nb * g.KV * 16, "dcor/dsc: int32/float32 (nb, KV*16)");
+  TORCH_CHECK(vcor.scalar_type() == at::kInt && vcor.numel() == g.OV * 16 && vsc.scalar_type() == at::kFloat &&
+                  vsc.numel() == g.OV * 16, "vcor/vsc: int32/float32 (OV*16)");
+  const float* bp = nullptr;
+  torch::Tensor bt;
+  if (bias.has_value() && bias->defined()) {
+    bt = bias->contiguous();
+    TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.numel() == out, "bias: float32 (out)");
+    bp = bt.data_ptr<float>();
+  }
+  auto y = torch::empty({g.T, out}, x.options());
+  if (g.T == 0) return y;
+  run_vnni8(g, x.data_ptr<float>(), dpk.data_ptr<int8_t>(), dcor.data_ptr<int32_t>(), dsc.data_ptr<float>(),
+            vidx.data_ptr<uint8_t>(), vval.data_ptr<int8_t>(), vcor.data_ptr<int32_t>(), vsc.data_ptr<float>(), bp,
+            y.data_ptr<float>());
+  return y;
+#else
+  TORCH_CHECK(false, "this build has no vnni8 kernel (needs AVX-512 VBMI and VNNI)");
+#endif
+}
+
+bool has_vnni8() {
+#if defined(DS_HAVE_VNNI8)
+  return true;
+#else
+  return false;
+#endif
+}
+
 std::string build_info() {
   std::string s;
 #if defined(__AVX512F__)
   s += "avx512f ";
+#endif
+#if defined(DS_HAVE_VNNI8)
+  s += "vbmi+vnni ";
 #endif
 #if defined(__AVX2__)
   s += "avx2 ";
@@ -94,5 +154,7 @@ std::string build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ds_forward", &ds_forward, "packed DS linear forward (CPU)");
+  m.def("ds_forward_vnni8", &ds_forward_vnni8, "packed DS linear forward, int8 with 8-bit activations (CPU)");
+  m.def("has_vnni8", &has_vnni8, "whether ds_forward_vnni8 was compiled in");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
 }

@@ -32,11 +32,15 @@ from stackcomp.kernels.reference import KernelError
 log = logging.getLogger("stackcomp.kernels")
 
 SOURCE = Path(__file__).with_name("ds_cpu.cpp")
-HEADERS = (Path(__file__).with_name("ds_cpu_kernels.h"),)
+HEADERS = (Path(__file__).with_name("ds_cpu_kernels.h"), Path(__file__).with_name("ds_cpu_vnni8.h"))
 #: at most this many tokens take the bandwidth-bound loop (output rows as SIMD lanes)
 SMALL_MAX_TOKENS = 2
 #: int8 layers with more nonzeros per row and block than this gather in fp32 (see q15_values)
 Q15_MAX_NNZ = 64
+#: int8 kernels for more than SMALL_MAX_TOKENS tokens: "vnni8" (8-bit activations, AVX-512 VBMI +
+#: VNNI; ds_cpu_vnni8.h) where the build has it and the layer fits (K <= 256), else "q15" (16-bit
+#: activations; ds_cpu_kernels.h). STACKCOMP_INT8_KERNEL=q15 forces the latter (A/B runs, accuracy).
+INT8_KERNELS = ("auto", "vnni8", "q15")
 
 _lock = threading.Lock()
 #: gen counts resets, so callers that cached a kernel (PackedDS.cache) know to look again
@@ -148,6 +152,59 @@ def q15_values(packed: PackedDS) -> tuple[torch.Tensor, torch.Tensor] | None:
     return w16, flush.reshape(nb, og * g).contiguous()
 
 
+def vnni8_operands(packed: PackedDS) -> tuple:
+    """The vnni8 kernel's tensors for an int8 layer (layouts in ds_cpu_vnni8.h), made once per layer.
+
+    Nonzeros are padded to a multiple of 4 per row and block (value 0), rows to a multiple of 16.
+    """
+    ops = packed.cache.get("vnni8_operands")
+    if ops is not None:
+        return ops
+    t, m = packed.tensors, packed.meta
+    nb, K, B, s, out = (int(m[k]) for k in ("n_blocks", "atoms", "block", "nnz", "out_features"))
+    if K > 256:
+        raise KernelError(f"the vnni8 kernel takes at most 256 atoms per block, this layer has {K}")
+    KV, B4, L, OV = -(-K // 16), -(-B // 4), -(-s // 4), -(-out // 16)
+    d = t["dictionary"]                                                    # (nb, K, B) int8
+    dp = torch.zeros(nb, KV * 16, B4 * 4, dtype=torch.int8)
+    dp[:, :K, :B] = d
+    dcor = (128 * dp.to(torch.int32).sum(-1)).to(torch.int32)               # (nb, KV*16)
+    dsc = torch.zeros(nb, KV * 16)
+    dsc[:, :K] = t["dictionary_scale"]
+    dpk = dp.view(nb, KV, 16, B4, 4).permute(0, 1, 3, 2, 4).contiguous()  # (nb, KV, B4, 16, 4)
+    G = packed.group
+    v = t["values"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]        # (nb, out, s) int8
+    i = t["indices"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
+    vp = torch.zeros(nb, OV * 16, L * 4, dtype=torch.int8)
+    ip = torch.zeros(nb, OV * 16, L * 4, dtype=torch.uint8)
+    vp[:, :out, :s] = v
+    ip[:, :out, :s] = i
+    vval = vp.view(nb, OV, 16, L, 4).permute(0, 3, 1, 2, 4).contiguous()   # (nb, L, OV, 16, 4)
+    vidx = ip.view(nb, OV, 16, L, 4).permute(0, 3, 1, 2, 4).contiguous()
+    vcor = (128 * vp.to(torch.int32).sum(dim=(0, 2))).to(torch.int32)      # (OV*16)
+    vsc = torch.zeros(OV * 16)
+    vsc[: min(out, t["values_scale"].numel())] = t["values_scale"][:out]
+    assert G == CPU_GROUP
+    ops = (dpk, dcor, dsc, vidx, vval, vcor, vsc, t.get("bias"), out, K, B)
+    packed.cache["vnni8_operands"] = ops
+    return ops
+
+
+def int8_kernel(packed: PackedDS, ext, want: str | None = None) -> str:
+    """Which int8 kernel runs this layer above SMALL_MAX_TOKENS tokens: "vnni8" or "q15".
+
+    ``want`` None reads STACKCOMP_INT8_KERNEL (default "auto": vnni8 where it can run).
+    """
+    want = (want or os.environ.get("STACKCOMP_INT8_KERNEL", "") or "auto").lower()
+    if want not in INT8_KERNELS:
+        raise KernelError(f"int8 kernel (STACKCOMP_INT8_KERNEL) must be one of {INT8_KERNELS}, got {want!r}")
+    fits = packed.dtype == "int8" and int(packed.meta["atoms"]) <= 256 and bool(getattr(ext, "has_vnni8", bool)())
+    if want == "vnni8" and not fits:
+        raise KernelError("int8 kernel vnni8 was asked for, but this build or layer cannot run it (needs AVX-512 VBMI and "
+                          "VNNI, an int8 layer, at most 256 atoms)")
+    return "vnni8" if fits and want != "q15" else "q15"
+
+
 def _operands(packed: PackedDS) -> tuple:
     """The kernel's tensor arguments, made once per packed layer (int8: + the Q15 operands)."""
     ops = packed.cache.get("cpu_operands")
@@ -164,9 +221,11 @@ def _operands(packed: PackedDS) -> tuple:
     return ops
 
 
-def cpu_caller(packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS) -> Callable[[torch.Tensor], torch.Tensor]:
+def cpu_caller(packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS,
+               int8_kernel_name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function x -> y running the compiled kernel on this layer, with the per-call Python work
-    cut to a minimum (the operands are made once). x: (..., in) on CPU, any float dtype."""
+    cut to a minimum (the operands are made once). x: (..., in) on CPU, any float dtype.
+    ``int8_kernel_name``: see :func:`int8_kernel` (int8 layers only)."""
     ext = ext if ext is not None else get_extension()
     if ext is None:
         raise KernelError("the DS CPU kernel is not available (build failed or disabled); use the torch path")
@@ -175,14 +234,22 @@ def cpu_caller(packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS) ->
                           f"{CPU_GROUP} on cpu: pack it with target='cpu'")
     fwd, ops, out, inf = ext.ds_forward, _operands(packed), packed.out_features, packed.in_features
     f32 = torch.float32
+    if packed.dtype == "int8" and int8_kernel(packed, ext, int8_kernel_name) == "vnni8":
+        fwd8, ops8 = ext.ds_forward_vnni8, vnni8_operands(packed)
+
+        def run(x2: torch.Tensor) -> torch.Tensor:
+            return fwd(x2, *ops, out, small_max) if x2.shape[0] <= small_max else fwd8(x2, *ops8)
+    else:
+        def run(x2: torch.Tensor) -> torch.Tensor:
+            return fwd(x2, *ops, out, small_max)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != inf:
             raise KernelError(f"input has {x.shape[-1]} features, the packed DS layer expects {inf}")
         if x.dim() == 2 and x.dtype == f32 and x.is_contiguous():
-            return fwd(x, *ops, out, small_max)
+            return run(x)
         lead = x.shape[:-1]
-        y = fwd(x.reshape(-1, inf).to(f32).contiguous(), *ops, out, small_max)
+        y = run(x.reshape(-1, inf).to(f32).contiguous())
         return y.reshape(*lead, out).to(x.dtype)
 
     return call

@@ -141,6 +141,19 @@ class PackedDS:
         i = t["indices"].long().permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
         return d.contiguous(), v.contiguous(), i.contiguous(), t.get("bias")
 
+    def unpack_int8(self) -> tuple[torch.Tensor, ...]:
+        """Canonical int8 tensors and their scales, for ``ds_forward_act8_reference``: (dictionary
+        (nb, K, B) int8, dictionary_scale (nb, K), values (nb, out, s) int8, values_scale (out,),
+        indices int64, bias)."""
+        if self.dtype != "int8":
+            raise KernelError(f"unpack_int8 needs an int8 packed layer, this one is {self.dtype}")
+        t, m = self.tensors, self.meta
+        nb, out, s = int(m["n_blocks"]), int(m["out_features"]), int(m["nnz"])
+        v = t["values"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
+        i = t["indices"].long().permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
+        return (t["dictionary"], t["dictionary_scale"], v.contiguous(), t["values_scale"][:out], i.contiguous(),
+                t.get("bias"))
+
 
 def _quantize_symmetric(x: torch.Tensor, dim: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 = round(x / scale), scale = max|x| / 127 over ``dim`` (1 where the max is 0)."""

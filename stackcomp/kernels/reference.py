@@ -9,6 +9,8 @@ Canonical tensors (what ``DSLinear`` stores): ``dictionary`` (nb, K, B), ``value
 * :func:`ds_forward_rebuild` -- rebuilds W = C.D with one ``embedding_bag`` and runs one GEMM
   (best uncompiled path for thousands of tokens: memory is saved, time is not).
 * :func:`ds_forward_torch` -- picks between the last two by token count.
+* :func:`ds_forward_act8_reference` -- the oracle of the vnni8 int8 kernel: the same rounding of
+  activations to 8 bits, in plain torch.
 """
 
 from __future__ import annotations
@@ -68,6 +70,40 @@ def ds_forward_reference(x: torch.Tensor, dictionary: torch.Tensor, values: torc
         y += (g * values[b].double()).sum(-1)
     if bias is not None:
         y += bias.double()
+    return y.to(x.dtype).reshape(*lead, out)
+
+
+def _round_per_token(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (T, n) float32 -> (q in [-127, 127] as float32, scale amax/127), rounding as the kernel does."""
+    amax = v.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.clamp(torch.round(v * inv), -127, 127)
+    return q, amax / 127.0
+
+
+def ds_forward_act8_reference(x: torch.Tensor, dictionary_q: torch.Tensor, dictionary_scale: torch.Tensor,
+                              values_q: torch.Tensor, values_scale: torch.Tensor, indices: torch.Tensor,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the vnni8 kernel computes, step by step in float32 / exact integers (test oracle).
+
+    int8 ``dictionary_q`` (nb, K, B) with per-atom ``dictionary_scale`` (nb, K); int8 ``values_q``
+    (nb, out, s) with per-row ``values_scale`` (out,). x is rounded per token to 8 bits, z = x D^T
+    in exact integers, rescaled, rounded per token (over all blocks) to 8 bits, gathered in exact
+    integers and rescaled. Matches the kernel to float32 rounding (it fuses the last multiply-add).
+    """
+    nb, K, B, out, s = check_ds(dictionary_q.float(), values_q.float(), indices, bias)
+    x2, lead = _flat_x(x, nb * B)
+    xq, xs = _round_per_token(x2.float())
+    zi = torch.einsum("tnb,nkb->tnk", xq.double().reshape(-1, nb, B), dictionary_q.double())  # exact
+    z = zi.float() * (dictionary_scale.float().unsqueeze(0) * xs.unsqueeze(-1))              # (T, nb, K)
+    zq, zs = _round_per_token(z.reshape(-1, nb * K))
+    zq = zq.double().reshape(-1, nb, K)
+    acc = torch.zeros(x2.shape[0], out, dtype=torch.float64)
+    for b in range(nb):
+        acc += (zq[:, b][:, indices[b].long()] * values_q[b].double()).sum(-1)               # exact
+    y = acc.float() * (values_scale.float()[:out].unsqueeze(0) * zs)
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, out)
 
 

@@ -15,6 +15,7 @@ Runtime's logits match the torch model's (``onnx_tolerance``, relative to max |l
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -138,9 +139,14 @@ def _is_24(linear: nn.Linear) -> bool:
 
 def _kernel_reason(layout: str, kernel: str) -> str:
     if layout == "cpu":
-        if kernel == "cpu":
-            return "compiled C++ kernel (ds_cpu.cpp) built for this CPU"
         from stackcomp.kernels import ds_cpu
+
+        if kernel == "cpu":
+            ext = ds_cpu.get_extension()
+            vnni8 = ext is not None and ext.has_vnni8() and os.environ.get("STACKCOMP_INT8_KERNEL", "") != "q15"
+            int8 = "vnni8 (8-bit activations, AVX-512 VBMI + VNNI)" if vnni8 else "q15 (16-bit activations)"
+            return (f"compiled C++ kernel (ds_cpu.cpp) built for this CPU; int8 layers above "
+                    f"{ds_cpu.SMALL_MAX_TOKENS} tokens: {int8}")
 
         return f"torch path: the C++ kernel is unavailable ({ds_cpu.build_error() or 'not built'})"
     if kernel == "triton":
