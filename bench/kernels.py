@@ -4,8 +4,9 @@
     python bench/kernels.py --threads 1,2 --shapes 768x768 --tokens 128
 
 For each weight shape (out x in) a DS layer at ~2.8x compression of the linear's bytes (fp32
-values, uint8 indices when K <= 256) is made with random factors of the right shapes (speed
-does not depend on the numbers), packed fp32 and int8, and timed against:
+values, uint8 indices when K <= 256; B = 128, K per ``--atoms``, s filling the budget) is made with
+random factors of the right shapes (speed does not depend on the numbers), packed fp32 and int8,
+and timed against:
   dense   nn.Linear fp32
   qdyn    torch.ao dynamic int8 quantization (fbgemm/x86; per-tensor activation scales)
   bnb     bitsandbytes Linear8bitLt(has_fp16_weights=False) (int8 weights + activations)
@@ -38,11 +39,28 @@ from stackcomp.kernels.reference import ds_forward_reference
 SHAPES = ["384x384", "1536x384", "384x1536", "768x768", "3072x768", "768x3072"]
 
 
-def ds_config(out: int, inn: int, block: int = 128, ratio: float = 2.8) -> tuple[int, int, int, int]:
-    """(nb, K, B, s) with bytes(dense fp32 + bias) / bytes(DS) >= ratio: s = B/8, K as large as
-    fits (<= 256, so indices stay uint8); if K hits 256, s takes the rest of the budget."""
+def ds_config(out: int, inn: int, block: int = 128, ratio: float = 2.8,
+              atoms: int | str | None = "auto") -> tuple[int, int, int, int]:
+    """(nb, K, B, s) with bytes(dense fp32 + bias) / bytes(DS) >= ratio.
+
+    ``atoms`` an int K: s is the largest that fits, capped at min(K, B). ``"auto"`` (default):
+    K = 128 if that leaves s >= B/8, else 64 (a block's z is then one or two registers in the
+    vnni8 kernel). ``None`` (the sizes of sessions 1-5, made for the q15 kernel): s = B/8 and K
+    as large as fits (<= 256, so indices stay uint8); if K hits 256, s takes the rest.
+    """
     nb = inn // block
     budget = (out * inn * 4 + out * 4) / ratio - out * 4
+
+    def fill(K: int) -> int:
+        return min(int((budget - nb * K * block * 4) // (nb * out * 5)), K, block)
+
+    if atoms == "auto":
+        atoms = 128 if fill(128) >= block // 8 else 64
+    if atoms is not None:
+        s = fill(int(atoms))
+        if s < 1:
+            raise ValueError(f"{out}x{inn}: K={atoms} atoms of width {block} leave no bytes for values at {ratio}x")
+        return nb, int(atoms), block, s
     s = block // 8
     K = int((budget - nb * out * s * 5) // (nb * block * 4))
     if K > 256:
@@ -92,6 +110,8 @@ def main() -> None:
     ap.add_argument("--threads", default=str(torch.get_num_threads()))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-torch-path", action="store_true", help="skip the dstorch column")
+    ap.add_argument("--atoms", default="auto", help="K per block, s filling the 2.8x budget; 'auto': 128 if that "
+                    "leaves s >= B/8, else 64; 'max': s = B/8 and K as large as fits (the sizes before session 6)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -107,7 +127,8 @@ def main() -> None:
     cols = ["dense", "qdyn", "bnb", "ds32", "ds8", "ds8q15"] + ([] if args.no_torch_path else ["dstorch"])
     rows = []
     for out, inn in shapes:
-        nb, K, B, s = ds_config(out, inn)
+        atoms = None if args.atoms == "max" else args.atoms if args.atoms == "auto" else int(args.atoms)
+        nb, K, B, s = ds_config(out, inn, atoms=atoms)
         d = torch.randn(nb, K, B)
         v = torch.randn(nb, out, s)
         idx = torch.randint(0, K, (nb, out, s), dtype=torch.uint8 if K <= 256 else torch.int16)

@@ -44,7 +44,7 @@ from stackcomp.passes.pack import PackPass
 
 def block_candidates(model, ratio: float, block: int) -> list[list[int]]:
     """One (B, K, s) per distinct encoder linear shape at ``ratio`` with block width ``block``:
-    s = B/8, K as large as the bytes allow (<= 256), as bench/kernels.py sizes its layers."""
+    sized as bench/kernels.py sizes its layers (K = 128 or 64, s filling the budget)."""
     from stackcomp.targets import select_modules
 
     from kernels import ds_config  # bench/kernels.py, beside this script
