@@ -6,6 +6,14 @@
 
 using namespace dskern;
 
+// the optional bias as a contiguous float32 (out) tensor, or an undefined tensor
+static torch::Tensor checked_bias(const c10::optional<torch::Tensor>& bias, int64_t out) {
+  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
+  torch::Tensor bt = bias->contiguous();
+  TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.numel() == out, "bias: float32 (out)");
+  return bt;
+}
+
 
 // int8 layers also take w16 (nb, OG, S, 8) int16 and flush (nb, OG*8) float32 (see gather_q15;
 // made once per layer by ds_cpu.py); empty tensors mean: gather in fp32 (exact, slower).
@@ -45,13 +53,8 @@ torch::Tensor ds_forward(torch::Tensor x, torch::Tensor dict, torch::Tensor dsca
                   "flush: float32 (nb*OG*8)");
     }
   }
-  const float* bp = nullptr;
-  torch::Tensor bt;
-  if (bias.has_value() && bias->defined()) {
-    bt = bias->contiguous();
-    TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.numel() == out, "bias: float32 (out)");
-    bp = bt.data_ptr<float>();
-  }
+  const torch::Tensor bt = checked_bias(bias, out);
+  const float* bp = bt.defined() ? bt.data_ptr<float>() : nullptr;
   auto y = torch::empty({g.T, out}, x.options());
   if (g.T == 0) return y;
   const float* xp = x.data_ptr<float>();
@@ -106,13 +109,8 @@ torch::Tensor ds_forward_vnni8(torch::Tensor x, torch::Tensor dpk, torch::Tensor
                   dsc.numel() == g.nb * g.KV * 16, "dcor/dsc: int32/float32 (nb, KV*16)");
   TORCH_CHECK(vcor.scalar_type() == at::kInt && vcor.numel() == g.OV * 16 && vsc.scalar_type() == at::kFloat &&
                   vsc.numel() == g.OV * 16, "vcor/vsc: int32/float32 (OV*16)");
-  const float* bp = nullptr;
-  torch::Tensor bt;
-  if (bias.has_value() && bias->defined()) {
-    bt = bias->contiguous();
-    TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.numel() == out, "bias: float32 (out)");
-    bp = bt.data_ptr<float>();
-  }
+  const torch::Tensor bt = checked_bias(bias, out);
+  const float* bp = bt.defined() ? bt.data_ptr<float>() : nullptr;
   auto y = torch::empty({g.T, out}, x.options());
   if (g.T == 0) return y;
   run_vnni8(g, x.data_ptr<float>(), dpk.data_ptr<int8_t>(), dcor.data_ptr<int32_t>(), dsc.data_ptr<float>(),

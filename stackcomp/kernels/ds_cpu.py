@@ -10,8 +10,9 @@ Environment (read at the first build attempt; :func:`reset` makes the next call 
   ``STACKCOMP_KERNELS=torch``      never build; always use the torch path;
   ``STACKCOMP_KERNELS_PORTABLE=1`` build without ``-march=native`` (generic x86-64 / scalar code).
 
-The kernels themselves live in ``ds_cpu_kernels.h`` (no torch types; a standalone harness can
-include it); ``ds_cpu.cpp`` is the torch binding.
+The kernels themselves live in ``ds_cpu_kernels.h`` (fp32, the q15 int8 kernel and the few-token
+loop) and ``ds_cpu_vnni8.h`` (the int8 kernel with 8-bit activations, AVX-512 VBMI + VNNI), with no
+torch types (a standalone harness can include them); ``ds_cpu.cpp`` is the torch binding.
 """
 
 from __future__ import annotations

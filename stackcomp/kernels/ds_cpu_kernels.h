@@ -20,6 +20,9 @@
 // Few tokens: output rows are the lanes (the loop is bandwidth-bound): z once, then
 //   acc[o..o+7] += v[o..o+7] * gather(z_b, idx[o..o+7]).
 //
+// On CPUs with AVX-512 VBMI + VNNI, int8 layers above the few-token loop run ds_cpu_vnni8.h instead
+// (8-bit activations, 2-4x faster); the q15 kernel here stays the fallback (STACKCOMP_INT8_KERNEL=q15).
+//
 // Portable: GCC vector extensions for the fp32 code (SSE, AVX2 or AVX-512 as compiled), AVX2
 // intrinsics only under #if defined(__AVX2__); without AVX2 the int8 layer uses the few-token loop.
 #pragma once

@@ -48,6 +48,14 @@ constexpr int V8_SUPER = 256;   // tokens whose z tables are made before they ar
 
 inline float hmax16(__m512 v) { return _mm512_reduce_max_ps(v); }
 
+template <int R, int C>
+inline void v8_zero(__m512i (&acc)[R][C]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
+}
+
 // rows t0 .. t0+tn of x -> xq (V8_TT x nb*B4*4 bytes, block-padded, 128 = zero), xs per token
 inline void v8_quantize_x(const GeoV& g, const float* x, int64_t tn, uint8_t* xq, float* xs) {
   const int64_t row = g.nb * g.B4 * 4;
@@ -90,10 +98,7 @@ template <int KVN>
 inline void v8_zgemm(const GeoV& g, const int8_t* dpk_b, const int32_t* dcor_b, const float* dsc_b, int64_t kv0,
                      const uint8_t* xq_b, int64_t ldx, const float* xs, float* zf, int64_t ldz, __m512* amax) {
   __m512i acc[V8_TT][KVN];
-#pragma GCC unroll 8
-  for (int t = 0; t < V8_TT; ++t)
-#pragma GCC unroll 8
-    for (int v = 0; v < KVN; ++v) acc[t][v] = _mm512_setzero_si512();
+  v8_zero(acc);
   for (int64_t i4 = 0; i4 < g.B4; ++i4) {
     __m512i w[KVN];
 #pragma GCC unroll 8
@@ -171,10 +176,7 @@ inline void v8_gather(const GeoV& g, const uint8_t* zt, const float* zs, int64_t
                       float* y) {
   constexpr int NT = KT / 64;
   __m512i acc[V8_TT][VN];
-#pragma GCC unroll 8
-  for (int t = 0; t < V8_TT; ++t)
-#pragma GCC unroll 8
-    for (int v = 0; v < VN; ++v) acc[t][v] = _mm512_setzero_si512();
+  v8_zero(acc);
   for (int64_t b = 0; b < g.nb; ++b) {
     __m512i tab[V8_TT][NT];
 #pragma GCC unroll 8
