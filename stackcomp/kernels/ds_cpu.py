@@ -173,7 +173,6 @@ def vnni8_operands(packed: PackedDS) -> tuple:
     dsc = torch.zeros(nb, KV * 16)
     dsc[:, :K] = t["dictionary_scale"]
     dpk = dp.view(nb, KV, 16, B4, 4).permute(0, 1, 3, 2, 4).contiguous()  # (nb, KV, B4, 16, 4)
-    G = packed.group
     v = t["values"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]        # (nb, out, s) int8
     i = t["indices"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
     vp = torch.zeros(nb, OV * 16, L * 4, dtype=torch.int8)
@@ -184,8 +183,7 @@ def vnni8_operands(packed: PackedDS) -> tuple:
     vidx = ip.view(nb, OV, 16, L, 4).permute(0, 3, 1, 2, 4).contiguous()
     vcor = (128 * vp.to(torch.int32).sum(dim=(0, 2))).to(torch.int32)      # (OV*16)
     vsc = torch.zeros(OV * 16)
-    vsc[: min(out, t["values_scale"].numel())] = t["values_scale"][:out]
-    assert G == CPU_GROUP
+    vsc[:out] = t["values_scale"][:out]
     ops = (dpk, dcor, dsc, vidx, vval, vcor, vsc, t.get("bias"), out, K, B)
     packed.cache["vnni8_operands"] = ops
     return ops
@@ -199,10 +197,11 @@ def int8_kernel(packed: PackedDS, ext, want: str | None = None) -> str:
     want = (want or os.environ.get("STACKCOMP_INT8_KERNEL", "") or "auto").lower()
     if want not in INT8_KERNELS:
         raise KernelError(f"int8 kernel (STACKCOMP_INT8_KERNEL) must be one of {INT8_KERNELS}, got {want!r}")
-    fits = packed.dtype == "int8" and int(packed.meta["atoms"]) <= 256 and bool(getattr(ext, "has_vnni8", bool)())
+    has = getattr(ext, "has_vnni8", None)
+    fits = packed.dtype == "int8" and int(packed.meta["atoms"]) <= 256 and has is not None and bool(has())
     if want == "vnni8" and not fits:
-        raise KernelError("int8 kernel vnni8 was asked for, but this build or layer cannot run it (needs AVX-512 VBMI and "
-                          "VNNI, an int8 layer, at most 256 atoms)")
+        raise KernelError("int8 kernel vnni8 was asked for, but this build or layer cannot run it (needs AVX-512 "
+                          "VBMI and VNNI, an int8 layer, at most 256 atoms)")
     return "vnni8" if fits and want != "q15" else "q15"
 
 
