@@ -126,8 +126,8 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     cols = ["dense", "qdyn", "bnb", "ds32", "ds8", "ds8q15"] + ([] if args.no_torch_path else ["dstorch"])
     rows = []
+    atoms = None if args.atoms == "max" else args.atoms if args.atoms == "auto" else int(args.atoms)
     for out, inn in shapes:
-        atoms = None if args.atoms == "max" else args.atoms if args.atoms == "auto" else int(args.atoms)
         nb, K, B, s = ds_config(out, inn, atoms=atoms)
         d = torch.randn(nb, K, B)
         v = torch.randn(nb, out, s)

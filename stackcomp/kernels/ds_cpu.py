@@ -161,20 +161,18 @@ def vnni8_operands(packed: PackedDS) -> tuple:
     ops = packed.cache.get("vnni8_operands")
     if ops is not None:
         return ops
-    t, m = packed.tensors, packed.meta
+    m = packed.meta
     nb, K, B, s, out = (int(m[k]) for k in ("n_blocks", "atoms", "block", "nnz", "out_features"))
     if K > 256:
         raise KernelError(f"the vnni8 kernel takes at most 256 atoms per block, this layer has {K}")
     KV, B4, L, OV = -(-K // 16), -(-B // 4), -(-s // 4), -(-out // 16)
-    d = t["dictionary"]                                                    # (nb, K, B) int8
+    d, dscale, v, vscale, i, bias = packed.unpack_int8()                   # canonical: v, i (nb, out, s)
     dp = torch.zeros(nb, KV * 16, B4 * 4, dtype=torch.int8)
     dp[:, :K, :B] = d
     dcor = (128 * dp.to(torch.int32).sum(-1)).to(torch.int32)               # (nb, KV*16)
     dsc = torch.zeros(nb, KV * 16)
-    dsc[:, :K] = t["dictionary_scale"]
+    dsc[:, :K] = dscale
     dpk = dp.view(nb, KV, 16, B4, 4).permute(0, 1, 3, 2, 4).contiguous()  # (nb, KV, B4, 16, 4)
-    v = t["values"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]        # (nb, out, s) int8
-    i = t["indices"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
     vp = torch.zeros(nb, OV * 16, L * 4, dtype=torch.int8)
     ip = torch.zeros(nb, OV * 16, L * 4, dtype=torch.uint8)
     vp[:, :out, :s] = v
@@ -183,41 +181,54 @@ def vnni8_operands(packed: PackedDS) -> tuple:
     vidx = ip.view(nb, OV, 16, L, 4).permute(0, 3, 1, 2, 4).contiguous()
     vcor = (128 * vp.to(torch.int32).sum(dim=(0, 2))).to(torch.int32)      # (OV*16)
     vsc = torch.zeros(OV * 16)
-    vsc[:out] = t["values_scale"][:out]
-    ops = (dpk, dcor, dsc, vidx, vval, vcor, vsc, t.get("bias"), out, K, B)
+    vsc[:out] = vscale
+    ops = (dpk, dcor, dsc, vidx, vval, vcor, vsc, bias, out, K, B)
     packed.cache["vnni8_operands"] = ops
     return ops
 
 
-def int8_kernel(packed: PackedDS, ext, want: str | None = None) -> str:
-    """Which int8 kernel runs this layer above SMALL_MAX_TOKENS tokens: "vnni8" or "q15".
+def build_int8_kernel(ext, want: str | None = None) -> str:
+    """The int8 kernel this build runs for layers that fit it: "vnni8" or "q15".
 
-    ``want`` None reads STACKCOMP_INT8_KERNEL (default "auto": vnni8 where it can run).
+    ``want`` None reads STACKCOMP_INT8_KERNEL (default "auto": vnni8 where the build has it).
     """
     want = (want or os.environ.get("STACKCOMP_INT8_KERNEL", "") or "auto").lower()
     if want not in INT8_KERNELS:
         raise KernelError(f"int8 kernel (STACKCOMP_INT8_KERNEL) must be one of {INT8_KERNELS}, got {want!r}")
     has = getattr(ext, "has_vnni8", None)
-    fits = packed.dtype == "int8" and int(packed.meta["atoms"]) <= 256 and has is not None and bool(has())
+    if want == "vnni8" and not (has is not None and has()):
+        raise KernelError("int8 kernel vnni8 was asked for, but this build cannot run it (needs AVX-512 VBMI and "
+                          "VNNI)")
+    return "vnni8" if want != "q15" and has is not None and has() else "q15"
+
+
+def int8_kernel(packed: PackedDS, ext, want: str | None = None) -> str:
+    """Which int8 kernel runs this layer above SMALL_MAX_TOKENS tokens: "vnni8" or "q15"
+    (:func:`build_int8_kernel`, and vnni8 only for int8 layers of at most 256 atoms)."""
+    want = (want or os.environ.get("STACKCOMP_INT8_KERNEL", "") or "auto").lower()
+    kernel = build_int8_kernel(ext, want)
+    fits = packed.dtype == "int8" and int(packed.meta["atoms"]) <= 256
     if want == "vnni8" and not fits:
-        raise KernelError("int8 kernel vnni8 was asked for, but this build or layer cannot run it (needs AVX-512 "
-                          "VBMI and VNNI, an int8 layer, at most 256 atoms)")
-    return "vnni8" if fits and want != "q15" else "q15"
+        raise KernelError("int8 kernel vnni8 was asked for, but this layer cannot run it (needs an int8 layer "
+                          "with at most 256 atoms)")
+    return "vnni8" if kernel == "vnni8" and fits else "q15"
 
 
-def _operands(packed: PackedDS) -> tuple:
-    """The kernel's tensor arguments, made once per packed layer (int8: + the Q15 operands)."""
-    ops = packed.cache.get("cpu_operands")
+def _operands(packed: PackedDS, q15: bool = True) -> tuple:
+    """The kernel's tensor arguments, made once per packed layer (int8: + the Q15 operands, which
+    only the q15 kernel reads: ``q15=False`` leaves them out for layers that run vnni8)."""
+    key = "cpu_operands" if q15 else "cpu_operands_small"
+    ops = packed.cache.get(key)
     if ops is None:
         t = packed.tensors
         if packed.dtype == "int8":
-            q = q15_values(packed)
+            q = q15_values(packed) if q15 else None
             w16, flush = q if q is not None else (_EMPTY, _EMPTY)
             ops = (t["dictionary"], t["dictionary_scale"].contiguous(), t["values"], t["values_scale"], w16, flush,
                    t["indices"], t.get("bias"))
         else:
             ops = (t["dictionary"], _EMPTY, t["values"], _EMPTY, _EMPTY, _EMPTY, t["indices"], t.get("bias"))
-        packed.cache["cpu_operands"] = ops
+        packed.cache[key] = ops
     return ops
 
 
@@ -232,9 +243,10 @@ def cpu_caller(packed: PackedDS, ext=None, small_max: int = SMALL_MAX_TOKENS,
     if packed.group != CPU_GROUP or packed.device.type != "cpu":
         raise KernelError(f"packed DS layer has group {packed.group} on {packed.device}; the CPU kernel needs group "
                           f"{CPU_GROUP} on cpu: pack it with target='cpu'")
-    fwd, ops, out, inf = ext.ds_forward, _operands(packed), packed.out_features, packed.in_features
+    vnni8 = packed.dtype == "int8" and int8_kernel(packed, ext, int8_kernel_name) == "vnni8"
+    fwd, ops, out, inf = ext.ds_forward, _operands(packed, q15=not vnni8), packed.out_features, packed.in_features
     f32 = torch.float32
-    if packed.dtype == "int8" and int8_kernel(packed, ext, int8_kernel_name) == "vnni8":
+    if vnni8:  # the q15 kernel's few-token loop below small_max tokens, vnni8 above
         fwd8, ops8 = ext.ds_forward_vnni8, vnni8_operands(packed)
 
         def run(x2: torch.Tensor) -> torch.Tensor:

@@ -124,22 +124,24 @@ class PackedDS:
             raise KernelError(f"packed DS: bias must be ({m['out_features']},), got {tuple(t['bias'].shape)}")
 
     # -- back to canonical ---------------------------------------------------------------------
+    def _rows(self, name: str) -> torch.Tensor:
+        """``values`` or ``indices`` from the ELL tile layout (nb, OG, s, G) to canonical (nb, out, s)."""
+        m = self.meta
+        nb, out, s = int(m["n_blocks"]), int(m["out_features"]), int(m["nnz"])
+        return self.tensors[name].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out].contiguous()
+
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Canonical float32 (dictionary, values, indices int64, bias); int8 tensors come dequantized.
 
         The int8 kernels are tested against the exact reference run on these tensors.
         """
-        t, m = self.tensors, self.meta
-        nb, G, out, s = int(m["n_blocks"]), int(m["group"]), int(m["out_features"]), int(m["nnz"])
+        t = self.tensors
         d = t["dictionary"].float()
-        v = t["values"].float()
+        v = self._rows("values").float()
         if self.dtype == "int8":
             d = d * t["dictionary_scale"].unsqueeze(-1)
-            v = v * t["values_scale"].view(1, -1, 1, G)
-        # (nb, OG, s, G) -> (nb, OG*G, s)
-        v = v.permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
-        i = t["indices"].long().permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
-        return d.contiguous(), v.contiguous(), i.contiguous(), t.get("bias")
+            v = v * t["values_scale"][: self.out_features].view(1, -1, 1)
+        return d.contiguous(), v, self._rows("indices").long(), t.get("bias")
 
     def unpack_int8(self) -> tuple[torch.Tensor, ...]:
         """Canonical int8 tensors and their scales, for ``ds_forward_act8_reference``: (dictionary
@@ -147,12 +149,9 @@ class PackedDS:
         indices int64, bias)."""
         if self.dtype != "int8":
             raise KernelError(f"unpack_int8 needs an int8 packed layer, this one is {self.dtype}")
-        t, m = self.tensors, self.meta
-        nb, out, s = int(m["n_blocks"]), int(m["out_features"]), int(m["nnz"])
-        v = t["values"].permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
-        i = t["indices"].long().permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
-        return (t["dictionary"], t["dictionary_scale"], v.contiguous(), t["values_scale"][:out], i.contiguous(),
-                t.get("bias"))
+        t = self.tensors
+        return (t["dictionary"], t["dictionary_scale"], self._rows("values"), t["values_scale"][: self.out_features],
+                self._rows("indices").long(), t.get("bias"))
 
 
 def _quantize_symmetric(x: torch.Tensor, dim: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

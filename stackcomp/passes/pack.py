@@ -15,7 +15,6 @@ Runtime's logits match the torch model's (``onnx_tolerance``, relative to max |l
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
@@ -142,8 +141,7 @@ def _kernel_reason(layout: str, kernel: str) -> str:
         from stackcomp.kernels import ds_cpu
 
         if kernel == "cpu":
-            ext = ds_cpu.get_extension()
-            vnni8 = ext is not None and ext.has_vnni8() and os.environ.get("STACKCOMP_INT8_KERNEL", "") != "q15"
+            vnni8 = ds_cpu.build_int8_kernel(ds_cpu.get_extension()) == "vnni8"
             int8 = "vnni8 (8-bit activations, AVX-512 VBMI + VNNI)" if vnni8 else "q15 (16-bit activations)"
             return (f"compiled C++ kernel (ds_cpu.cpp) built for this CPU; int8 layers above "
                     f"{ds_cpu.SMALL_MAX_TOKENS} tokens: {int8}")
