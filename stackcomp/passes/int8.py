@@ -12,9 +12,10 @@ the bytes (MiniLM: 47 of 91 MB). ``embeddings: "int4"`` makes them ``Int4Embeddi
 4-bit codes with an fp16 scale and offset per ``embedding_group_size`` entries of a row, about
 4.5 bits per entry at 64 against int8's 8.1 (384-wide rows), at a larger error (MiniLM's word
 table: relative error 0.090 with the default ``embedding_fit: minmax``, 0.081 with ``mse``
-(least squares, clipping outliers; not yet measured on accuracy), against int8's 0.0073; the report gives it per table). They are chosen apart from ``targets``
-(whose default leaves embeddings out); an explicit ``ignore`` still applies. A table tied to
-another weight (an LM head) is left as it is. ``embedding_group_size`` and ``embedding_fit``
+(least squares, clipping outliers; not yet measured on accuracy), against int8's 0.0073; the
+report gives it per table). They are chosen apart from ``targets`` (whose default leaves
+embeddings out); an explicit ``ignore`` still applies. A table tied to another weight (an LM
+head) is left as it is. ``embedding_group_size`` and ``embedding_fit``
 enter the stage key only with ``"int4"`` (where they matter), and the default ``minmax`` never,
 so older stages keep their keys.
 
