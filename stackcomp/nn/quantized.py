@@ -152,7 +152,7 @@ def quantize_groups_4bit(w: torch.Tensor, group_size: int,
 
 
 def _codes_4bit(g: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The nearest codes in [0, 15] (float32, shaped like ``g``) for fp16 ``scale`` and ``offset`` per group."""
+    """The nearest codes in [0, 15] (float32, shaped like ``g``) for a ``scale`` and ``offset`` per group."""
     return torch.round((g - offset.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp_(0, 15)
 
 
@@ -185,14 +185,13 @@ def _fit_groups_mse(g: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, o
             for j in range(grid):
                 c_lo, c_hi = lo + span * (max_clip * i / grid), hi - span * (max_clip * j / grid)
                 step = ((c_hi - c_lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
-                q = torch.round((x - c_lo.unsqueeze(-1)) / step.unsqueeze(-1)).clamp_(0, 15)
-                err = (q * step.unsqueeze(-1) + c_lo.unsqueeze(-1) - x).square_().sum(-1)
+                err = _group_sq_error(x, _codes_4bit(x, step, c_lo), step, c_lo)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
         step = ((best_hi - best_lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
         base = best_lo
-        q = torch.round((x - base.unsqueeze(-1)) / step.unsqueeze(-1)).clamp_(0, 15)
+        q = _codes_4bit(x, step, base)
         for _ in range(refits):  # (2) least squares for fixed codes, then the nearest codes
             qm, xm = q.mean(-1, keepdim=True), x.mean(-1, keepdim=True)
             var = (q - qm).square().sum(-1)
@@ -200,7 +199,7 @@ def _fit_groups_mse(g: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, o
             ok = (var > 0) & (ls_step > 0)
             step = torch.where(ok, ls_step, step)
             base = torch.where(ok, xm.squeeze(-1) - ls_step * qm.squeeze(-1), base)
-            q = torch.round((x - base.unsqueeze(-1)) / step.unsqueeze(-1)).clamp_(0, 15)
+            q = _codes_4bit(x, step, base)
         s16, o16 = step.half(), base.half()  # stored: nearest fp16, then the codes for what is stored
         usable = (s16 > 0) & torch.isfinite(s16) & torch.isfinite(o16)
         s16 = torch.where(usable, s16, scale[rows])

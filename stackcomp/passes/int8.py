@@ -15,9 +15,8 @@ table: relative error 0.090 with the default ``embedding_fit: minmax``, 0.081 wi
 (least squares, clipping outliers; not yet measured on accuracy), against int8's 0.0073; the
 report gives it per table). They are chosen apart from ``targets`` (whose default leaves
 embeddings out); an explicit ``ignore`` still applies. A table tied to another weight (an LM
-head) is left as it is. ``embedding_group_size`` and ``embedding_fit``
-enter the stage key only with ``"int4"`` (where they matter), and the default ``minmax`` never,
-so older stages keep their keys.
+head) is left as it is. ``embedding_group_size`` and ``embedding_fit`` enter the stage key only
+with ``"int4"`` (where they matter), and the default ``minmax`` never, so older stages keep their keys.
 
 ``analyze`` quantizes every layer (kept for ``transform``) and reports per layer the relative
 error of the weight and of the layer's output on real activations (one calibration batch when
