@@ -75,13 +75,17 @@ def seconds_per_step(stamps: list[float], warmup: int) -> float:
 
 
 def run_ours(template, data, args) -> float:
-    from stackcomp.train import TrainConfig, train
+    from stackcomp.train import TrainCallback, TrainConfig, train
+
+    class Stamp(TrainCallback):
+        def on_step_end(self, state):
+            stamps.append(time.perf_counter())
 
     stamps: list[float] = []
     config = TrainConfig(max_steps=args.warmup + args.steps, lr=5e-5, weight_decay=0.01, warmup_ratio=0.06,
                          max_grad_norm=1.0, batch_size=args.batch, log_every=50, seed=42)
     loader = DataLoader(data, batch_size=args.batch, shuffle=True, collate_fn=collate)
-    train(copy.deepcopy(template), loader, config, on_step_end=lambda step, model: stamps.append(time.perf_counter()))
+    train(copy.deepcopy(template), loader, config, callbacks=[Stamp()])
     assert len(stamps) == args.warmup + args.steps
     return seconds_per_step(stamps, args.warmup)
 

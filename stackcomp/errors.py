@@ -40,3 +40,7 @@ class NumericalError(StackcompError):
 
 class FactorizeError(StackcompError):
     """A factorization was asked something impossible (sizes, budgets) or got bad input."""
+
+
+class PassError(StackcompError):
+    """A pass refuses its input or parameters; raise it from a pass (plugins too) for a clean error."""

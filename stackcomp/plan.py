@@ -18,7 +18,7 @@ import networkx as nx
 from pydantic import BaseModel, ValidationError
 
 from stackcomp.errors import PlanError
-from stackcomp.passes.base import KEY_OMIT_DEFAULT_MARK, KNOWN_NEEDS, Pass, PassParams, get_pass
+from stackcomp.passes.base import KEY_INLINE_MARK, KEY_OMIT_DEFAULT_MARK, KNOWN_NEEDS, Pass, PassParams, get_pass
 from stackcomp.recipe import Recipe, _format_validation
 
 KEY_SCHEMA = "stackcomp-key-1"
@@ -187,9 +187,18 @@ def _check_needs_and_order(recipe: Recipe, stages: dict[str, Stage], graph: nx.D
 
 def params_for_key(params: BaseModel) -> dict[str, Any]:
     """A stage's params as its key sees them: fields marked ``KEY_OMIT_DEFAULT``
-    (stackcomp.passes.base) are left out while at their default, nested models included."""
+    (stackcomp.passes.base) are left out while at their default, nested models included, and
+    the fields of a ``KEY_INLINE`` config stand at the top level (where they were before)."""
     out = params.model_dump(mode="json")
     _omit_defaults(params, out)
+    for name, field in type(params).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get(KEY_INLINE_MARK) and isinstance(out.get(name), dict):
+            inner = out.pop(name)
+            clash = sorted(set(inner) & set(out))
+            if clash:
+                raise PlanError(f"{type(params).__name__}: inlined `{name}` fields {clash} clash with its own fields")
+            out.update(inner)
     return out
 
 

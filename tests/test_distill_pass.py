@@ -6,6 +6,7 @@ import torch
 from stackcomp.artifacts import load_model, read_json
 from stackcomp.engine import Engine
 from stackcomp.errors import PlanError
+from stackcomp.executor import LocalExecutor
 from stackcomp.passes.finetune import FinetunePass
 from stackcomp.plan import build_plan
 from stackcomp.recipe import recipe_from_dict
@@ -57,10 +58,11 @@ def test_teacher_from_an_upstream_stage_is_loaded_from_its_artifact(tmp_path, ti
                                                                     monkeypatch):
     finetunes, loads = [], []
     real_finetune = FinetunePass.finetune
-    real_load = Engine._load_stage_model
+    real_load = LocalExecutor.load_stage_model
     monkeypatch.setattr(FinetunePass, "finetune",
                         lambda self, m, ctx: finetunes.append(1) or real_finetune(self, m, ctx))
-    monkeypatch.setattr(Engine, "_load_stage_model", lambda self, name: loads.append(name) or real_load(self, name))
+    monkeypatch.setattr(LocalExecutor, "load_stage_model",
+                        lambda self, name: loads.append(name) or real_load(self, name))
     stages = {"ft": FT, "kd": {"pass": "distill", "after": "ft", "params": {"teacher": "ft", **TRAIN}}}
     first = Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run")
     first.run()
@@ -154,7 +156,6 @@ def test_narrow_cut_is_refused_at_run_time(tmp_path, tiny_model_dirs, data_env):
 def test_minilm_distill_recipe_plans_with_matched_branches():
     from pathlib import Path
 
-    from stackcomp.passes.distill import _train_config
     from stackcomp.recipe import load_recipe
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
@@ -164,7 +165,7 @@ def test_minilm_distill_recipe_plans_with_matched_branches():
     kd, nokd, tiny = (plan.stages[n] for n in ("kd3", "nokd3", "tiny4"))
     assert kd.teacher_stage == nokd.teacher_stage == tiny.teacher_stage == "ft"
     assert kd.params.student == nokd.params.student and kd.params.student.cut.layers == [0, 2, 4]
-    assert _train_config(kd.params) == _train_config(nokd.params)  # same steps, lr, batches, seed
+    assert kd.params.train == nokd.params.train  # same steps, lr, batches, seed
     assert nokd.params.weights.active() == {"hard": 1.0} and kd.params.weights.soft > 0
     assert tiny.params.schedule == "two_phase" and tiny.params.student.config["hidden_size"] == 312
     assert {f"{n}.eval" for n in ("kd3", "nokd3", "tiny4")} <= set(plan.stages)
@@ -176,7 +177,7 @@ def test_a_teacher_that_is_not_the_parent_is_released_after_its_last_pupil(tmp_p
     engine = Engine(_plan(tiny_model_dirs["bert"], stages, evaluate_leaves=False), tmp_path / "run")
     engine.run()
     assert engine.stage_runs == ["ft", "ft2", "kd"]
-    assert engine._models == {}  # no model kept in memory once nothing downstream needs it
+    assert engine.executor.models == {}  # no model kept in memory once nothing downstream needs it
 
 
 def test_augmented_distillation_trains_on_the_copies_too(tmp_path, tiny_model_dirs, data_env):

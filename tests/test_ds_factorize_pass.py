@@ -18,7 +18,8 @@ def test_pass_replaces_encoder_linears_and_reports_vs_svd(tmp_path):
     x = torch.randint(0, 1000, (2, 9))
     p = DSFactorizePass({"block": 16, "atoms": 16, "nnz": 4, "train": {"epochs": 0}})
     ctx = PassContext(stage="ds", work_dir=tmp_path)
-    report = p.analyze(model, ctx)
+    ctx.analysis = p.analyze(model, ctx)
+    report = ctx.analysis.report
     assert len(report["layers"]) == 12
     row = report["layers"]["bert.encoder.layer.0.attention.self.query"]
     assert row["block"] == 16 and 0 < row["ds_error"] < 1 and row["svd_error"] > 0
@@ -35,7 +36,7 @@ def test_albert_shared_layer_is_factorized_once(tmp_path):
     model = make_tiny_model("albert")
     p = DSFactorizePass({"block": 16, "atoms": 16, "nnz": 4, "train": {"epochs": 0}})
     ctx = PassContext(stage="ds", work_dir=tmp_path)
-    p.analyze(model, ctx)
+    ctx.analysis = p.analyze(model, ctx)
     model = p.transform(model, ctx)
     ds = [m for m in model.modules() if isinstance(m, DSLinear)]
     assert len(ds) == 6  # one shared ALBERT layer: q, k, v, dense, ffn, ffn_output
@@ -48,7 +49,7 @@ def test_ratio_search_meets_the_budget(tmp_path):
     model = make_tiny_model("bert")
     # 32-wide layers are tiny: a dictionary is a large share of them, so ask for 1.5x
     p = DSFactorizePass({"ratio": 1.5, "candidates": [[8, 8], [16, 16], [8, 16]], "train": {"epochs": 0}, "iters": 1})
-    report = p.analyze(model, PassContext(stage="ds", work_dir=tmp_path))
+    report = p.analyze(model, PassContext(stage="ds", work_dir=tmp_path)).report
     for name, row in report["layers"].items():
         assert row["ratio"] >= 1.5 - 1e-9, name
         assert row["block"] in (8, 16) and row["atoms"] >= 8  # K may grow to fill the budget left by s

@@ -242,7 +242,8 @@ def test_no_stf_ablation_trains_values_and_dictionary():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_stf_refreshes_on_schedule_under_adamw(fused):
-    # fused AdamW updates in place without bumping version counters: steps must still be seen
+    # fused AdamW updates in place without bumping version counters: mark_step (STFCallback in
+    # stackcomp.train) tells the layer
     layer = _layer()
     layer.start_stf(refresh_every=5)
     layer.train()
@@ -250,6 +251,7 @@ def test_stf_refreshes_on_schedule_under_adamw(fused):
     for _ in range(12):
         layer(torch.randn(4, 32)).pow(2).mean().backward()
         opt.step()
+        layer.mark_step()
         opt.zero_grad()
     assert layer._stf_updates == 12  # one per optimizer step: refreshes at steps 1, 6, 11
     before = layer.indices.clone(), layer.values.clone()

@@ -20,7 +20,7 @@ from stackcomp.errors import FactorizeError, PlanError
 from stackcomp.evaluate import linear_storage
 from stackcomp.factorize.allocate import Knob, allocate
 from stackcomp.nn.lowrank import BlockLowRankLinear, DoubleSparseLinear, LowRankLinear, SparseLowRankLinear
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import PassContext, run_pass
 from stackcomp.passes.blocklr import BlockLRPass
 from stackcomp.passes.dsf import DSFPass, dsf_cost
 from stackcomp.passes.factorizer_common import (
@@ -72,10 +72,14 @@ def make_ctx(task_data, tmp_path):
 
 
 def _run(pass_, model, ctx):
-    report = pass_.analyze(model, ctx)
-    model = pass_.transform(model, ctx)
-    model = pass_.finetune(model, ctx)
-    return model, report
+    model = run_pass(pass_, model, ctx)
+    return model, ctx.analysis.report
+
+
+def _analyze(pass_, model, ctx):
+    """(report, work): what analyze reports and hands to transform."""
+    found = pass_.analyze(model, ctx)
+    return found.report, found.state["work"]
 
 
 def _bytes(model, names):
@@ -251,12 +255,12 @@ def test_report_errors_match_direct_computation(make_ctx, task_data):
     h.remove()
     X = torch.cat(xs).double()
     p = LowRankPass({"method": "svd", "rank": 5, **NO_TRAIN})
-    report = p.analyze(model, make_ctx())
+    report, work = _analyze(p, model, make_ctx())
     row = report["layers"][target]
     s = torch.linalg.svdvals(W)
     assert row["rank"] == 5
     assert row["weight_error"] == pytest.approx(float((s[5:] ** 2).sum().sqrt() / s.norm()), rel=1e-5)  # Eckart-Young
-    What = p._built[target].layer.to_dense().detach().double()
+    What = work.built[target].layer.to_dense().detach().double()
     out = float(((W - What) @ X.T).norm() / (W @ X.T).norm())
     assert row["output_error"] == pytest.approx(out, rel=1e-5)
 
@@ -269,14 +273,15 @@ def test_data_aware_methods_beat_svd_on_their_own_objective(make_ctx):
     reports = {}
     for method in ("svd", "drone", "fwsvd"):
         p = LowRankPass({"method": method, "rank": 6, "fisher_batches": 2, "fisher_batch_size": 8, **CAL, **NO_TRAIN})
-        reports[method] = (p, p.analyze(base, ctx))
+        report, work = _analyze(p, base, ctx)
+        reports[method] = (p, report, work)
     for name, row in reports["drone"][1]["layers"].items():
         assert row["output_error"] <= reports["svd"][1]["layers"][name]["output_error"] + 1e-9, name
     fisher = reports["fwsvd"][0]._fisher(base, list(reports["svd"][1]["layers"]), ctx)
     for name in fisher:
         W = base.get_submodule(name).weight.detach().double()
         d = (fisher[name] + 1e-5).sqrt().unsqueeze(1)
-        err = {m: float((d * (W - reports[m][0]._built[name].layer.to_dense().detach().double())).norm())
+        err = {m: float((d * (W - reports[m][2].built[name].layer.to_dense().detach().double())).norm())
                for m in ("svd", "fwsvd")}
         assert err["fwsvd"] <= err["svd"] * (1 + 1e-6), name
     assert any(reports["drone"][1]["layers"][n]["output_error"] < 0.99 * reports["svd"][1]["layers"][n]["output_error"]
@@ -349,8 +354,10 @@ def test_staged_factorizes_group_by_group_from_fine_tuned_weights(make_ctx):
     p = LowRankPass({"ratio": 2.0, "staged": True, "stage_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-2},
                      **CAL, **NO_TRAIN})
     ctx = make_ctx()
-    report = p.analyze(model, ctx)
-    one_shot = {n: (b.layer.rank, b.layer.to_dense().detach().clone()) for n, b in p._built.items()}
+    ctx.analysis = p.analyze(model, ctx)
+    report = ctx.analysis.report
+    one_shot = {n: (b.layer.rank, b.layer.to_dense().detach().clone())
+                for n, b in ctx.analysis.state["work"].built.items()}
     names = list(report["layers"])
     dense = _bytes(model, names)
     model = p.transform(model, ctx)
@@ -371,8 +378,8 @@ def test_dsf_sequential_feeds_compressed_outputs_forward(make_ctx):
     built = {}
     for seq in (True, False):
         p = DSFPass({"ratio": 2.0, "iters": 3, "sequential": seq, **CAL, **NO_TRAIN})
-        p.analyze(base, make_ctx())
-        built[seq] = {n: b.layer.to_dense().detach() for n, b in p._built.items()}
+        _, work = _analyze(p, base, make_ctx())
+        built[seq] = {n: b.layer.to_dense().detach() for n, b in work.built.items()}
     first = [f"bert.encoder.layer.0.attention.self.{x}" for x in ("query", "key", "value")]
     for n in built[True]:
         same = torch.equal(built[True][n], built[False][n])

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-import stackcomp.train as train_mod
+import stackcomp.train.loop as train_mod
 from stackcomp.errors import DataError, ModelError, NumericalError, StackcompError
-from stackcomp.train import TrainConfig, default_param_groups, evaluate, train
+from stackcomp.train import TrainCallback, TrainConfig, default_param_groups, evaluate, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _accelerate_script import accuracy, make_data, tiny_bert  # noqa: E402
@@ -143,6 +143,16 @@ def test_seed_determinism():
 # ----------------------------------------------------------------------------- best checkpoint
 
 
+class Snapshots(TrainCallback):
+    """Keeps the parameters after every optimizer step, by step."""
+
+    def __init__(self, into: dict):
+        self.into = into
+
+    def on_step_end(self, state):
+        self.into[state.step] = params_of(state.model)
+
+
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_keep_best_restores_best_eval(keep_best):
     scores = iter([0.5, 0.9, 0.6])
@@ -151,12 +161,9 @@ def test_keep_best_restores_best_eval(keep_best):
     def metrics(logits, labels):
         return {"score": next(scores)}
 
-    def on_step_end(step, model):
-        snapshots[step] = params_of(model)
-
     result = train(tiny_bert(), loader(64, 8), cfg(max_steps=6, eval_every=2, keep_best=keep_best),
                    eval_loader=loader(32, 16, seed=2), compute_metrics=metrics, main_metric="score",
-                   on_step_end=on_step_end)
+                   callbacks=[Snapshots(snapshots)])
     assert [h["step"] for h in result.history if "score" in h] == [2, 4, 6]
     want = snapshots[4] if keep_best else snapshots[6]
     final = params_of(result.model)
@@ -169,7 +176,7 @@ def test_lower_is_better_for_loss_by_default():
     snapshots = {}
     result = train(tiny_bert(), loader(64, 8), cfg(max_steps=6, eval_every=2),
                    eval_loader=loader(32, 16, seed=2), compute_metrics=lambda lg, lb: {"my_loss": next(losses)},
-                   main_metric="my_loss", on_step_end=lambda s, m: snapshots.__setitem__(s, params_of(m)))
+                   main_metric="my_loss", callbacks=[Snapshots(snapshots)])
     final = params_of(result.model)
     assert all(torch.equal(final[n], snapshots[4][n]) for n in final)
 

@@ -1,6 +1,8 @@
 """Knowledge distillation as a loss: any pass that trains can learn from a teacher.
 
-:class:`KDLoss` is a ``loss_fn(model, batch)`` for :func:`stackcomp.train.train`. Per batch it
+:class:`KDLoss` is a training callback for :func:`stackcomp.train.train` (``callbacks=[kd]``: it
+adds its projection to the student before the optimizer is built, computes the loss, and removes
+the projection at the end; it also works as a plain ``loss_fn(model, batch)``). Per batch it
 runs the teacher once, in eval mode and without gradients, asking only for what the weighted
 losses need (logits, hidden states, attention maps), runs the student, and returns the weighted
 sum of the losses in :mod:`stackcomp.distill.losses`. Each model receives only the batch keys
@@ -171,6 +173,18 @@ class KDLoss(nn.Module):
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
 
+    # ------------------------------------------------------------------ training events
+
+    def on_init(self, state: Any) -> None:
+        """Before the optimizer is built: the projection joins the student (and so the optimizer)."""
+        self.attach(state.model)
+
+    def compute_loss(self, state: Any, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self(model, batch)
+
+    def on_train_end(self, state: Any) -> None:
+        self.detach(state.model)
+
     # ------------------------------------------------------------------ lifecycle
 
     def attach(self, student: nn.Module) -> KDLoss:
@@ -283,6 +297,6 @@ class KDLoss(nn.Module):
 
 def make_kd_loss_fn(teacher: nn.Module | Callable[[], nn.Module] | None, student: nn.Module,
                     weights: KDWeights | Mapping[str, float] | None = None, **kwargs: Any) -> KDLoss:
-    """A :class:`KDLoss` to pass as ``train(loss_fn=...)``; call ``attach(student)`` before training
-    when a hidden-state loss is on (or put ``kd.parameters()`` in ``optimizer_params``)."""
+    """A :class:`KDLoss` to pass as ``train(callbacks=[kd])`` (or as ``loss_fn``, then call
+    ``attach(student)`` before training when a hidden-state loss is on)."""
     return KDLoss(teacher, student, weights, **kwargs)

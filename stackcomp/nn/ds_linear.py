@@ -18,8 +18,9 @@ steps (no grad, warm-started), and the layer computes with ``W_hat + (weight - w
 ``W_hat = C D`` with C a constant: D gets its gradient through the product and ``weight`` gets
 ``dL/dW_hat`` unchanged (straight through). :meth:`DSLinear.freeze` ends STF.
 
-A step is detected as an in-place update of ``weight`` or ``dictionary`` (their version counters,
-which every optimizer bumps): the first training forward after it renormalises the dictionary
+A step is signalled by :meth:`DSLinear.mark_step`, which the training loop's :class:`STFCallback`
+calls after each optimizer step (an in-place update that bumps the version counter of ``weight`` or
+``dictionary`` counts too): the first training forward after it renormalises the dictionary
 rows to unit norm in place (no grad; the codes are rescaled so ``C D`` is unchanged) and, every
 ``refresh_every`` steps, re-solves the codes. Further forwards within the same step (gradient
 accumulation, a layer shared across depth as in ALBERT) reuse them, so the autograd graph never
@@ -29,7 +30,6 @@ dictionary is fine-tuned; nothing depends on it.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -42,7 +42,7 @@ from stackcomp.factorize.dictionary import DSFactors, ds_blocks, factorize_ds
 from stackcomp.factorize.omp import codes_to_dense, sparse_code
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
 
-__all__ = ["DSLinear", "DSLayerError"]
+__all__ = ["DSLinear", "DSLayerError", "STFCallback"]
 
 
 class DSLayerError(StackcompError):
@@ -56,29 +56,26 @@ _GATHER_ELEMENTS = 1 << 22
 #: cost of one gathered-and-weighted code element, in matmul MACs (measured ballpark on CPU)
 _GATHER_COST = 16
 
-#: layers in STF mode; an optimizer step over a layer's latent weight marks a new step for it.
-#: (Parameter version counters cannot tell: fused AdamW updates in place without bumping them,
-#: which once left STF re-solving its codes only at the first step.)
-_STF_LAYERS: weakref.WeakSet = weakref.WeakSet()
-_STEP_HOOK = None
+class STFCallback:
+    """The training-loop callback that drives STF: after every optimizer step it marks a new step
+    on each STF layer, so the layer's next training forward renormalises its dictionary and (every
+    ``refresh_every`` steps) re-solves its codes. Hand it to :func:`stackcomp.train.train` with
+    the model whose DS layers are in STF mode.
 
+    Parameter version counters cannot tell the layer about a step by themselves: fused AdamW
+    updates in place without bumping them (which once left STF re-solving its codes only at the
+    first step), hence this event.
+    """
 
-def _mark_stf_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if not _STF_LAYERS:
-        return
-    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for layer in list(_STF_LAYERS):
-        if layer.stf and (id(layer.weight) in stepped or id(layer.dictionary) in stepped):
-            layer._stf_new_step = True
+    def __init__(self, model: nn.Module | None = None):
+        self.layers = [m for m in model.modules() if isinstance(m, DSLinear)] if model is not None else None
 
-
-def _watch_stf(layer: DSLinear) -> None:
-    global _STEP_HOOK
-    if _STEP_HOOK is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _STEP_HOOK = register_optimizer_step_post_hook(_mark_stf_step)
-    _STF_LAYERS.add(layer)
+    def on_optimizer_step(self, state: Any) -> None:
+        layers = self.layers if self.layers is not None else [m for m in state.model.modules()
+                                                                 if isinstance(m, DSLinear)]
+        for layer in layers:
+            if layer.stf:
+                layer.mark_step()
 
 
 def _pos_int(v: Any) -> bool:
@@ -271,8 +268,13 @@ class DSLinear(CompressedLayer):
         self.values.requires_grad_(False)  # C comes from OMP, not from gradients
         self.stf, self.refresh_every, self.stf_keep = True, refresh_every, keep
         self._stf_updates, self._stf_seen, self._stf_new_step = 0, None, True
-        _watch_stf(self)
         return self
+
+    def mark_step(self) -> None:
+        """An optimizer step has updated this layer: the next training forward renormalises the
+        dictionary and, every ``refresh_every`` steps, re-solves the codes (:class:`STFCallback`
+        calls this; a hand-written loop calls it after each ``optimizer.step()``)."""
+        self._stf_new_step = True
 
     @torch.no_grad()
     def _normalize_dictionary(self) -> None:

@@ -22,9 +22,8 @@ from torch import nn
 from stackcomp.data.augment import AugmentOptions
 from stackcomp.distill.kd import INTERMEDIATE, PREDICTION, KDLoss, KDWeights
 from stackcomp.distill.students import cut_student, student_from_config, student_from_pretrained
-from stackcomp.passes.base import KEY_OMIT_DEFAULT, Pass, PassContext, PassParams
-from stackcomp.passes.finetune import train_on_task
-from stackcomp.train import TrainConfig, train
+from stackcomp.passes.base import KEY_INLINE, KEY_OMIT_DEFAULT, Pass, PassContext, PassParams
+from stackcomp.train import TrainConfig, train, train_on_task
 
 
 class CutSpec(PassParams):
@@ -57,8 +56,9 @@ class IntermediatePhase(PassParams):
     lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: lr)")
 
 
-class DistillParams(TrainConfig):
-    """What to distil into, how, and the training loop's settings (stackcomp.train.TrainConfig)."""
+class DistillParams(PassParams):
+    """What to distil into, how, and the training loop's settings under ``train:`` (flat keys such
+    as ``lr: 1e-4`` are accepted too)."""
 
     teacher: str | None = Field(default=None, description="an upstream stage name or a model id")
     student: StudentSpec = Field(default_factory=StudentSpec, description="one of cut: {layers | num_layers}, "
@@ -77,6 +77,8 @@ class DistillParams(TrainConfig):
                                            "each training example (masking, n-grams; stackcomp.data.augment): "
                                            "{copies, mask_prob, ngram_prob, ngram_max, seed}",
                                            json_schema_extra=KEY_OMIT_DEFAULT)
+    train: TrainConfig = Field(default_factory=TrainConfig, json_schema_extra=KEY_INLINE,
+                               description="training loop settings (stackcomp.train.TrainConfig)")
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -92,10 +94,6 @@ class DistillParams(TrainConfig):
             raise ValueError("augment: the perturbed copies have no gold label and learn only from the teacher; "
                              "set a teacher loss weight (soft, pred, cosine, attention or hidden)")
         return self
-
-
-def _train_config(p: DistillParams) -> TrainConfig:
-    return TrainConfig(**{k: getattr(p, k) for k in TrainConfig.model_fields})
 
 
 class DistillPass(Pass):
@@ -117,7 +115,7 @@ class DistillPass(Pass):
             student, note = student_from_pretrained(spec.model, ctx.task, ctx.tokenizer)
             student = student.to(next(model.parameters()).device)
         elif spec.config is not None:
-            student, note = student_from_config(spec.config, model, seed=self.params.seed)
+            student, note = student_from_config(spec.config, model, seed=self.params.train.seed)
         else:
             cut = spec.cut or CutSpec()
             student, note = cut_student(model, cut.layers, count=cut.num_layers, hidden_size=cut.hidden_size)
@@ -129,34 +127,24 @@ class DistillPass(Pass):
 
     def finetune(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         p = self.params
-        config = _train_config(p)
+        config = p.train
         weights = p.weights
         common = dict(temperature=p.temperature, layer_map=p.layer_map, log=ctx.log)
         if p.schedule == "two_phase":
             phase1 = config.model_copy(update={
                 "epochs": p.intermediate.epochs, "max_steps": p.intermediate.max_steps,
-                "lr": p.intermediate.lr or p.lr, "eval_every": None, "keep_best": False})
+                "lr": p.intermediate.lr or config.lr, "eval_every": None, "keep_best": False})
             kd1 = KDLoss(ctx.teacher, model, weights.only(INTERMEDIATE), **common)
-            kd1.attach(model)
-            try:
-                ctx.log.info("phase 1: intermediate-layer distillation (%s)",
-                             ", ".join(weights.only(INTERMEDIATE).active()))
-                loader = ctx.data.train_loader(config.batch_size, seed=config.seed, augment=p.augment)
-                r1 = train(model, loader, phase1, loss_fn=kd1,
-                           progress=ctx.progress, log=ctx.log)
-            finally:
-                kd1.detach(model)
+            ctx.log.info("phase 1: intermediate-layer distillation (%s)", ", ".join(weights.only(INTERMEDIATE).active()))
+            loader = ctx.data.train_loader(config.batch_size, seed=config.seed, augment=p.augment)
+            r1 = train(model, loader, phase1, callbacks=[kd1], progress=ctx.progress, log=ctx.log)
             model = r1.model
             ctx.report["intermediate"] = {"steps": r1.steps, "seconds": r1.seconds, "history": r1.history,
                                           "layer_map": kd1.layer_map, **kd1.summary()}
             ctx.metrics.update(intermediate_steps=r1.steps, intermediate_seconds=r1.seconds)
             weights = weights.only(PREDICTION)
         kd = KDLoss(ctx.teacher, model, weights, cache_teacher_logits=p.cache_teacher_logits, **common)
-        kd.attach(model)
-        try:
-            result = train_on_task(model, ctx, config, augment=p.augment, loss_fn=kd)
-        finally:
-            kd.detach(model)
+        result = train_on_task(model, ctx, config, augment=p.augment, callbacks=[kd])
         ctx.report["kd"] = {"weights": weights.active(), "temperature": p.temperature, "layer_map": kd.layer_map,
                             **kd.summary()}
         return result.model

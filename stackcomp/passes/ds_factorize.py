@@ -27,11 +27,11 @@ from stackcomp.distill.kd import KDLoss, KDWeights
 from stackcomp.errors import PlanError
 from stackcomp.factorize.budget import ds_bytes, search_ds_config, svd_rank_for_bytes
 from stackcomp.factorize.dictionary import factorize_ds
-from stackcomp.nn.ds_linear import DSLinear
-from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.nn.ds_linear import DSLinear, STFCallback
+from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams
 from stackcomp.passes.factorizer_common import FactorizerTrainConfig, select_targets
 from stackcomp.targets import set_module
-from stackcomp.train import default_param_groups
+from stackcomp.train import default_param_groups, train_on_task
 
 #: the fine-tune after factorization, shared with the other factorizers (0 epochs: none)
 DSTrainConfig = FactorizerTrainConfig
@@ -91,10 +91,11 @@ class DSFactorizePass(Pass):
                                 f"{bad[0]} ({layers[[n for n, _ in layers].index(bad[0])][1].in_features})")
         return layers
 
-    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
-        """Factorize every layer (kept for ``transform``) and compare with SVD at equal bytes."""
+    def analyze(self, model: nn.Module, ctx: PassContext) -> Analysis:
+        """Factorize every layer (handed to ``transform`` as ``state["factors"]``) and compare with
+        SVD at equal bytes."""
         p = self.params
-        self._factors = {}
+        factors_of = {}
         rows = {}
         layers = self._layers(model)
         with ctx.progress.bar("factorize", total=len(layers)) as bar:
@@ -119,29 +120,31 @@ class DSFactorizePass(Pass):
                     "ds_error": factors.error, "svd_rank": rank, "svd_error": _svd_error(W, rank),
                 }
                 rows[name]["error_ratio"] = rows[name]["ds_error"] / max(rows[name]["svd_error"], 1e-12)
-                self._factors[name] = factors
+                factors_of[name] = factors
                 bar.advance()
         ratios = sorted(r["error_ratio"] for r in rows.values())
         total = sum(r["bytes"] for r in rows.values())
         dense_total = sum(r["dense_bytes"] for r in rows.values())
-        return {
+        report = {
             "layers": rows,
             "targeted_ratio": dense_total / total,
             "median_error_ratio_vs_svd": ratios[len(ratios) // 2],
             "worse_than_svd": [n for n, r in rows.items() if r["error_ratio"] > 1],
         }
+        return Analysis(report=report, state={"factors": factors_of})
 
     def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        if not getattr(self, "_factors", None):
-            self.analyze(model, ctx)
+        factors_of = ctx.analysis.state.get("factors")
+        if factors_of is None:  # called without analyze (a direct call)
+            factors_of = self.analyze(model, ctx).state["factors"]
         for name, lin in self._layers(model):
-            f = self._factors[name]
+            f = factors_of[name]
             bias = None if lin.bias is None else lin.bias.detach()
             layer = DSLinear.from_factors(f.dictionary, f.values, f.indices, bias).to(lin.weight.device)
             layer.init_error = f.error
             layer._source_weight = lin.weight.detach()  # STF's latent weight starts from the dense one
             set_module(model, name, layer)
-        ctx.report["factorized_layers"] = len(self._factors)
+        ctx.report["factorized_layers"] = len(factors_of)
         return model
 
     def finetune(self, model: nn.Module, ctx: PassContext) -> nn.Module:
@@ -160,17 +163,13 @@ class DSFactorizePass(Pass):
             else:
                 m.freeze(train_values=True, train_dictionary=True)
             _drop_source(m)
+        callbacks: list = [STFCallback(model)] if p.stf else []
         kd = None
         if p.teacher:
-            kd = KDLoss(ctx.teacher, model, p.kd, temperature=p.kd_temperature, log=ctx.log).attach(model)
-        groups = _param_groups(model, ds_layers, p)
-        from stackcomp.passes.finetune import train_on_task
-
-        try:
-            result = train_on_task(model, ctx, p.train, optimizer_params=groups, loss_fn=kd)
-        finally:
-            if kd is not None:
-                kd.detach(model)
+            kd = KDLoss(ctx.teacher, model, p.kd, temperature=p.kd_temperature, log=ctx.log)
+            callbacks.append(kd)
+        result = train_on_task(model, ctx, p.train, callbacks=callbacks,
+                               optimizer_params=lambda m: _param_groups(m, ds_layers, p))
         model = result.model
         if kd is not None:
             ctx.report["kd"] = {"weights": p.kd.active(), "temperature": p.kd_temperature, **kd.summary()}

@@ -23,7 +23,7 @@ from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob
 from stackcomp.factorize.dsf import dsf_budget, dsf_factors
 from stackcomp.nn.lowrank import DoubleSparseLinear, index_dtype
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import Analysis, PassContext
 from stackcomp.passes.factorizer_common import Built, FactorizerParams, FactorizerPass, LayerStats, _need_exactly_one
 
 
@@ -97,10 +97,11 @@ class DSFPass(FactorizerPass):
                               name=name)
         return nza + nzb
 
-    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
-        if self._calibration(ctx) is None:
+    def analyze(self, model: nn.Module, ctx: PassContext) -> Analysis:
+        found = super().analyze(model, ctx)
+        if found.state["work"].calibration is None:
             ctx.log.warning("dsf: no calibration data: uniform input scaling and a plain least-squares refit")
-        return super().analyze(model, ctx)
+        return found
 
     def build_layer(self, name: str, lin: nn.Linear, k: int, stats: LayerStats) -> Built:
         p = self.params

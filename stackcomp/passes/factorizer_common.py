@@ -41,9 +41,9 @@ from torch import nn
 
 from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob, allocate
-from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams
 from stackcomp.targets import select_modules, set_module
-from stackcomp.train import TrainConfig
+from stackcomp.train import TrainConfig, train, train_on_task
 
 __all__ = [
     "FactorizerTrainConfig",
@@ -62,10 +62,8 @@ __all__ = [
 # ----------------------------------------------------------------------------- params
 
 
-class FactorizerTrainConfig(TrainConfig):
-    """The fine-tune after factorization (0 epochs and no max_steps: none)."""
-
-    epochs: float = Field(default=1.0, ge=0, description="training epochs after factorization (0: none)")
+#: the fine-tune after factorization (0 epochs and no max_steps: none): the one TrainConfig
+FactorizerTrainConfig = TrainConfig
 
 
 class StageTrainConfig(TrainConfig):
@@ -102,6 +100,23 @@ def _need_exactly_one(params: PassParams, native: dict[str, Any], what: str) -> 
         raise ValueError(f"give either ratio, or {what}")
     if params.ratio is not None and given:
         raise ValueError(f"give either ratio or {', '.join(given)}, not both")
+
+
+# ----------------------------------------------------------------------------- one stage's work
+
+
+@dataclass
+class FactorizerWork:
+    """One stage's factorization from ``analyze`` to ``finetune``: handed over in
+    ``ctx.analysis.state["work"]``, never kept on the pass."""
+
+    names: list[str]
+    knobs: dict[str, int] = field(default_factory=dict)
+    built: dict[str, Built] = field(default_factory=dict)
+    #: calibration batches, drawn once per stage
+    calibration: list[dict[str, torch.Tensor]] | None = None
+    #: what a subclass adds to the plan (LoSparse: row widths and the keep fraction)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -372,24 +387,25 @@ class FactorizerPass(Pass):
     def _targets(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
         return select_targets(model, self.params.targets, self.params.ignore, self.name)
 
-    def _plan(self, layers: list[tuple[str, nn.Linear]]) -> dict[str, int]:
+    def _plan(self, layers: list[tuple[str, nn.Linear]], work: FactorizerWork) -> dict[str, int]:
+        """Each layer's size knob; a subclass may keep more of its plan in ``work.extra``."""
         p = self.params
         if p.ratio is None:
             return {n: self.native_knob(n, lin) for n, lin in layers}
         budget = sum(dense_bytes_of(lin) for _, lin in layers) / p.ratio
         return allocate([self.knob(n, lin, dense_bytes_of(lin) / p.ratio) for n, lin in layers], budget)
 
-    def _calibration(self, ctx: PassContext) -> list[dict[str, torch.Tensor]] | None:
+    def _calibration(self, ctx: PassContext, work: FactorizerWork) -> list[dict[str, torch.Tensor]] | None:
         p = self.params
         if ctx.data is None or p.calibration_samples == 0:
             if self.uses_gram() == "required":
                 raise PlanError(f"stage {ctx.stage!r}: {self._method_label()} needs calibration activations: set "
                                 "`task:` in the recipe and calibration_samples > 0")
             return None
-        if not hasattr(self, "_calib_batches"):
-            self._calib_batches = ctx.data.calibration_batches(p.calibration_samples, p.calibration_batch_size,
-                                                               seed=ctx.seed)
-        return self._calib_batches
+        if work.calibration is None:
+            work.calibration = ctx.data.calibration_batches(p.calibration_samples, p.calibration_batch_size,
+                                                            seed=ctx.seed)
+        return work.calibration
 
     def _fisher(self, model: nn.Module, names: list[str], ctx: PassContext) -> dict[str, torch.Tensor]:
         p = self.params
@@ -403,22 +419,22 @@ class FactorizerPass(Pass):
         method = getattr(self.params, "method", None)
         return f"{self.name} (method {method})" if method else self.name
 
-    def _build(self, model: nn.Module, names: list[str], ctx: PassContext, install: bool,
+    def _build(self, model: nn.Module, names: list[str], ctx: PassContext, work: FactorizerWork, install: bool,
                bar_label: str = "factorize") -> dict[str, Built]:
         """Factorize the named layers of ``model``. With ``install`` they replace the dense ones in
         ``model``; sequential methods install as they go (on a copy when ``install`` is False)."""
-        calib = self._calibration(ctx)
+        calib = self._calibration(ctx, work)
         built: dict[str, Built] = {}
         if self.sequential() and calib is not None:
-            work = model if install else copy.deepcopy(model)
-            order, repeated = forward_order(work, names, calib[0])
+            target = model if install else copy.deepcopy(model)
+            order, repeated = forward_order(target, names, calib[0])
             with ctx.progress.bar(bar_label, total=len(names)) as bar:
                 for group in order:
-                    grams = collect_grams(work, group, calib, stop_early=not repeated)
+                    grams = collect_grams(target, group, calib, stop_early=not repeated)
                     for n in group:  # a group shares one input tensor, so one Gram (stop_early sees only the first)
-                        lin = work.get_submodule(n)
-                        built[n] = self._build_one(n, lin, LayerStats(gram=grams.get(n, grams.get(group[0]))))
-                        set_module(work, n, built[n].layer)
+                        lin = target.get_submodule(n)
+                        built[n] = self._build_one(n, lin, LayerStats(gram=grams.get(n, grams.get(group[0]))), work)
+                        set_module(target, n, built[n].layer)
                         bar.advance()
             return built
         grams = collect_grams(model, names, calib) if calib is not None else {}
@@ -426,15 +442,15 @@ class FactorizerPass(Pass):
         with ctx.progress.bar(bar_label, total=len(names)) as bar:
             for n in names:
                 lin = model.get_submodule(n)
-                built[n] = self._build_one(n, lin, LayerStats(gram=grams.get(n), fisher=fisher.get(n)))
+                built[n] = self._build_one(n, lin, LayerStats(gram=grams.get(n), fisher=fisher.get(n)), work)
                 bar.advance()
         if install:
             for n, b in built.items():
                 set_module(model, n, b.layer)
         return built
 
-    def _build_one(self, name: str, lin: nn.Linear, stats: LayerStats) -> Built:
-        b = self.build_layer(name, lin, self._knobs[name], stats)
+    def _build_one(self, name: str, lin: nn.Linear, stats: LayerStats, work: FactorizerWork) -> Built:
+        b = self.build_layer(name, lin, work.knobs[name], stats)
         b.layer = b.layer.to(lin.weight.device)
         st = b.layer.storage()
         row = {"shape": [lin.out_features, lin.in_features], **b.row, "bytes": st.bytes,
@@ -445,7 +461,7 @@ class FactorizerPass(Pass):
         b.stats = stats
         return b
 
-    def refine_report(self, built: dict[str, Built], ctx: PassContext) -> None:
+    def refine_report(self, built: dict[str, Built], ctx: PassContext, work: FactorizerWork) -> None:
         """Hook for analyze: adjust the report rows of the one-shot layers (e.g. LoSparse at budget)."""
 
     def layer_errors(self, lin: nn.Linear, layer: nn.Module, gram: torch.Tensor | None) -> dict[str, float | None]:
@@ -466,54 +482,60 @@ class FactorizerPass(Pass):
 
     # ------------------------------------------------------------------ the contract
 
-    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
+    def analyze(self, model: nn.Module, ctx: PassContext) -> Analysis:
         """Plan the sizes and factorize every targeted layer at once (on a copy for sequential
-        methods); the result is kept for ``transform`` and reported per layer."""
+        methods); the result is handed to ``transform`` (``state["work"]``) and reported per layer."""
         layers = self._targets(model)
-        self._names = [n for n, _ in layers]
-        self._knobs = self._plan(layers)
-        self._built = self._build(model, self._names, ctx, install=False)
-        self.refine_report(self._built, ctx)
-        for b in self._built.values():
+        work = FactorizerWork(names=[n for n, _ in layers])
+        work.knobs = self._plan(layers, work)
+        work.built = self._build(model, work.names, ctx, work, install=False)
+        self.refine_report(work.built, ctx, work)
+        for b in work.built.values():
             b.stats = None
-        rows = {n: b.row for n, b in self._built.items()}
+        rows = {n: b.row for n, b in work.built.items()}
         report = {"layers": rows, **self._totals(rows), "asked_ratio": self.params.ratio,
-                  "calibrated": getattr(self, "_calib_batches", None) is not None}
+                  "calibrated": work.calibration is not None}
         if self.params.staged:
             report["staged_note"] = "one-shot errors; staged transform refactorizes each group after fine-tuning"
-        return report
+        return Analysis(report=report, state={"work": work})
+
+    def _work(self, model: nn.Module, ctx: PassContext) -> FactorizerWork:
+        """What ``analyze`` handed over (analyzed now if the methods are called without it)."""
+        work = ctx.analysis.state.get("work")
+        if work is None:
+            ctx.analysis = self.analyze(model, ctx)
+            work = ctx.analysis.state["work"]
+        return work
 
     def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        if not getattr(self, "_built", None):
-            self.analyze(model, ctx)
+        work = self._work(model, ctx)
         if not self.params.staged:
-            for n, b in self._built.items():
+            for n, b in work.built.items():
                 set_module(model, n, b.layer)
-            ctx.report["factorized_layers"] = len(self._built)
+            ctx.report["factorized_layers"] = len(work.built)
             return model
-        return self._staged(model, ctx)
+        return self._staged(model, ctx, work)
 
-    def _staged(self, model: nn.Module, ctx: PassContext) -> nn.Module:
+    def _staged(self, model: nn.Module, ctx: PassContext, work: FactorizerWork) -> nn.Module:
         p = self.params
-        groups = group_layers(self._names, p.stage_by)
+        groups = group_layers(work.names, p.stage_by)
         history = []
         if ctx.data is None and len(groups) > 1:
             raise PlanError(f"stage {ctx.stage!r}: staged factorization fine-tunes after each group and needs a task")
         for gi, group in enumerate(groups):
             if gi == 0:  # the first group sees the weights (and, if sequential, the inputs) analyze saw
-                built = {n: self._built[n] for n in group}
+                built = {n: work.built[n] for n in group}
                 for n, b in built.items():
                     set_module(model, n, b.layer)
             else:
-                built = self._build(model, group, ctx, install=True, bar_label=f"stage {gi + 1}/{len(groups)}")
+                built = self._build(model, group, ctx, work, install=True,
+                                    bar_label=f"stage {gi + 1}/{len(groups)}")
             for b in built.values():
                 b.stats = None
             entry: dict[str, Any] = {"group": group, "layers": {n: {k: b.row.get(k) for k in
                                                                     ("weight_error", "output_error")}
                                                                 for n, b in built.items()}}
             if gi < len(groups) - 1:
-                from stackcomp.train import train
-
                 cfg = p.stage_train.model_copy(update={"seed": p.stage_train.seed + gi})
                 result = train(model, ctx.data.train_loader(cfg.batch_size, seed=cfg.seed), cfg,
                                progress=ctx.progress, log=ctx.log)
@@ -523,12 +545,11 @@ class FactorizerPass(Pass):
             history.append(entry)
             ctx.log.info("staged: group %d/%d (%d layers) factorized", gi + 1, len(groups), len(group))
         ctx.report["staged"] = history
-        ctx.report["factorized_layers"] = len(self._names)
+        ctx.report["factorized_layers"] = len(work.names)
         return model
 
     def trains(self) -> bool:
-        t = self.params.train
-        return not (t.epochs == 0 and t.max_steps is None)
+        return self.params.train.trains
 
     def finetune(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         """The fine-tune after factorization, on the shared loop (all parameters trainable)."""
@@ -536,6 +557,4 @@ class FactorizerPass(Pass):
             return model
         if ctx.data is None:
             raise PlanError(f"stage {ctx.stage!r}: {self.name} training needs a task; set `task:` or train.epochs: 0")
-        from stackcomp.passes.finetune import train_on_task
-
         return train_on_task(model, ctx, self.params.train).model

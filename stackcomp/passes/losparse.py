@@ -36,6 +36,7 @@ from stackcomp.passes.factorizer_common import (
     Built,
     FactorizerParams,
     FactorizerPass,
+    FactorizerWork,
     LayerStats,
     _need_exactly_one,
     dense_bytes_of,
@@ -43,6 +44,7 @@ from stackcomp.passes.factorizer_common import (
 )
 from stackcomp.passes.lowrank import lowrank_cost
 from stackcomp.targets import set_module
+from stackcomp.train import train_on_task
 
 
 class LoSparseParams(FactorizerParams):
@@ -97,27 +99,26 @@ class LoSparsePass(FactorizerPass):
     def native_knob(self, name: str, lin: nn.Linear) -> int:
         return losparse_rank(lin.out_features, lin.in_features, self.params.low_rank_ratio, name=name)
 
-    def _plan(self, layers: list[tuple[str, nn.Linear]]) -> dict[str, int]:
-        """Ranks, then the final keep fraction of S and the row widths it is counted in."""
+    def _plan(self, layers: list[tuple[str, nn.Linear]], work: FactorizerWork) -> dict[str, int]:
+        """Ranks, then the final keep fraction of S (``work.extra["keep"]``) and the row widths it
+        is counted in (``work.extra["widths"]``)."""
         p = self.params
-        self._widths: dict[str, int] = {}
-        self._rows_total = {n: lin.out_features for n, lin in layers}
         if p.ratio is None:
             ranks = {n: self.native_knob(n, lin) for n, lin in layers}
-            self._widths = {n: lin.in_features for n, lin in layers}  # entries, as the authors count
-            self._keep = p.sparse_ratio
+            work.extra["widths"] = {n: lin.in_features for n, lin in layers}  # entries, as the authors count
+            work.extra["keep"] = p.sparse_ratio
             return ranks
         budget = sum(dense_bytes_of(lin) for _, lin in layers) / p.ratio
         ranks = allocate([self.knob(n, lin, p.rank_share * dense_bytes_of(lin) / p.ratio) for n, lin in layers],
                          p.rank_share * budget)
         lowrank_bytes = sum(lowrank_cost(lin.out_features, lin.in_features, ranks[n], lin.bias is not None)
                             for n, lin in layers)
-        self._widths = {n: _row_bytes(lin) for n, lin in layers}
-        full = sum(lin.out_features * self._widths[n] for n, lin in layers)
+        widths = work.extra["widths"] = {n: _row_bytes(lin) for n, lin in layers}
+        full = sum(lin.out_features * widths[n] for n, lin in layers)
         # select_rows keeps at least keep * full and less than one row more per ranking: leave that room
-        slack = max(self._widths.values()) if p.scope == "global" else sum(self._widths.values())
-        self._keep = (budget - lowrank_bytes - slack) / full
-        if self._keep <= 0:
+        slack = max(widths.values()) if p.scope == "global" else sum(widths.values())
+        keep = work.extra["keep"] = (budget - lowrank_bytes - slack) / full
+        if keep <= 0:
             raise FactorizeError(f"losparse: at {p.ratio:g}x the low-rank parts (rank_share {p.rank_share}) leave no "
                                  "bytes for rows of S; lower rank_share or the ratio")
         return ranks
@@ -134,16 +135,16 @@ class LoSparsePass(FactorizerPass):
 
     # ------------------------------------------------------------------ row selection
 
-    def _select(self, scores: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
+    def _select(self, scores: dict[str, torch.Tensor], keep: float, work: FactorizerWork) -> dict[str, torch.Tensor]:
         return select_rows({n: s.detach().float().cpu() for n, s in scores.items()}, min(keep, 1.0),
-                           widths=self._widths, scope=self.params.scope)
+                           widths=work.extra["widths"], scope=self.params.scope)
 
     def _magnitude_scores(self, layers: dict[str, SparseLowRankLinear]) -> dict[str, torch.Tensor]:
         return {n: row_scores(m.sparse.detach().abs().float(), self.params.row_score) for n, m in layers.items()}
 
-    def refine_report(self, built: dict[str, Built], ctx: PassContext) -> None:
+    def refine_report(self, built: dict[str, Built], ctx: PassContext, work: FactorizerWork) -> None:
         """Report each layer as it would be at the budget with rows kept by magnitude (no training)."""
-        masks = self._select(self._magnitude_scores({n: b.layer for n, b in built.items()}), self._keep)
+        masks = self._select(self._magnitude_scores({n: b.layer for n, b in built.items()}), work.extra["keep"], work)
         for n, b in built.items():
             small = b.layer.prune_rows(masks[n])
             st = small.storage()
@@ -166,53 +167,26 @@ class LoSparsePass(FactorizerPass):
 
     def finetune(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         p = self.params
-        names = self._names
+        work = self._work(model, ctx)
+        names, final_keep = work.names, work.extra["keep"]
         layers = {n: model.get_submodule(n) for n in names}
         if not self.trains():
-            return self._prune(model, layers, self._magnitude_scores(layers), "magnitude (no training)", ctx)
+            return self._prune(model, layers, self._magnitude_scores(layers), "magnitude (no training)", ctx, work)
         if ctx.data is None:
             return super().finetune(model, ctx)  # raises the shared "needs a task" error
         total = self._total_steps(ctx)
         schedule = KeepSchedule(total, math.floor(p.prune_warmup * total), math.floor(p.prune_final * total),
-                                final_keep=min(self._keep, 1.0), delta_t=p.delta_t)
-        importance = {n: Importance(p.beta1, p.beta2, p.delta_t) for n in names}
-        grads: dict[str, torch.Tensor] = {}
-
-        def keep_grad(name: str):
-            def fn(param: torch.Tensor) -> None:
-                grads[name] = param.grad  # the accumulated grad; zero_grad later drops the param's reference only
-            return fn
-
-        hooks = [layers[n].sparse.register_post_accumulate_grad_hook(keep_grad(n)) for n in names]
-        masks_applied = {"count": 0}
-
-        def on_step_end(step: int, m: nn.Module) -> None:
-            for n in names:
-                if n in grads:
-                    importance[n].update(step, layers[n].sparse, grads[n])
-            keep, mask_now = schedule(step)
-            scores = self._importance_scores(importance) if mask_now else None
-            if scores is not None:  # no mask before the first importance window has closed
-                masks = self._select(scores, keep)
-                for n in names:
-                    layers[n].zero_rows_(masks[n].to(layers[n].sparse.device))
-                masks_applied["count"] += 1
-
-        from stackcomp.passes.finetune import train_on_task
-
-        try:
-            model = train_on_task(model, ctx, p.train, on_step_end=on_step_end).model
-        finally:
-            for h in hooks:
-                h.remove()
+                                final_keep=min(final_keep, 1.0), delta_t=p.delta_t)
+        pruning = RowPruningCallback(self, work, layers, schedule)
+        model = train_on_task(model, ctx, p.train, callbacks=[pruning]).model
         layers = {n: model.get_submodule(n) for n in names}
-        scores = self._importance_scores(importance)
+        scores = self._importance_scores(pruning.importance)
         how = "PLATON importance"
         if scores is None:
             scores, how = self._magnitude_scores(layers), "magnitude (training shorter than one importance window)"
-        ctx.report["losparse"] = {"total_steps": total, "masking_steps": masks_applied["count"],
-                                  "final_keep": self._keep}
-        return self._prune(model, layers, scores, how, ctx, evaluate_after=True)
+        ctx.report["losparse"] = {"total_steps": total, "masking_steps": pruning.masks_applied,
+                                  "final_keep": final_keep}
+        return self._prune(model, layers, scores, how, ctx, work, evaluate_after=True)
 
     def _importance_scores(self, importance: dict[str, Importance]) -> dict[str, torch.Tensor] | None:
         if any(imp.ema is None or not bool(imp.ema.any()) for imp in importance.values()):
@@ -220,9 +194,9 @@ class LoSparsePass(FactorizerPass):
         return {n: row_scores(imp.score(), self.params.row_score) for n, imp in importance.items()}
 
     def _prune(self, model: nn.Module, layers: dict[str, SparseLowRankLinear], scores: dict[str, torch.Tensor],
-               how: str, ctx: PassContext, evaluate_after: bool = False) -> nn.Module:
+               how: str, ctx: PassContext, work: FactorizerWork, evaluate_after: bool = False) -> nn.Module:
         """Keep the final rows only (compact layers), and re-measure the task if the model changed."""
-        masks = self._select(scores, self._keep)
+        masks = self._select(scores, work.extra["keep"], work)
         kept: dict[str, Any] = {}
         for n, layer in layers.items():
             small = layer.prune_rows(masks[n])
@@ -238,3 +212,43 @@ class LoSparsePass(FactorizerPass):
             ctx.report["metrics_before_final_prune"] = before
             ctx.metrics.update(after)
         return model
+
+
+class RowPruningCallback:
+    """LoSparse's training events: after each optimizer step, update every layer's PLATON importance
+    from the accumulated gradient of S and zero the rows of S below the keep schedule."""
+
+    def __init__(self, owner: LoSparsePass, work: FactorizerWork, layers: dict[str, SparseLowRankLinear],
+                 schedule: KeepSchedule):
+        p = owner.params
+        self.owner, self.work, self.layers, self.schedule = owner, work, layers, schedule
+        self.importance = {n: Importance(p.beta1, p.beta2, p.delta_t) for n in layers}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.masks_applied = 0
+        self._hooks: list[Any] = []
+
+    def on_train_begin(self, state: Any) -> None:
+        def keep_grad(name: str):
+            def fn(param: torch.Tensor) -> None:
+                self.grads[name] = param.grad  # the accumulated grad; zero_grad later drops the param's reference only
+            return fn
+
+        self._hooks = [layer.sparse.register_post_accumulate_grad_hook(keep_grad(n)) for n, layer in self.layers.items()]
+
+    def on_train_end(self, state: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def on_optimizer_step(self, state: Any) -> None:
+        step = state.step
+        for n, layer in self.layers.items():
+            if n in self.grads:
+                self.importance[n].update(step, layer.sparse, self.grads[n])
+        keep, mask_now = self.schedule(step)
+        scores = self.owner._importance_scores(self.importance) if mask_now else None
+        if scores is not None:  # no mask before the first importance window has closed
+            masks = self.owner._select(scores, keep, self.work)
+            for n, layer in self.layers.items():
+                layer.zero_rows_(masks[n].to(layer.sparse.device))
+            self.masks_applied += 1

@@ -22,8 +22,8 @@ def test_pass_prunes_every_encoder_linear_to_2_of_4(tmp_path):
     model = tiny_bert()
     p = NMPrunePass()
     ctx = PassContext(stage="prune", work_dir=tmp_path)
-    report = p.analyze(model, ctx)
-    assert len(report["layers"]) == 12
+    ctx.analysis = p.analyze(model, ctx)
+    assert len(ctx.analysis.report["layers"]) == 12
     model = p.transform(model, ctx)
     w = model.bert.encoder.layer[0].attention.self.query.weight
     nz = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)

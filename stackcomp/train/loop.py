@@ -1,8 +1,9 @@
 """The one training loop that fine-tuning, distillation and STF share, built on accelerate.
 
-Every pass that trains calls :func:`train` with plain ``DataLoader``s and, where it needs them,
-its own loss (``loss_fn``), its own parameter groups (``optimizer_params``) and a per-step hook
-(``on_step_end``). The loop owns what they should not have to repeat: AdamW with linear
+Every pass that trains calls :func:`train` (or :func:`stackcomp.train.train_on_task`) with plain
+``DataLoader``s and, where it needs them, its own parameter groups (``optimizer_params``) and
+training callbacks (:mod:`stackcomp.train.callbacks`: a KD loss, re-masking, STF's step marks,
+a pruner). The loop owns what they should not have to repeat: AdamW with linear
 warmup/decay, gradient accumulation and clipping, evaluation every N steps with the best
 checkpoint kept in memory, seeding, progress, and a guard that stops on NaN/Inf naming the step
 and the parameter. It runs unchanged in one process or under ``accelerate launch`` (DDP).
@@ -26,6 +27,7 @@ from torch import nn
 
 from stackcomp.errors import DataError, ModelError, NumericalError, StackcompError
 from stackcomp.progress import NULL_PROGRESS, Progress
+from stackcomp.train.callbacks import CallbackList, TrainState
 
 __all__ = [
     "TrainConfig",
@@ -48,7 +50,8 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    epochs: float = Field(default=1.0, gt=0, description="passes over the training data (fractions allowed)")
+    epochs: float = Field(default=1.0, ge=0, description="passes over the training data (fractions allowed; "
+                          "0 and no max_steps: no training)")
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; overrides epochs when set")
     lr: float = Field(default=5e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW decay; never applied to biases and norms")
@@ -61,6 +64,11 @@ class TrainConfig(BaseModel):
     keep_best: bool = Field(default=True, description="restore the best evaluated weights at the end")
     seed: int = Field(default=42, description="seeds python, numpy and torch (dropout, init)")
     log_every: int = Field(default=50, ge=1, description="log loss, lr and grad norm every N steps")
+
+    @property
+    def trains(self) -> bool:
+        """False for ``epochs: 0`` without ``max_steps``: the pass skips its training."""
+        return not (self.epochs == 0 and self.max_steps is None)
 
 
 @dataclass
@@ -337,8 +345,8 @@ def train(
     main_metric: str | None = None,
     greater_is_better: bool | None = None,
     loss_fn: LossFn | None = None,
-    optimizer_params: Iterable[Any] | None = None,
-    on_step_end: Callable[[int, nn.Module], None] | None = None,
+    optimizer_params: Iterable[Any] | Callable[[nn.Module], Iterable[Any]] | None = None,
+    callbacks: Iterable[Any] | None = None,
     progress: Progress = NULL_PROGRESS,
     log: logging.Logger | None = None,
 ) -> TrainResult:
@@ -346,10 +354,15 @@ def train(
 
     - ``loss_fn(model, batch) -> scalar``: default ``model(**batch).loss``. ``model`` is the
       prepared (possibly DDP-wrapped) module: call it once per batch, do not bypass it.
-    - ``optimizer_params``: AdamW parameter groups (dicts with ``params`` and optionally ``lr``,
+    - ``optimizer_params``: a callable ``model -> groups`` (called after the callbacks' ``on_init``)
+      or AdamW parameter groups (dicts with ``params`` and optionally ``lr``,
       ``weight_decay``) or plain parameters; default: :func:`default_param_groups`. Every group
       follows the same warmup/decay shape relative to its own lr.
-    - ``on_step_end(step, model)``: after each optimizer step (1-based), with the unwrapped model.
+    - ``callbacks``: objects with some of the events of :mod:`stackcomp.train.callbacks`
+      (``on_train_begin``, ``on_step_begin``, ``compute_loss``, ``on_optimizer_step``,
+      ``on_step_end``, ``on_evaluate``, ``on_train_end``), called in the given order. A callback
+      with ``compute_loss`` replaces ``loss_fn``.
+    - A config that does not train (``epochs: 0`` without ``max_steps``) returns the model as it is.
     - ``main_metric`` picks the best evaluation (default ``eval_loss``); ``greater_is_better``
       defaults to False for names containing "loss", else True.
     """
@@ -363,10 +376,20 @@ def train(
     main_metric = main_metric or "eval_loss"
     if greater_is_better is None:
         greater_is_better = "loss" not in main_metric
+    events = CallbackList(callbacks)
+    if events.loss_callback is not None and loss_fn is not None:
+        raise StackcompError(f"train: both loss_fn and the callback {type(events.loss_callback).__name__} compute "
+                             "the loss; give one")
     loss_fn = loss_fn or _default_loss
     t0 = time.perf_counter()
+    if not config.trains:
+        return TrainResult(model=model)
 
     acc = make_accelerator(config.seed, config.grad_accum)
+    state = TrainState(model=model, accelerator=acc, is_main_process=acc.is_main_process)
+    events.fire("on_init", state)  # modules added here (a KD projection) are trained with the model
+    if callable(optimizer_params):
+        optimizer_params = optimizer_params(model)
     groups = _param_groups(model, config, optimizer_params)
     optimizer = _make_adamw(groups, config)
     try:
@@ -410,6 +433,8 @@ def train(
     def epoch_of(step: int) -> float:
         return round(step / steps_per_epoch, 4) if steps_per_epoch else 0.0
 
+    state.model, state.optimizer, state.total_steps, state.history = raw_model, optimizer, total, history
+
     def run_eval(step: int) -> None:
         nonlocal best_value, best_state, best_metrics, last_metrics, last_eval_step
         guard.check()
@@ -425,20 +450,33 @@ def train(
             best_value, best_metrics = metrics[main_metric], metrics
             if config.keep_best:
                 best_state = _snapshot(raw_model)
+        state.metrics = dict(metrics)
+        events.fire("on_evaluate", state)
+
+    if events.loss_callback is not None:
+        def loss_fn(m: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+            return events.compute_loss(state, m, batch)
 
     step = 0
     epoch = 0
     loss_sum = torch.zeros((), device=acc.device)
     loss_count = 0
     model.train()
+    step_open = False  # a step's first micro-batch has been seen (on_step_begin fired)
     try:
+        events.fire("on_train_begin", state)
         with progress.bar("train", total=total) as bar:
-            while step < total:
+            while step < total and not state.should_stop:
                 if hasattr(train_dl, "set_epoch"):
                     train_dl.set_epoch(epoch)
+                state.epoch = epoch
                 seen = 0
                 for batch in train_dl:
                     seen += 1
+                    if not step_open:
+                        state.step = step + 1
+                        events.fire("on_step_begin", state)
+                        step_open = True
                     with acc.accumulate(model):
                         loss = loss_fn(model, batch)
                         guard.micro_step(loss)
@@ -451,15 +489,17 @@ def train(
                     acc.unscale_gradients()  # no-op unless fp16 mixed precision
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
                     step += 1
+                    step_open = False
+                    state.step = step
                     guard.update(grad_norm, step)
                     if config.max_grad_norm is not None:
                         torch.nn.utils.clip_grads_with_norm_(trainable, config.max_grad_norm, grad_norm)
                     lr = optimizer.param_groups[0]["lr"]
+                    state.lr = lr
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if on_step_end is not None:
-                        on_step_end(step, raw_model)
+                    events.fire("on_optimizer_step", state)
                     if step % config.log_every == 0 or step == total:
                         guard.check()
                         mean_loss = acc.reduce(loss_sum / max(loss_count, 1), reduction="mean")
@@ -474,10 +514,11 @@ def train(
                                      entry["loss"], lr, entry["grad_norm"])
                     else:
                         bar.advance()
+                    events.fire("on_step_end", state)
                     if eval_dl is not None and config.eval_every and step % config.eval_every == 0:
                         run_eval(step)
                         model.train()
-                    if step >= total:
+                    if step >= total or state.should_stop:
                         break
                 else:  # the epoch ran to its end
                     if seen == 0:
@@ -496,9 +537,15 @@ def train(
             if main:
                 log.info("restored the best checkpoint (%s=%.4g)", main_metric, best_value)
         acc.wait_for_everyone()
+    except BaseException:
+        state.failed = True
+        raise
     finally:
-        acc.free_memory()
-        raw_model.train(was_training)
+        try:
+            events.fire("on_train_end", state)
+        finally:
+            acc.free_memory()
+            raw_model.train(was_training)
     return TrainResult(
         model=raw_model,
         history=history,

@@ -1,0 +1,48 @@
+"""Training a model on the recipe's task: the one call every training pass makes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from stackcomp.train.loop import TrainConfig, TrainResult, train
+
+
+def train_on_task(model: nn.Module, ctx: Any, config: TrainConfig, *, callbacks: Iterable[Any] | None = None,
+                  augment: Any = None, **train_kwargs: Any) -> TrainResult:
+    """Train ``model`` on ``ctx``'s task data with ``config``, handing ``callbacks`` to the loop.
+
+    ``ctx`` is the pass's :class:`~stackcomp.passes.base.PassContext`: its data gives the train
+    and eval loaders (plus teacher-labelled perturbed copies with ``augment``, see
+    :mod:`stackcomp.data.augment`), its task the metric, its progress and log the display. What
+    the loop measured is recorded in ``ctx.metrics`` (best eval metrics, steps, seconds) and the
+    history in ``ctx.report["train_history"]``. Other ``train`` keywords (``optimizer_params``,
+    ``loss_fn``) pass through.
+    """
+    data = ctx.data
+    if data is None:
+        from stackcomp.errors import PlanError
+
+        raise PlanError(f"stage {ctx.stage!r}: training needs a task; set `task:` in the recipe")
+    result = train(
+        model,
+        data.train_loader(config.batch_size, seed=config.seed, augment=augment),
+        config,
+        eval_loader=data.eval_loader(config.eval_batch_size),
+        compute_metrics=data.compute_metrics,
+        main_metric=ctx.task.main_metric,
+        progress=ctx.progress,
+        log=ctx.log,
+        callbacks=callbacks,
+        **train_kwargs,
+    )
+    ctx.metrics.update({
+        "main_metric": ctx.task.main_metric,
+        **(result.best_metrics or {}),
+        "train_steps": result.steps,
+        "train_seconds": result.seconds,
+    })
+    ctx.report["train_history"] = result.history
+    return result
