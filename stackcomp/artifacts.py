@@ -32,39 +32,12 @@ import torch
 from torch import nn
 
 from stackcomp.errors import ArtifactError, ModelError
+from stackcomp.rundir import ARTIFACTS, CHECKSUMS, MANIFEST, METRICS, MODEL_DIR, STAGE, WEIGHTS, read_json, write_json
 
-CHECKSUMS = "CHECKSUMS.json"
-MANIFEST = "stackcomp_manifest.json"
-WEIGHTS = "model.safetensors"
 MANIFEST_SCHEMA = 1
 
 
-# ----------------------------------------------------------------------------- json helpers
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=True) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "model_dump"):
-        return o.model_dump(mode="json")
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+# ----------------------------------------------------------------------------- file hashes
 
 
 def sha256_file(path: Path) -> str:
@@ -138,10 +111,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     from stackcomp.targets import set_module
 
     folder = Path(folder)
-    if (folder / "model" / MANIFEST).exists():  # a stage artifact: its model lives in model/
-        folder = folder / "model"
-    if (folder / "stage.json").exists() and not (folder / MANIFEST).exists():
-        stage = read_json(folder / "stage.json")
+    if (folder / MODEL_DIR / MANIFEST).exists():  # a stage artifact: its model lives in model/
+        folder = folder / MODEL_DIR
+    if (folder / STAGE).exists() and not (folder / MANIFEST).exists():
+        stage = read_json(folder / STAGE)
         if stage.get("model_from"):
             return load_model(folder.parent / stage["model_from"], device)
     if not (folder / MANIFEST).exists():
@@ -177,8 +150,8 @@ def load_tokenizer(folder: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     folder = Path(folder)
-    if (folder / "model").is_dir():
-        folder = folder / "model"
+    if (folder / MODEL_DIR).is_dir():
+        folder = folder / MODEL_DIR
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -193,7 +166,7 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str | Path, *, artifacts_dir: str | Path | None = None):
-        self.root = Path(artifacts_dir) if artifacts_dir is not None else Path(root) / "artifacts"
+        self.root = Path(artifacts_dir) if artifacts_dir is not None else Path(root) / ARTIFACTS
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -212,7 +185,7 @@ class ArtifactStore:
             return f"{CHECKSUMS} is corrupt or unreadable"
         if not _well_formed(sums):
             return f"{CHECKSUMS} is corrupt (not a map of relative paths to [sha256, size])"
-        for required in ("stage.json", "metrics.json"):
+        for required in (STAGE, METRICS):
             if required not in sums:
                 return f"{CHECKSUMS} does not list {required}"
         for rel, (digest, size) in sums.items():

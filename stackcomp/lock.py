@@ -20,7 +20,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-LOCK_FILE = "lock.json"
+from stackcomp.rundir import LOCK, atomic_write_json
+
 LOCK_SCHEMA = 1
 
 #: distributions whose versions change results; plugin packages are added from the passes used
@@ -36,12 +37,10 @@ _META_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.j
 
 def write_lock(run_dir: str | Path, plan: Any) -> dict[str, Any]:
     """Build the lock of ``plan`` and write it to ``run_dir/lock.json`` atomically."""
-    from stackcomp.engine import _atomic_text, _dumps
-
     run_dir = Path(run_dir)
     lock = build_lock(plan, previous=read_lock(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(run_dir / LOCK_FILE, _dumps(lock))
+    atomic_write_json(run_dir / LOCK, lock)
     return lock
 
 
@@ -50,7 +49,7 @@ def read_lock(run_dir: str | Path) -> dict[str, Any] | None:
     import json
 
     try:
-        return json.loads((Path(run_dir) / LOCK_FILE).read_text())
+        return json.loads((Path(run_dir) / LOCK).read_text())
     except (OSError, ValueError):
         return None
 

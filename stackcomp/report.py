@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +32,21 @@ from typing import Any
 
 import yaml
 
-from stackcomp.artifacts import CHECKSUMS, MANIFEST, WEIGHTS, read_json
+from stackcomp import rundir
 from stackcomp.errors import ArtifactError, RecipeError, StackcompError
+from stackcomp.lock import read_lock
+from stackcomp.rundir import (
+    CHECKSUMS,
+    MANIFEST,
+    METRICS,
+    MODEL_DIR,
+    REPORT,
+    STAGE,
+    TIMINGS,
+    WEIGHTS,
+    RunDir,
+    read_json,
+)
 
 log = logging.getLogger("stackcomp.report")
 
@@ -50,50 +62,72 @@ _GOAL_EPS = 1e-9
 # ----------------------------------------------------------------------------- finding runs
 
 
-def default_run_dir(recipe_name: str) -> Path:
-    """Where ``stackcomp run`` puts a recipe's run without ``-o``: ``$STACKCOMP_RUNS/<name>``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name)
-    return Path(os.environ.get("STACKCOMP_RUNS", "runs")) / safe
-
-
 def resolve_run_dir(target: str | Path) -> Path:
-    """A run directory from a run directory, its ``summary.json``, or a recipe file that was run."""
+    """A run directory from a run directory, its ``summary.json``, or a recipe file that was run
+    (``stackcomp.rundir.resolve_run_dir``); for a recipe file edited since, a warning says so."""
+    run_dir = rundir.resolve_run_dir(target)
     path = Path(target).expanduser()
-    if path.is_file() and path.name == "summary.json":
-        path = path.parent
-    if path.is_dir():
-        if (path / "summary.json").is_file():
-            return path
-        if (path / "recipe.resolved.yaml").exists() or (path / "artifacts").exists():
-            raise ArtifactError(f"{path} has no summary.json: its run did not finish; "
-                                "run the recipe again to resume, then compare")
-        raise ArtifactError(f"{path} is not a run directory (no summary.json); give a run directory "
-                            "(runs/<recipe name>) or a recipe file that was run")
-    if path.is_file():
-        if path.suffix.lower() not in (".yaml", ".yml"):
-            raise RecipeError(f"{path}: expected a run directory or a recipe (.yaml) file")
-        from stackcomp.recipe import load_recipe
-
-        recipe = load_recipe(path)
-        run_dir = default_run_dir(recipe.name)
-        if not (run_dir / "summary.json").is_file():
-            raise ArtifactError(f"recipe {path} (name {recipe.name!r}) has no finished run at {run_dir}; "
-                                f"run it first: stackcomp run {path}  (or pass the run directory if it ran "
-                                "elsewhere with -o)")
-        _warn_if_stale(path, recipe, run_dir)
-        return run_dir
-    raise ArtifactError(f"no run directory or recipe file at {path}")
+    if path.is_file() and path.suffix.lower() in rundir.RECIPE_SUFFIXES:
+        _warn_if_stale(path, run_dir)
+    return run_dir
 
 
-def _warn_if_stale(path: Path, recipe: Any, run_dir: Path) -> None:
+#: recipe fields every stage's key depends on (the plan's source)
+_SOURCE_FIELDS = ("model", "task", "data", "seed", "trust_remote_code")
+
+
+def changed_stages(before: dict[str, Any], after: dict[str, Any], run_stages: list[dict[str, Any]] = ()) -> list[str]:
+    """Stages of recipe ``after`` whose work differs from recipe ``before`` (both resolved recipes
+    as dicts): new stages, stages with another pass, params or parents, and everything downstream
+    of those (teachers included); every stage when the model, task, data or seed changed. Stages
+    the run added (``<leaf>.eval``, in ``run_stages``) follow their parents. Compares recipes as
+    data: nothing is planned, so a new version of a pass is not seen."""
+    new = after.get("stages") or {}
+    old = before.get("stages") or {}
+    if not isinstance(new, dict) or not isinstance(old, dict):
+        return []
+    names = list(new)
+    for s in run_stages:
+        if s.get("stage") not in new:
+            names.append(s.get("stage"))
+    inputs = {n: _inputs(new[n], new) for n in new}
+    inputs.update({s.get("stage"): list(s.get("parents") or []) for s in run_stages if s.get("stage") not in new})
+    if any(before.get(f) != after.get(f) for f in _SOURCE_FIELDS):
+        return names
+    changed = {n for n in new if n not in old or new[n] != old[n]}
+    grew = True
+    while grew:
+        grew = False
+        for n in names:
+            if n not in changed and any(p in changed for p in inputs.get(n, [])):
+                changed.add(n)
+                grew = True
+    return [n for n in names if n in changed]
+
+
+def _inputs(spec: Any, stages: dict[str, Any]) -> list[str]:
+    """The stages a stage spec depends on: its ``after`` and a ``teacher`` that names a stage."""
+    if not isinstance(spec, dict):
+        return []
+    after = spec.get("after") or []
+    out = [after] if isinstance(after, str) else [a for a in after if isinstance(a, str)]
+    teacher = (spec.get("params") or {}).get("teacher") if isinstance(spec.get("params"), dict) else None
+    if isinstance(teacher, str) and teacher in stages:
+        out.append(teacher)
+    return out
+
+
+def _warn_if_stale(path: Path, run_dir: Path) -> None:
+    from stackcomp.recipe import load_recipe
+
+    files = RunDir(run_dir)
     try:
-        from stackcomp.plan import build_plan
-
-        plan = build_plan(recipe)
-        done = {s["stage"]: s["key"] for s in read_json(run_dir / "summary.json")["stages"]}
-    except (StackcompError, KeyError, TypeError):
+        now = yaml.safe_load(load_recipe(path).to_yaml())
+        then = yaml.safe_load(files.read_resolved_recipe()) or {}
+        done = files.read_summary()["stages"]
+        changed = changed_stages(then, now, done) if isinstance(then, dict) else []
+    except (StackcompError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         return
-    changed = [n for n in plan.order if done.get(n) != plan.stages[n].key]
     if changed:
         log.warning("%s holds an earlier run of %s: stages %s changed since; showing the run as it is "
                     "(stackcomp run %s to update it)", run_dir, path, ", ".join(changed[:5]), path)
@@ -123,22 +157,21 @@ class Run:
 
     def __init__(self, run_dir: str | Path, label: str | None = None):
         self.dir = Path(run_dir)
+        self.files = RunDir(self.dir)
         try:
-            self.summary = read_json(self.dir / "summary.json")
+            self.summary = self.files.read_summary()
             stages = self.summary["stages"]
         except (KeyError, TypeError):
-            raise ArtifactError(f"{self.dir / 'summary.json'}: not a stackcomp run summary") from None
-        self.recipe_text = _read_text(self.dir / "recipe.resolved.yaml")
+            raise ArtifactError(f"{self.files.summary_path}: not a stackcomp run summary") from None
+        self.recipe_text = self.files.read_resolved_recipe()
         self.recipe = yaml.safe_load(self.recipe_text) if self.recipe_text else {}
         if not isinstance(self.recipe, dict):
-            raise ArtifactError(f"{self.dir / 'recipe.resolved.yaml'}: not a recipe mapping")
-        from stackcomp.lock import read_lock
-
+            raise ArtifactError(f"{self.files.resolved_recipe_path}: not a recipe mapping")
         self.lock = read_lock(self.dir)
         self.name = str(self.summary.get("recipe") or self.dir.name)
         self.label = label or self.name
         self.task = self.recipe.get("task")
-        self.goal = _goal(self.recipe.get("goal"), self.dir / "recipe.resolved.yaml")
+        self.goal = _goal(self.recipe.get("goal"), self.files.resolved_recipe_path)
         self.stages: dict[str, StageRecord] = {}
         for s in stages:
             self.stages[s["stage"]] = self._record(s)
@@ -148,33 +181,24 @@ class Run:
 
     def _artifact_path(self, key: str) -> Path:
         """``<run>/artifacts/<key>``, or the shared cache the run used (summary's ``artifacts_dir``)."""
-        roots = [self.dir / "artifacts"]
-        if self.summary.get("artifacts_dir"):
-            roots.append(Path(self.summary["artifacts_dir"]).expanduser())
-        for root in roots:
-            if (root / key).is_dir():
-                return root / key
-        return roots[-1] / key
+        return self.files.find_artifact(key, self.summary)
 
     def _record(self, s: dict[str, Any]) -> StageRecord:
         folder = self._artifact_path(s["key"])
-        info = _try_json(folder / "stage.json") or {}
-        timings = _try_json(folder / "timings.json")
+        info = _try_json(folder / STAGE) or {}
+        timings = _try_json(folder / TIMINGS)
         seconds = float(sum(v for v in timings.values() if isinstance(v, (int, float)))) if timings else \
             float(s.get("seconds") or 0.0)
-        if info:
-            changes = "model_from" not in info
-        else:
-            changes = _pass_changes_model(s["pass"])
+        changes = _writes_model(s, info)
         rec = StageRecord(name=s["stage"], pass_name=s["pass"], key=s["key"], parents=list(s.get("parents") or []),
                           leaf=bool(s.get("leaf")), changes_model=changes, seconds=seconds,
-                          metrics=dict(s.get("metrics") or _try_json(folder / "metrics.json") or {}),
+                          metrics=dict(s.get("metrics") or _try_json(folder / METRICS) or {}),
                           params=info.get("params"))
         if changes:
             sums = _try_json(folder / CHECKSUMS) or {}
-            entry = sums.get(f"model/{WEIGHTS}")
+            entry = sums.get(f"{MODEL_DIR}/{WEIGHTS}")
             rec.weights_bytes = int(entry[1]) if entry else None
-            manifest = _try_json(folder / "model" / MANIFEST)
+            manifest = _try_json(folder / MODEL_DIR / MANIFEST)
             if manifest is not None:
                 types: dict[str, int] = {}
                 for layer in (manifest.get("layers") or {}).values():
@@ -185,7 +209,7 @@ class Run:
     def stage_report(self, name: str) -> dict[str, Any]:
         rec = self.stages[name]
         if rec.report is None:
-            rec.report = _try_json(self.artifact(name) / "report.json") or {}
+            rec.report = _try_json(self.artifact(name) / REPORT) or {}
         return rec.report
 
     # ---- lineage
@@ -269,13 +293,19 @@ def _source_weight_bytes(lock: dict | None) -> int | None:
     return int(sum(sizes)) if sizes else None
 
 
-def _pass_changes_model(pass_name: str) -> bool:
-    try:
-        from stackcomp.passes.base import get_pass
+def _writes_model(entry: dict[str, Any], info: dict[str, Any]) -> bool:
+    """Whether a stage made a model of its own (else it measured or exported its parent's).
 
-        return bool(get_pass(pass_name).changes_model)
-    except StackcompError:
-        return pass_name not in ("evaluate", "export")
+    The summary records the pass's ``changes_model``; runs made before it did tell by the
+    artifact (a ``stage.json`` with ``model_from`` points at the parent's model); failing both,
+    only the built-in measuring passes are taken not to change the model.
+    """
+    recorded = entry.get("changes_model")
+    if isinstance(recorded, bool):
+        return recorded or not entry.get("parents")
+    if info:
+        return "model_from" not in info
+    return entry["pass"] not in ("evaluate", "export")
 
 
 def _try_json(path: Path) -> Any:
@@ -283,13 +313,6 @@ def _try_json(path: Path) -> Any:
         return read_json(path)
     except ArtifactError:
         return None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 # ----------------------------------------------------------------------------- rows

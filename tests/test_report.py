@@ -212,7 +212,7 @@ def test_lock_records_versions_seeds_hashes_and_hardware(runs, tiny_model_dirs, 
     assert lock["packages"]["stackcomp"] and lock["python"]["version"]
     assert lock["passes"]["ds_factorize"]["class"] == "stackcomp.passes.ds_factorize:DSFactorizePass"
     assert lock["seeds"]["recipe"] == 42 and lock["seeds"]["stages.ds_a.params.seed"] == 0
-    assert lock["seeds"]["stages.ft.params.seed"] == 42
+    assert lock["seeds"]["stages.ft.params.train.seed"] == 42  # finetune's loop settings sit under train:
     train = tiny_glue / "glue" / "SST-2" / "train.tsv"
     assert lock["data"]["source"] == "local"
     assert lock["data"]["files"]["train"]["sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()

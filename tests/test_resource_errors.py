@@ -104,21 +104,21 @@ def test_disk_full_while_writing_weights(tmp_path, recipe, monkeypatch):
 
 
 def test_disk_full_while_writing_metrics(tmp_path, recipe, monkeypatch):
-    import stackcomp.engine as engine
+    import stackcomp.executor as executor
 
-    real = engine.write_json
+    real = executor.write_json
 
     def full(path, obj):
         if path.name == "metrics.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, obj)
 
-    monkeypatch.setattr(engine, "write_json", full)
+    monkeypatch.setattr(executor, "write_json", full)
     run = tmp_path / "run"
     r = runner.invoke(app, ["run", str(recipe), "-o", str(run)])
     line = _check_failed_cleanly(r, run, recipe, failed="a")
     assert "stage 'a'" in line and "metrics.json" in line and "disk full" in line
-    monkeypatch.setattr(engine, "write_json", real)
+    monkeypatch.setattr(executor, "write_json", real)
     _resume(recipe, run, ["a", "b"])
 
 
@@ -139,20 +139,20 @@ def test_disk_full_at_the_final_rename(tmp_path, recipe, monkeypatch):
 
 
 def test_disk_full_writing_the_summary_keeps_every_stage(tmp_path, recipe, monkeypatch):
-    import stackcomp.engine as engine
+    import stackcomp.rundir as rundir
 
-    real = engine._atomic_text
+    real = rundir.atomic_write_text
 
     def full(path, text):
         if path.name == "summary.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, text)
 
-    monkeypatch.setattr(engine, "_atomic_text", full)
+    monkeypatch.setattr(rundir, "atomic_write_text", full)
     run = tmp_path / "run"
     r = runner.invoke(app, ["run", str(recipe), "-o", str(run)])
     assert r.exit_code == 2 and "every stage finished and is saved" in r.stderr, r.output
-    monkeypatch.setattr(engine, "_atomic_text", real)
+    monkeypatch.setattr(rundir, "atomic_write_text", real)
     _resume(recipe, run, [])
 
 

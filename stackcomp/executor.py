@@ -1,0 +1,301 @@
+"""Running one stage: load its input model, run the pass, commit the artifact.
+
+:class:`Executor` is the seam between deciding what runs (``stackcomp.scheduler``) and running
+it. :class:`LocalExecutor` runs stages one at a time in this process and keeps in memory the
+models that a later stage still needs, so a chain of stages never reloads its parent from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import errno
+import gc
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from stackcomp import __version__
+from stackcomp.artifacts import ArtifactStore, load_model, load_tokenizer, save_model
+from stackcomp.errors import ArtifactError, NumericalError, StackcompError
+from stackcomp.passes.base import PassContext, as_analysis
+from stackcomp.plan import Plan, Stage
+from stackcomp.progress import NULL_PROGRESS
+from stackcomp.rundir import (
+    METRICS,
+    MODEL_DIR,
+    REPORT,
+    STAGE,
+    TIMINGS,
+    read_json,
+    write_json,
+)
+
+log = logging.getLogger("stackcomp")
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    pass_name: str
+    key: str
+    status: str  # "ran" | "cached"
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def cached(cls, stage: Stage, store: ArtifactStore) -> StageOutcome:
+        """The outcome of a stage whose artifact exists: its recorded metrics, no time spent."""
+        try:
+            metrics = read_json(store.path(stage.key) / METRICS)
+        except ArtifactError:
+            metrics = {}
+        return cls(stage.name, stage.pass_name, stage.key, "cached", metrics=metrics)
+
+
+class Executor(Protocol):
+    """Runs stages the scheduler hands out; the seam a distributed (Ray) executor will implement.
+
+    ``run_stage`` runs one stage whose parents' artifacts are committed and returns once its own
+    artifact is committed under ``stage.key``. The flags are memory hints an executor that keeps
+    models between stages uses (one that loads every input from its artifact ignores them):
+    ``keep_input``: another stage still to run needs the parent's model; ``keep_output``: a
+    child will run on this stage's model. ``release`` says those models are no longer needed.
+    """
+
+    def run_stage(self, stage: Stage, *, keep_input: bool = False, keep_output: bool = False) -> StageOutcome: ...
+
+    def release(self, names: Iterable[str]) -> None: ...
+
+
+class LocalExecutor:
+    """Runs stages in this process, on the recipe's device, one at a time."""
+
+    def __init__(self, plan: Plan, store: ArtifactStore, *, progress: Callable[[], Any] | None = None):
+        """``progress``: makes the progress sink a pass reports its steps to (a bar, or nothing)."""
+        self.plan = plan
+        self.recipe = plan.recipe
+        self.store = store
+        self.device = resolve_device(self.recipe.device)
+        self.models: dict[str, nn.Module] = {}  # stage name -> model a stage still to run needs
+        self._progress = progress or (lambda: NULL_PROGRESS)
+        self._task = None
+        self._data = None
+        self._tokenizer = None
+
+    def run_stage(self, stage: Stage, *, keep_input: bool = False, keep_output: bool = False) -> StageOutcome:
+        t0 = time.perf_counter()
+        try:
+            metrics = self._run(stage, keep_input=keep_input, keep_output=keep_output)
+        except StackcompError as e:
+            _name_stage(e, stage)
+            raise
+        except OSError as e:
+            if e.errno not in RESOURCE_ERRNOS:
+                raise
+            raise ArtifactError(f"stage {stage.name!r} ({stage.pass_name}): {os_reason(e)}; nothing of this stage was "
+                                "kept (finished stages are): fix that and run the same command to resume") from None
+        return StageOutcome(stage.name, stage.pass_name, stage.key, "ran", seconds=time.perf_counter() - t0,
+                            metrics=metrics)
+
+    def release(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name in self.models:
+                del self.models[name]
+                gc.collect()
+
+    # ------------------------------------------------------------------ one stage
+
+    def _run(self, stage: Stage, *, keep_input: bool, keep_output: bool) -> dict[str, Any]:
+        model = self._input_model(stage, keep_input)
+        bad = nonfinite_tensor(model)
+        if bad:
+            source = f"model {self.recipe.model!r}" if not stage.parents else f"the model of stage {stage.parents[0]!r}"
+            raise NumericalError(f"stage {stage.name!r}: its input ({source}) holds NaN/Inf in {bad}")
+        the_pass = stage.make_pass()
+        tmp = self.store.begin(stage.key)
+        ctx = PassContext(
+            stage=stage.name, work_dir=tmp, task=self._get_task(), tokenizer=self._get_tokenizer(stage),
+            data=None, device=self.device, seed=self.recipe.seed, log=logging.getLogger(f"stackcomp.{stage.name}"),
+            progress=self._progress(), parent_reports=self._parent_reports(stage),
+            load_teacher=self._teacher_loader(stage),
+        )
+        if self.recipe.task:
+            ctx.data = self._get_data(ctx.tokenizer)
+        timings = {}
+        try:
+            t = time.perf_counter()
+            analysis = as_analysis(the_pass.analyze(model, ctx), f"stage {stage.name!r}: {stage.pass_name}.analyze")
+            ctx.analysis = analysis
+            timings["analyze"] = time.perf_counter() - t
+            t = time.perf_counter()
+            model = the_pass.transform(model, ctx)
+            timings["transform"] = time.perf_counter() - t
+            t = time.perf_counter()
+            model = the_pass.finetune(model, ctx)
+            timings["finetune"] = time.perf_counter() - t
+            if model is None:
+                raise StackcompError(f"stage {stage.name!r}: pass {stage.pass_name} returned no model")
+            model.eval()
+            stage_info = {
+                "stage": stage.name, "pass": stage.pass_name, "pass_version": stage.pass_cls.version,
+                "pass_class": f"{stage.pass_cls.__module__}:{stage.pass_cls.__qualname__}",
+                "params": stage.params.model_dump(mode="json"), "key": stage.key,
+                "parents": {p: self.plan.stages[p].key for p in stage.parents},
+                "teacher": stage.teacher_stage, "stackcomp_version": __version__,
+                "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "implicit": stage.implicit, "changes_model": bool(stage.pass_cls.changes_model),
+            }
+            if stage.pass_cls.changes_model or not stage.parents:
+                save_model(model, tmp / MODEL_DIR, tokenizer=ctx.tokenizer)
+            else:
+                stage_info["model_from"] = self.plan.stages[stage.parents[0]].key
+            write_json(tmp / STAGE, stage_info)
+            write_json(tmp / METRICS, ctx.metrics)
+            write_json(tmp / REPORT, {"analyze": analysis.report, **ctx.report})
+            write_json(tmp / TIMINGS, timings)
+            self.store.commit(stage.key, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep_output:
+            self.models[stage.name] = model
+        return ctx.metrics
+
+    def _input_model(self, stage: Stage, keep_input: bool) -> nn.Module:
+        if not stage.parents:
+            from stackcomp.models import load_base_model
+
+            model, tok = load_base_model(self.recipe.model, self._get_task(),
+                                         trust_remote_code=self.recipe.trust_remote_code,
+                                         allow_pickle=self.recipe.allow_pickle, seed=self.recipe.seed)
+            self._tokenizer = self._tokenizer or tok
+            return model.to(self.device)
+        parent = stage.parents[0]
+        # a stage taught by its own parent changes its input in place while the teacher is copied
+        # from the parent later: the parent's model must stay intact
+        keep_parent = keep_input or stage.teacher_stage == parent
+        if parent in self.models:
+            model = self.models[parent]
+            return copy.deepcopy(model) if keep_parent else model
+        model = self.load_stage_model(parent)
+        if keep_parent:
+            self.models[parent] = model
+            return copy.deepcopy(model)
+        return model
+
+    def load_stage_model(self, name: str) -> nn.Module:
+        """The model of a finished stage, from its artifact."""
+        key = self.plan.stages[name].key
+        try:
+            return load_model(self.store.path(key), device=self.device)
+        except StackcompError as e:
+            raise ArtifactError(f"cannot load the model of cached stage {name!r}: {e}") from None
+
+    def _teacher_loader(self, stage: Stage):
+        param = stage.pass_cls.teacher_param
+        if not param:
+            return None
+        teacher = getattr(stage.params, param, None)
+        if not teacher:
+            return None
+        if stage.teacher_stage:
+            name = stage.teacher_stage
+
+            def load_stage_teacher() -> nn.Module:
+                if name in self.models:
+                    return copy.deepcopy(self.models[name])
+                return self.load_stage_model(name)
+
+            return load_stage_teacher
+
+        def load_model_teacher() -> nn.Module:
+            from stackcomp.models import load_base_model
+
+            model, _ = load_base_model(teacher, self._get_task(), trust_remote_code=self.recipe.trust_remote_code,
+                                       allow_pickle=self.recipe.allow_pickle, seed=self.recipe.seed)
+            return model.to(self.device)
+
+        return load_model_teacher
+
+    # ------------------------------------------------------------------ inputs shared by stages
+
+    def _get_task(self):
+        if self._task is None and self.recipe.task:
+            from stackcomp.data import get_task
+
+            self._task = get_task(self.recipe.task)
+        return self._task
+
+    def _get_tokenizer(self, stage: Stage):
+        if self._tokenizer is None:
+            root = self.plan.path_to(stage.name)[0]
+            key = self.plan.stages[root].key
+            if stage.parents and self.store.is_complete(key):
+                self._tokenizer = load_tokenizer(self.store.path(key))
+            else:
+                from transformers import AutoTokenizer
+
+                from stackcomp.models import resolve_model_path
+
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.recipe.model),
+                                                                trust_remote_code=self.recipe.trust_remote_code)
+        return self._tokenizer
+
+    def _get_data(self, tokenizer):
+        if self._data is None:
+            from stackcomp.data import TaskData
+
+            self._data = TaskData(self._get_task(), tokenizer, self.recipe.data_options())
+        return self._data
+
+    def _parent_reports(self, stage: Stage) -> dict[str, dict]:
+        reports = {}
+        for name in reversed(self.plan.ancestors(stage.name)):
+            try:
+                reports[name] = read_json(self.store.path(self.plan.stages[name].key) / REPORT)
+            except ArtifactError:
+                continue
+        return reports
+
+
+#: OS errors a user fixes (space, quota, permissions, read-only disks): reported, not a traceback
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                             errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError as the file and the reason, with a hint when the disk is full."""
+    what = e.strerror or str(e)
+    hint = " (disk full)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{e.filename}: {what}{hint}" if e.filename else f"{what}{hint}"
+
+
+def _name_stage(e: StackcompError, stage: Stage) -> None:
+    """Prefix the stage to a pass's error message, unless the message names it already."""
+    text = str(e)
+    if f"stage {stage.name!r}" not in text:
+        e.args = (f"stage {stage.name!r} ({stage.pass_name}): {text}", *e.args[1:])
+
+
+def nonfinite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or floating buffer holding NaN/Inf, else None."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                return f"{kind} {name!r}"
+    return None
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise StackcompError(f"recipe asks for device {spec!r} but no CUDA device is available; use device: auto or cpu")
+    return torch.device(spec)
