@@ -1,10 +1,12 @@
 """Measuring a model: exact size accounting and CPU latency.
 
 Sizes count every stored tensor once (shared weights, like ALBERT's layer or tied
-embeddings, count once) at its real width. Compressed layers report their own exact
-storage (``CompressedLayer.storage()``) so that e.g. uint8 indices count one byte. Layers
-that stand in for an embedding (``replaces != "linear"``, e.g. ``Int8Embedding``) count at
-their exact storage in the whole model, not among the linears.
+embeddings, count once) at its real width. A layer's exact storage comes from
+:func:`stackcomp.nn.conversions.layer_storage` (``nn.Linear``; compressed layers answer with their
+``storage()``; a plugin may register a class it does not own), so that e.g. uint8 indices count
+one byte and a plugin layer counts at the bytes it declares. Layers that stand in for an
+embedding (``replaces != "linear"``, e.g. ``Int8Embedding``) count at their exact storage in the
+whole model, not among the linears. Byte formulas: :mod:`stackcomp.factorize.budget`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from stackcomp.nn.base import CompressedLayer, LayerStorage, dense_storage
+from stackcomp.factorize.budget import FP32_BYTES, tensor_bytes
+from stackcomp.nn.base import CompressedLayer, LayerStorage
+from stackcomp.nn.conversions import layer_storage
 
 
 def linear_storage(module: nn.Module) -> LayerStorage | None:
     """Exact storage of a linear-like module, or None if it is not one."""
-    if isinstance(module, CompressedLayer):
-        return module.storage() if module.replaces == "linear" else None
-    if isinstance(module, nn.Linear):
-        return dense_storage(module)
+    if getattr(module, "replaces", "linear") != "linear":
+        return None
+    st = layer_storage(module)
+    if st is not None:
+        return st
     storage = getattr(module, "storage", None)  # e.g. quantized layers that report themselves
     if callable(storage):
         result = storage()
@@ -42,7 +47,7 @@ def size_report(model: nn.Module) -> dict[str, Any]:
     for _, module in model.named_modules():
         if isinstance(module, CompressedLayer) and module.replaces != "linear":
             # e.g. int8 embeddings: exact storage (int8 tables are not floating buffers), not a linear
-            st = module.storage()
+            st = layer_storage(module)
             other_params += st.params
             other_bytes += st.bytes
             other_dense_bytes += st.dense_bytes
@@ -66,8 +71,8 @@ def size_report(model: nn.Module) -> dict[str, Any]:
             continue
         seen.add(id(t))
         other_params += t.numel()
-        other_bytes += t.numel() * t.element_size()
-        other_dense_bytes += t.numel() * 4  # fp32 reference for the rest
+        other_bytes += tensor_bytes(t)
+        other_dense_bytes += t.numel() * FP32_BYTES  # fp32 reference for the rest
     total_bytes = lin_bytes + other_bytes
     dense_total = lin_dense_bytes + other_dense_bytes
     return {

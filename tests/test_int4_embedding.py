@@ -21,7 +21,7 @@ from stackcomp.nn.quantized import (
     quantize_groups_4bit,
     unpack_nibbles,
 )
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import PassContext, as_analysis
 from stackcomp.passes.int8 import Int8Params, Int8Pass
 
 from conftest import make_tiny_model
@@ -231,8 +231,8 @@ def test_bad_manifest_entries_are_artifact_errors(field, value):
 def _run_pass(model, tmp_path, **params):
     p = Int8Pass({"backend": "torch", **params})
     ctx = PassContext(stage="t", work_dir=tmp_path)
-    report = p.analyze(model, ctx)
-    return p.transform(model, ctx), report
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
+    return p.transform(model, ctx), ctx.analysis.report
 
 
 def test_params_accept_int4_and_keep_old_keys():

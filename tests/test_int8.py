@@ -32,7 +32,7 @@ from stackcomp.nn.quantized import (
     get_backend,
     quantize_rows,
 )
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import PassContext, as_analysis
 from stackcomp.passes.ds_factorize import DSFactorizePass
 from stackcomp.passes.int8 import Int8Pass
 from stackcomp.plan import build_plan
@@ -139,7 +139,7 @@ def _ctx(tmp_path):
 def _factorize(model, tmp_path):
     p = DSFactorizePass({"block": 16, "atoms": 16, "nnz": 4, "iters": 2, "train": {"epochs": 0}})
     ctx = _ctx(tmp_path)
-    p.analyze(model, ctx)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
     return p.finetune(p.transform(model, ctx), ctx)
 
 
@@ -151,7 +151,8 @@ def test_int8_pass_on_ds_round_trips_save_load(tmp_path, backend):
         ref = model(input_ids=ids).logits
     p = Int8Pass({"backend": backend})
     ctx = _ctx(tmp_path)
-    report = p.analyze(model, ctx)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
+    report = ctx.analysis.report
     model = p.transform(model, ctx)
     kinds = {type(m).__name__ for m in model.modules()}
     assert "Int8DSLinear" in kinds and "DSLinear" not in kinds
@@ -177,7 +178,7 @@ def test_int8_pass_plain_linears_and_error_ranking(tmp_path):
         w = model.get_submodule(bad).weight
         w[:, 3] = 0
         w[:, 3] = w.abs().max() * 60  # every row's scale is set by one huge column
-    report = Int8Pass({"backend": "torch"}).analyze(model, _ctx(tmp_path))
+    report = Int8Pass({"backend": "torch"}).analyze(model, _ctx(tmp_path)).report
     assert report["worst_layer"] == bad
     assert report["layers"][bad]["weight_error"] > 2 * sorted(r["weight_error"] for r in report["layers"].values())[-2]
     assert all(r["type"] == "Int8Linear" for r in report["layers"].values())

@@ -12,7 +12,7 @@ from stackcomp.artifacts import MANIFEST, load_model, save_model
 from stackcomp.errors import ArtifactError
 from stackcomp.evaluate import size_report
 from stackcomp.nn.quantized import Int8Embedding, QuantizationError
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import PassContext, as_analysis
 from stackcomp.passes.int8 import Int8Pass
 
 from conftest import _tiny_config, make_tiny_model
@@ -76,8 +76,8 @@ def _ctx(tmp_path):
 def _run_pass(model, tmp_path, **params):
     p = Int8Pass({"backend": "torch", **params})
     ctx = _ctx(tmp_path)
-    report = p.analyze(model, ctx)
-    return p.transform(model, ctx), report
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
+    return p.transform(model, ctx), ctx.analysis.report
 
 
 @pytest.mark.parametrize("kind", ["bert", "albert"])

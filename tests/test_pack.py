@@ -33,7 +33,7 @@ from stackcomp.kernels.reference import ds_forward_act8_reference, ds_forward_re
 from stackcomp.nn.ds_linear import DSLinear
 from stackcomp.nn.packed import PackedDSLinear, Sparse24Linear
 from stackcomp.nn.quantized import Int4Embedding, Int8DSLinear, Int8Embedding
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import PassContext, as_analysis
 from stackcomp.passes.ds_factorize import DSFactorizePass
 from stackcomp.passes.int8 import Int8Pass
 from stackcomp.passes.pack import PackPass
@@ -160,11 +160,12 @@ def _stack(tmp_path, int8: bool, kind: str = "bert", embeddings: bool | str = Fa
     model = make_tiny_model(kind)
     ctx = _ctx(tmp_path)
     p = DSFactorizePass({"block": 16, "atoms": 16, "nnz": 4, "iters": 2, "train": {"epochs": 0}})
-    p.analyze(model, ctx)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
     model = p.finetune(p.transform(model, ctx), ctx)
     if int8:
         q = Int8Pass({"backend": "torch", "embeddings": embeddings, "embedding_group_size": 16})
-        q.analyze(model, ctx)
+        ctx = _ctx(tmp_path)
+        ctx.analysis = as_analysis(q.analyze(model, ctx))
         model = q.transform(model, ctx)
     return model
 
@@ -176,8 +177,10 @@ def test_pack_pass_save_load_and_exact_storage(tmp_path, int8):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     p = PackPass({"target": "cpu"})
-    report = p.analyze(model, _ctx(tmp_path))
-    model = p.transform(model, _ctx(tmp_path))
+    ctx = _ctx(tmp_path)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
+    report = ctx.analysis.report
+    model = p.transform(model, ctx)
     assert report["packed_ds"] == 12 and report["layout"] == "cpu"
     assert report["ds_kernel"] == ("cpu" if cpu_kernel_available() else "torch") and report["ds_kernel_reason"]
     packed = [m for m in model.modules() if isinstance(m, PackedDSLinear)]
@@ -237,8 +240,10 @@ def test_pack_keeps_24_layers_dense_on_cpu_and_says_so(tmp_path):
     src = _pruned_24(32, 64)
     model.get_submodule(name).weight.data.copy_(src.weight.data)
     p = PackPass({"target": "cpu"})
-    report = p.analyze(model, _ctx(tmp_path))
-    model = p.transform(model, _ctx(tmp_path))
+    ctx = _ctx(tmp_path)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
+    report = ctx.analysis.report
+    model = p.transform(model, ctx)
     assert report["layers"][name]["to"] == "Linear" and "CUDA" in report["layers"][name]["kept_dense"]
     assert report["sparse24_kept_dense"] == 1 and "kept dense" in report["sparse24_note"]
     assert type(model.get_submodule(name)) is nn.Linear
@@ -270,7 +275,7 @@ def test_pack_onnx_parity(tmp_path):
     model = _stack(tmp_path, int8=True)
     ctx = _ctx(tmp_path)
     p = PackPass({"target": "onnx", "onnx_int8": True})
-    p.analyze(model, ctx)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
     model = p.transform(model, ctx)
     rep = ctx.report["onnx"]
     assert rep["parity"]["max_rel_diff"] < 1e-3 and rep["parity"]["argmax_agreement"] == 1.0
@@ -296,7 +301,7 @@ def test_pack_onnx_parity_quantized_embeddings(tmp_path, embeddings):
     assert type(word) is kind and (embeddings == "int8" or word.weight_scale.shape[1] == 2)  # 2 groups a row
     ctx = _ctx(tmp_path)
     p = PackPass({"target": "onnx", "onnx_int8": True})
-    p.analyze(model, ctx)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
     model = p.transform(model, ctx)
     assert type(model.bert.embeddings.word_embeddings) is kind
     rep = ctx.report["onnx"]

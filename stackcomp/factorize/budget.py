@@ -1,5 +1,10 @@
 """Exact byte accounting for DSFormer and rank-r factors, and the choice of (B, K, s) for a budget.
 
+The byte formulas live here, once: what a stored tensor costs (:func:`tensor_bytes`), what the
+dense fp32 reference costs (:func:`linear_params`, :data:`FP32_BYTES`, :func:`dense_bytes`), and
+what a DS layer costs before it exists (:func:`ds_bytes`). ``LayerStorage`` (``stackcomp.nn``),
+the passes and the size report call them; nothing here imports model code.
+
 Conventions (shared with :mod:`stackcomp.factorize.lowrank` and ``LayerStorage``):
 
 * the dense reference is the fp32 ``nn.Linear``: ``(out*in + out) * 4`` bytes with a bias;
@@ -22,6 +27,9 @@ from stackcomp.factorize.lowrank import lowrank_bytes
 from stackcomp.factorize.omp import FactorizeError
 
 __all__ = [
+    "FP32_BYTES",
+    "tensor_bytes",
+    "linear_params",
     "index_dtype",
     "index_bits_for",
     "dense_bytes",
@@ -33,6 +41,21 @@ __all__ = [
     "DSChoice",
     "search_ds_config",
 ]
+
+
+#: bytes of one number of the dense reference (fp32)
+FP32_BYTES = 4
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> float:
+    """Bytes of the given tensors as stored: each at its dtype's width (an int8 entry 1 byte, a
+    uint8 index 1 byte, two packed 4-bit codes 1 byte); None (an absent bias) counts nothing."""
+    return float(sum(t.numel() * t.element_size() for t in tensors if t is not None))
+
+
+def linear_params(out_features: int, in_features: int, bias: bool = True) -> int:
+    """Numbers in a dense linear: ``out*in`` weights plus ``out`` biases if it has one."""
+    return out_features * in_features + (out_features if bias else 0)
 
 
 def index_dtype(n: int) -> torch.dtype:
@@ -60,7 +83,7 @@ def _check_pos(name: str, **vals: int) -> None:
 def dense_bytes(out_features: int, in_features: int, value_bits: int = 32, bias: bool = True) -> float:
     """Bytes of a dense linear (weight + bias) at ``value_bits``."""
     _check_pos("dense_bytes", out_features=out_features, in_features=in_features)
-    return (out_features * in_features + (out_features if bias else 0)) * value_bits / 8
+    return linear_params(out_features, in_features, bias) * value_bits / 8
 
 
 def ds_bytes(

@@ -8,7 +8,11 @@ round-trip through a plain folder (safetensors + config + manifest) each layer c
   sizes, dtypes), enough to build an *empty* layer of the right shapes;
 - builds that empty layer with ``from_manifest(entry)``; the weights then come from the
   state dict;
-- reports its exact storage with ``storage()``.
+- reports its exact storage with ``storage()`` (the default counts every tensor in its state
+  dict at its stored width; override it where params or the dense reference differ).
+
+How ``int8`` and ``pack`` convert a layer, and how size reports find its bytes, is keyed by layer
+type in :mod:`stackcomp.nn.conversions`. Byte formulas come from :mod:`stackcomp.factorize.budget`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from stackcomp.factorize.budget import FP32_BYTES, linear_params, tensor_bytes
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {}
 
@@ -61,6 +67,13 @@ class LayerStorage:
     def ratio(self) -> float:
         return self.dense_bytes / self.bytes if self.bytes else float("inf")
 
+    @classmethod
+    def measure(cls, tensors: Any, params: int, dense_params: int) -> LayerStorage:
+        """The storage of a layer holding ``tensors`` (each at its width) that replaces a dense
+        module of ``dense_params`` fp32 numbers; ``params`` counts its stored numbers."""
+        return cls(params=params, bytes=tensor_bytes(*tensors), dense_params=dense_params,
+                   dense_bytes=float(dense_params * FP32_BYTES))
+
 
 class CompressedLayer(nn.Module):
     """Base for layers that stand in for an ``nn.Linear`` (or, per ``replaces``, an ``nn.Embedding``)."""
@@ -80,7 +93,12 @@ class CompressedLayer(nn.Module):
         raise NotImplementedError
 
     def storage(self) -> LayerStorage:
-        raise NotImplementedError
+        """Every tensor of the state dict at its stored width; params are the ``nn.Parameter``
+        numbers; the dense reference is an ``nn.Linear`` (in x out, with this layer's bias)."""
+        bias = getattr(self, "bias", None) is not None
+        return LayerStorage.measure(self.state_dict(keep_vars=True).values(),
+                                    params=sum(p.numel() for p in self.parameters()),
+                                    dense_params=linear_params(self.out_features, self.in_features, bias))
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense weight (out x in), for tests and error reports."""
@@ -88,7 +106,8 @@ class CompressedLayer(nn.Module):
 
 
 def dense_storage(linear: nn.Linear) -> LayerStorage:
+    """An ``nn.Linear`` as stored (its weight's dtype) against itself in fp32."""
     n = linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
-    nbytes = sum(t.numel() * t.element_size() for t in (linear.weight, linear.bias) if t is not None)
-    dense = linear.in_features * linear.out_features + (linear.out_features if linear.bias is not None else 0)
-    return LayerStorage(params=n, bytes=float(nbytes), dense_params=dense, dense_bytes=float(dense * 4))
+    return LayerStorage.measure((linear.weight, linear.bias), params=n,
+                                dense_params=linear_params(linear.out_features, linear.in_features,
+                                                           linear.bias is not None))

@@ -8,7 +8,10 @@
   group of 4 input columns and their positions) and runs it through
   ``torch.sparse.to_sparse_semi_structured`` on GPUs that have it, densely elsewhere.
 
-Both load and run without the engine or any pass; neither trains (inference forms).
+Both load and run without the engine or any pass; neither trains (inference forms). Each is the
+``"pack"`` conversion (:mod:`stackcomp.nn.conversions`) of its layer, registered at the end of this
+module: ``DSLinear`` and ``Int8DSLinear`` -> ``PackedDSLinear``; an ``nn.Linear`` whose weight is
+2:4 sparse -> ``Sparse24Linear`` where 2:4 kernels run (kept, with the reason, elsewhere).
 """
 
 from __future__ import annotations
@@ -21,17 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackcomp.errors import ArtifactError
+from stackcomp.factorize.budget import linear_params
 from stackcomp.kernels.dispatch import KERNELS, ds_forward_packed
 from stackcomp.kernels.packed import FORMAT, VERSION, PackedDS, pack_ds
 from stackcomp.kernels.reference import KernelError, ds_rebuild_weight
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
-from stackcomp.nn.quantized import _exporting, _version
+from stackcomp.nn.conversions import Keep, PackConfig, register_conversion
+from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.quantized import Int8DSLinear, _exporting, _version
 
 __all__ = ["PackedDSLinear", "Sparse24Linear"]
 
 log = logging.getLogger("stackcomp.pack")
-
-
 
 
 class _NoDeepcopyCache(CompressedLayer):
@@ -91,8 +95,6 @@ class PackedDSLinear(_NoDeepcopyCache):
                 kernel: str = "auto") -> PackedDSLinear:
         """Pack a ``DSLinear`` (fp32 by default) or an ``Int8DSLinear`` (int8 by default; its int8
         numbers are kept exactly, since re-quantizing the dequantized values is the identity)."""
-        from stackcomp.nn.quantized import Int8DSLinear
-
         if isinstance(layer, Int8DSLinear):
             d, v, i, b = layer.dequantized()
             dtype = dtype or "int8"
@@ -179,10 +181,9 @@ class PackedDSLinear(_NoDeepcopyCache):
         """Every saved tensor at its width (int8 values 1 byte, uint8 indices 1 byte, padding rows
         included); ``params`` counts dictionary, values and bias numbers."""
         n_bias = self.bias.numel() if self.bias is not None else 0
-        nbytes = sum(t.numel() * t.element_size() for t in self.buffers())
-        dense = self.out_features * self.in_features + n_bias
-        return LayerStorage(params=self.dictionary.numel() + self.values.numel() + n_bias, bytes=float(nbytes),
-                            dense_params=dense, dense_bytes=float(dense * 4))
+        return LayerStorage.measure(self.buffers(), params=self.dictionary.numel() + self.values.numel() + n_bias,
+                                    dense_params=linear_params(self.out_features, self.in_features,
+                                                               self.bias is not None))
 
     def extra_repr(self) -> str:
         m = self.meta
@@ -318,7 +319,46 @@ class Sparse24Linear(_NoDeepcopyCache):
 
     def storage(self) -> LayerStorage:
         n_bias = self.bias.numel() if self.bias is not None else 0
-        dense = self.out_features * self.in_features + n_bias
-        return LayerStorage(params=self.values.numel() + n_bias,
-                            bytes=float(sum(t.numel() * t.element_size() for t in self.buffers())),
-                            dense_params=dense, dense_bytes=float(dense * 4))
+        return LayerStorage.measure(self.buffers(), params=self.values.numel() + n_bias,
+                                    dense_params=linear_params(self.out_features, self.in_features,
+                                                               self.bias is not None))
+
+
+# ----------------------------------------------------------------------------- pack conversions
+
+
+@register_conversion("pack", DSLinear)
+def _ds_to_packed(layer: DSLinear, config: PackConfig) -> PackedDSLinear:
+    return PackedDSLinear.from_ds(layer, target=config.layout, dtype="fp32" if config.dtype == "auto" else config.dtype)
+
+
+@register_conversion("pack", Int8DSLinear)
+def _int8_ds_to_packed(layer: Int8DSLinear, config: PackConfig) -> PackedDSLinear:
+    return PackedDSLinear.from_ds(layer, target=config.layout, dtype="int8" if config.dtype == "auto" else config.dtype)
+
+
+def is_24_linear(linear: nn.Linear) -> bool:
+    """A weight with zeros in the 2:4 pattern along its input (N:M-pruned), not merely 2:4-shaped."""
+    from stackcomp.kernels.ds_triton import is_24_sparse
+
+    w = linear.weight.detach()
+    return w.shape[1] % 4 == 0 and bool((w == 0).any()) and is_24_sparse(w)
+
+
+@register_conversion("pack", nn.Linear)
+def _linear_to_sparse24(linear: nn.Linear, config: PackConfig) -> Sparse24Linear | Keep | None:
+    """2:4-sparse plain linears become 2:4 kernels where they run; other linears stay as they are."""
+    if type(linear) is not nn.Linear or not is_24_linear(linear):
+        return None
+    if not config.sparse24:
+        return Keep("sparse24: false", key="kept_dense")
+    from stackcomp.kernels.ds_triton import semi_structured_24_supported
+
+    ok, why = semi_structured_24_supported("cuda" if config.layout == "cuda" else "cpu")
+    return Sparse24Linear.from_linear(linear) if ok else Keep(why, key="kept_dense")
+
+
+@register_conversion("pack", PackedDSLinear)
+@register_conversion("pack", Sparse24Linear)
+def _already_packed(layer: nn.Module, config: PackConfig) -> None:
+    return None

@@ -32,6 +32,10 @@ Layers (all registered for the artifact manifest, all with exact :meth:`storage`
   embeddings, not with the linears.
 * :class:`Int4Embedding` -- the same with 4-bit codes, two per byte, and an fp16 scale and
   offset per group of ``group_size`` entries of a row (about 4.5 bits per entry at 64).
+
+Each is the ``"int8"`` conversion (:mod:`stackcomp.nn.conversions`) of its float layer, registered
+at the end of this module: ``nn.Linear``, ``LowRankLinear``, ``DSLinear``, ``nn.Embedding`` (int8
+or int4 per ``Int8Config.embedding_format``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from stackcomp.factorize.budget import index_dtype
 from stackcomp.kernels.packed import _quantize_symmetric
 from stackcomp.kernels.reference import flat_bag_indices
 from stackcomp.nn.base import LayerStorage, register_layer
+from stackcomp.nn.conversions import Int8Config, register_conversion
+from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.lowrank import LowRankLinear
 from stackcomp.nn.manifest import DeclaredLayer, Field, bias_field, choice, count, dtype_name
 
 __all__ = [
@@ -752,3 +759,28 @@ class Int4Embedding(DeclaredLayer):
         st = super().storage()
         return LayerStorage(params=self.dense_params(), bytes=st.bytes, dense_params=st.dense_params,
                             dense_bytes=st.dense_bytes)
+
+
+# ----------------------------------------------------------------------------- int8 conversions
+
+
+@register_conversion("int8", nn.Linear)
+def _linear_to_int8(linear: nn.Linear, config: Int8Config) -> Int8Linear:
+    return Int8Linear.from_linear(linear, config.backend)
+
+
+@register_conversion("int8", LowRankLinear)
+def _lowrank_to_int8(layer: LowRankLinear, config: Int8Config) -> Int8LowRankLinear:
+    return Int8LowRankLinear.from_lowrank(layer, config.backend)
+
+
+@register_conversion("int8", DSLinear)
+def _ds_to_int8(layer: DSLinear, config: Int8Config) -> Int8DSLinear:
+    return Int8DSLinear.from_ds(layer, config.backend)
+
+
+@register_conversion("int8", nn.Embedding)
+def _embedding_to_int8(emb: nn.Embedding, config: Int8Config) -> Int8Embedding | Int4Embedding:
+    if config.embedding_format == "int8":
+        return Int8Embedding.from_embedding(emb)
+    return Int4Embedding.from_embedding(emb, config.embedding_group_size, config.embedding_fit)

@@ -18,7 +18,11 @@ embeddings out); an explicit ``ignore`` still applies. A table tied to another w
 head) is left as it is. ``embedding_group_size`` and ``embedding_fit`` enter the stage key only
 with ``"int4"`` (where they matter), and the default ``minmax`` never, so older stages keep their keys.
 
-``analyze`` quantizes every layer (kept for ``transform``) and reports per layer the relative
+Which layers have an int8 form is the ``"int8"`` conversion registry's answer
+(:mod:`stackcomp.nn.conversions`): a plugin layer joins by registering one; a targeted compressed
+layer without one is listed under ``skipped``.
+
+``analyze`` quantizes every layer (handed to ``transform`` in ``Analysis.state``) and reports per layer the relative
 error of the weight and of the layer's output on real activations (one calibration batch when
 the recipe has a task, Gaussian inputs otherwise), with the bytes before and after.
 """
@@ -32,23 +36,13 @@ from pydantic import Field, SerializationInfo, SerializerFunctionWrapHandler, mo
 from torch import nn
 
 from stackcomp.errors import PlanError
+from stackcomp.factorize.budget import tensor_bytes
 from stackcomp.nn.base import CompressedLayer
+from stackcomp.nn.conversions import Int8Config, Keep, convert, convertible_types, find_conversion, layer_storage
 from stackcomp.nn.ds_linear import DSLinear
-from stackcomp.nn.lowrank import LowRankLinear
-from stackcomp.nn.quantized import (
-    Int4Embedding,
-    Int8DSLinear,
-    Int8Embedding,
-    Int8Linear,
-    Int8LowRankLinear,
-    QuantizationError,
-    get_backend,
-)
-from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.nn.quantized import Int4Embedding, Int8Embedding, QuantizationError, get_backend
+from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams, as_analysis
 from stackcomp.targets import matches, select_modules, set_module
-
-#: what the pass can quantize, and how
-QUANTIZABLE = (nn.Linear, DSLinear, LowRankLinear)
 
 
 class Int8Params(PassParams):
@@ -76,6 +70,11 @@ class Int8Params(PassParams):
             return None
         return "int8" if self.embeddings is True else self.embeddings
 
+    def conversion_config(self) -> Int8Config:
+        """What the registered int8 conversions are told."""
+        return Int8Config(backend=self.backend, embedding_format=self.embedding_format or "int8",
+                          embedding_group_size=self.embedding_group_size, embedding_fit=self.embedding_fit)
+
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
         # the group size and fit only shape int4 tables: elsewhere they stay out of the dump (and the stage
@@ -89,14 +88,12 @@ class Int8Params(PassParams):
 
 
 def quantize_module(module: nn.Module, backend: str) -> nn.Module:
-    """The int8 form of one supported module."""
-    if isinstance(module, DSLinear):
-        return Int8DSLinear.from_ds(module, backend)
-    if isinstance(module, LowRankLinear):
-        return Int8LowRankLinear.from_lowrank(module, backend)
-    if isinstance(module, nn.Linear):
-        return Int8Linear.from_linear(module, backend)
-    raise QuantizationError(f"int8: no int8 form for {type(module).__name__}")
+    """The int8 form of one module, by its registered ``"int8"`` conversion."""
+    q = convert("int8", module, Int8Config(backend=backend))
+    if not isinstance(q, nn.Module):
+        why = q.reason if isinstance(q, Keep) else "no int8 form"
+        raise QuantizationError(f"int8: {type(module).__name__}: {why}")
+    return q
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,11 +110,13 @@ class Int8Pass(Pass):
     forbid_after = {"int8": "the model is already int8; quantize once"}
 
     def _layers(self, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        """Targeted layers with an int8 conversion, and targeted compressed layers without one."""
         p = self.params
-        chosen = list(select_modules(model, p.targets, p.ignore, types=QUANTIZABLE + (CompressedLayer,)))
-        layers = [(n, m) for n, m in chosen if isinstance(m, QUANTIZABLE)]
-        skipped = [f"{n} ({type(m).__name__}: no int8 form)" for n, m in chosen
-                   if not isinstance(m, QUANTIZABLE + (Int8Embedding, Int4Embedding))]
+        candidates = tuple(t for t in convertible_types("int8") if not issubclass(t, nn.Embedding))
+        chosen = [(n, m) for n, m in select_modules(model, p.targets, p.ignore, types=candidates + (CompressedLayer,))
+                  if not _is_table(m)]
+        layers = [(n, m) for n, m in chosen if find_conversion("int8", m) is not None]
+        skipped = [f"{n} ({type(m).__name__}: no int8 form)" for n, m in chosen if find_conversion("int8", m) is None]
         if not layers:
             raise PlanError(f"int8: no linear, DS or low-rank layer matches targets={p.targets} ignore={p.ignore}")
         stf = [n for n, m in layers if getattr(m, "stf", False)]
@@ -174,7 +173,7 @@ class Int8Pass(Pass):
                 h.remove()
         return captured
 
-    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
+    def analyze(self, model: nn.Module, ctx: PassContext) -> Analysis:
         p = self.params
         backend = get_backend(p.backend)
         ok, why = backend.available(torch.device("cpu"))
@@ -186,34 +185,40 @@ class Int8Pass(Pass):
         skipped += tied
         inputs = self._inputs(model, layers, ctx)
         gen = torch.Generator().manual_seed(p.seed)
-        self._quantized: dict[str, nn.Module] = {}
+        config = p.conversion_config()
+        quantized: dict[str, nn.Module] = {}
         rows = {}
         with ctx.progress.bar("int8", total=len(layers) + len(embeddings)) as bar:
             for name, module in layers:
-                q = quantize_module(module, p.backend)
-                self._quantized[name] = q
+                q = convert("int8", module, config)
+                if not isinstance(q, nn.Module):  # the conversion declined this one
+                    skipped.append(f"{name} ({type(module).__name__}: {q.reason if q is not None else 'no int8 form'})")
+                    bar.advance()
+                    continue
+                quantized[name] = q
                 x = inputs.get(name)
                 if x is None:
                     x = torch.randn(p.error_tokens, module.in_features, generator=gen)
                 with torch.no_grad():
                     ref = _run(module, x)
                     out = _run(q, x)
-                    w_ref = module.weight.detach().float() if type(module) is nn.Linear else module.to_dense().float()
                     row = {"type": type(q).__name__, "shape": [module.out_features, module.in_features],
-                           "weight_error": _rel(q.to_dense().float().cpu(), w_ref.cpu()),
+                           "weight_error": _rel(q.to_dense().float().cpu(), _dense_weight(module).cpu()),
                            "output_error": _rel(out, ref),
                            "activations": "calibration" if name in inputs else "gaussian",
-                           "bytes_before": _bytes(module), "bytes_after": q.storage().bytes}
-                    if isinstance(module, DSLinear):
+                           "bytes_before": _bytes(module), "bytes_after": _bytes(q)}
+                    if isinstance(module, DSLinear) and hasattr(q, "dequantized"):
                         d, v, _, _ = q.dequantized()
                         row["dictionary_error"] = _rel(d.cpu(), module.dictionary.detach().float().cpu())
                         row["values_error"] = _rel(v.cpu(), module.values.detach().float().cpu())
                 rows[name] = row
                 bar.advance()
+            if not rows:
+                raise PlanError(f"int8: no targeted layer has an int8 form (skipped: {skipped})")
             emb_rows = {}
             for name, module in embeddings:
-                q = quantize_embedding(module, p.embedding_format, p.embedding_group_size, name, p.embedding_fit)
-                self._quantized[name] = q
+                q = _quantize_table(module, config, name)
+                quantized[name] = q
                 emb_rows[name] = _embedding_row(module, q)
                 bar.advance()
         errs = sorted(r["output_error"] for r in rows.values())
@@ -240,14 +245,16 @@ class Int8Pass(Pass):
             report["warning"] = f"backend {p.backend} cannot run on {ctx.device} ({dev_why}): layers compute with " \
                                 "their dequantized weights there"
             ctx.log.warning("%s", report["warning"])
-        return report
+        return Analysis(report=report, state={"quantized": quantized})
 
     def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        if not getattr(self, "_quantized", None):
-            self.analyze(model, ctx)
-        for name, q in self._quantized.items():
+        state = ctx.analysis.state
+        if "quantized" not in state:  # called without the engine's analyze (scripts, benches)
+            state = as_analysis(self.analyze(model, ctx)).state
+        quantized = state["quantized"]
+        for name, q in quantized.items():
             set_module(model, name, q.to(ctx.device))
-        ctx.report["quantized_layers"] = len(self._quantized)
+        ctx.report["quantized_layers"] = len(quantized)
         ctx.report["backend"] = self.params.backend
         return model
 
@@ -255,13 +262,31 @@ class Int8Pass(Pass):
 def quantize_embedding(module: nn.Embedding, fmt: str, group_size: int = 64,
                        name: str = "embedding", fit: str = "minmax") -> Int8Embedding | Int4Embedding:
     """The ``fmt`` ("int8" or "int4") form of one table; a group size that does not fit names the table."""
-    if fmt == "int8":
-        return Int8Embedding.from_embedding(module)
+    return _quantize_table(module, Int8Config(embedding_format=fmt, embedding_group_size=group_size,
+                                              embedding_fit=fit), name)
+
+
+def _quantize_table(module: nn.Embedding, config: Int8Config, name: str) -> nn.Module:
     try:
-        return Int4Embedding.from_embedding(module, group_size, fit)
+        q = convert("int8", module, config)
     except QuantizationError as e:
+        if config.embedding_format == "int8":
+            raise
         raise QuantizationError(f"int8: embedding {name} ({module.num_embeddings} x {module.embedding_dim}), "
-                                f"embedding_group_size={group_size}: {e}") from None
+                                f"embedding_group_size={config.embedding_group_size}: {e}") from None
+    if not isinstance(q, nn.Module):
+        raise QuantizationError(f"int8: embedding {name}: {q.reason if q is not None else 'no int8 form'}")
+    return q
+
+
+def _is_table(module: nn.Module) -> bool:
+    """An embedding table (or its quantized form): chosen by ``embeddings``, not by ``targets``."""
+    return isinstance(module, nn.Embedding) or getattr(module, "replaces", "linear") != "linear"
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    to_dense = getattr(module, "to_dense", None)
+    return (to_dense() if callable(to_dense) else module.weight).detach().float()
 
 
 def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -283,10 +308,9 @@ def _embedding_row(module: nn.Embedding, q: Int8Embedding | Int4Embedding) -> di
     return {"type": type(q).__name__, "shape": [module.num_embeddings, module.embedding_dim], **extra,
             "weight_error": _rel(w + err, w), "max_row_error": float(row_err.max()),
             "max_error_in_steps": float(steps.max()),
-            "bytes_before": float(w.numel() * module.weight.element_size()), "bytes_after": q.storage().bytes}
+            "bytes_before": tensor_bytes(module.weight), "bytes_after": _bytes(q)}
 
 
 def _bytes(module: nn.Module) -> float:
-    if isinstance(module, CompressedLayer):
-        return module.storage().bytes
-    return float(sum(t.numel() * t.element_size() for t in (module.weight, module.bias) if t is not None))
+    st = layer_storage(module)
+    return st.bytes if st is not None else tensor_bytes(*module.state_dict(keep_vars=True).values())

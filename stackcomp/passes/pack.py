@@ -7,6 +7,11 @@
   CUDA device with 2:4 support; on CPU they stay dense nn.Linear and the report says so.
 * int8 layers, low-rank and other factorized layers already are GEMM forms: kept, listed.
 
+What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
+the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
+compressed layer without one is kept and listed. ``analyze`` converts (the new layers reach
+``transform`` in ``Analysis.state``); ``transform`` swaps them in.
+
 ``target``: ``cpu``, ``cuda``, ``auto`` (cuda if this machine has one), or ``onnx``: pack for CPU,
 then export the model through ``torch.onnx`` (DS layers as standard ops) into the artifact's
 ``onnx/`` folder, optionally with ONNX Runtime's int8 (``onnx_int8``), and check that ONNX
@@ -22,12 +27,10 @@ from pydantic import Field
 from torch import nn
 
 from stackcomp.kernels.dispatch import choose_kernel
-from stackcomp.kernels.ds_triton import is_24_sparse, semi_structured_24_supported
 from stackcomp.nn.base import CompressedLayer
-from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.conversions import Keep, PackConfig, find_conversion
 from stackcomp.nn.packed import PackedDSLinear, Sparse24Linear
-from stackcomp.nn.quantized import Int8DSLinear
-from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams, as_analysis
 from stackcomp.targets import set_module
 
 
@@ -56,49 +59,43 @@ class PackPass(Pass):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return "cpu" if t == "onnx" else t
 
-    def analyze(self, model: nn.Module, ctx: PassContext) -> dict:
-        """What would be packed, with which kernel, and what stays as it is (and why)."""
+    def analyze(self, model: nn.Module, ctx: PassContext) -> Analysis:
+        """What is packed, with which kernel, and what stays as it is (and why)."""
         layout = self._layout()
         kernel = choose_kernel(layout)
         why = _kernel_reason(layout, kernel)
-        ok24, why24 = semi_structured_24_supported("cuda" if layout == "cuda" else "cpu")
+        config = PackConfig(layout=layout, dtype=self.params.dtype, kernel=kernel, sparse24=self.params.sparse24)
         plan: dict[str, dict] = {}
+        packed: dict[str, nn.Module] = {}
         for name, m in model.named_modules():
-            if isinstance(m, (DSLinear, Int8DSLinear)):
-                dt = self.params.dtype if self.params.dtype != "auto" else (
-                    "int8" if isinstance(m, Int8DSLinear) else "fp32")
-                plan[name] = {"from": type(m).__name__, "to": "PackedDSLinear", "dtype": dt, "layout": layout,
-                              "kernel": kernel}
-            elif isinstance(m, nn.Linear) and type(m) is nn.Linear and _is_24(m):
-                if self.params.sparse24 and ok24:
-                    plan[name] = {"from": "Linear", "to": "Sparse24Linear", "kernel": "semi_structured_24"}
-                else:
-                    reason = why24 if self.params.sparse24 else "sparse24: false"
-                    plan[name] = {"from": "Linear", "to": "Linear", "kept_dense": reason}
-            elif isinstance(m, CompressedLayer) and not isinstance(m, (PackedDSLinear, Sparse24Linear)):
-                plan[name] = {"from": type(m).__name__, "to": type(m).__name__,
-                              "kept": "already an inference form (dense GEMMs / int8 backend)"}
-        self._plan = plan
-        n24_dense = sum(1 for r in plan.values() if "kept_dense" in r)
+            fn = find_conversion("pack", m)
+            if fn is None:
+                if isinstance(m, CompressedLayer):
+                    plan[name] = {"from": type(m).__name__, "to": type(m).__name__,
+                                  "kept": "already an inference form (dense GEMMs / int8 backend)"}
+                continue
+            new = fn(m, config)
+            if isinstance(new, Keep):
+                plan[name] = {"from": type(m).__name__, "to": type(m).__name__, new.key: new.reason}
+            elif new is not None:
+                packed[name] = new
+                plan[name] = {"from": type(m).__name__, "to": type(new).__name__, **_details(new, config)}
+        n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "layers": plan, "packed_ds": sum(1 for r in plan.values() if r["to"] == "PackedDSLinear"),
                   "sparse24": sum(1 for r in plan.values() if r["to"] == "Sparse24Linear"),
-                  "sparse24_kept_dense": n24_dense}
+                  "sparse24_kept_dense": len(n24_dense)}
         if n24_dense:
-            report["sparse24_note"] = (f"{n24_dense} 2:4-sparse linear(s) kept dense: "
-                                       f"{why24 if self.params.sparse24 else 'sparse24: false'}")
+            report["sparse24_note"] = f"{len(n24_dense)} 2:4-sparse linear(s) kept dense: {n24_dense[0]}"
             ctx.log.info("%s", report["sparse24_note"])
-        return report
+        return Analysis(report=report, state={"packed": packed})
 
     def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
-        if getattr(self, "_plan", None) is None:
-            self.analyze(model, ctx)
-        for name, row in self._plan.items():
-            m = model.get_submodule(name)
-            if row["to"] == "PackedDSLinear":
-                set_module(model, name, PackedDSLinear.from_ds(m, target=row["layout"], dtype=row["dtype"]))
-            elif row["to"] == "Sparse24Linear":
-                set_module(model, name, Sparse24Linear.from_linear(m))
+        state = ctx.analysis.state
+        if "packed" not in state:  # called without the engine's analyze (scripts, benches)
+            state = as_analysis(self.analyze(model, ctx)).state
+        for name, new in state["packed"].items():
+            set_module(model, name, new)
         model.eval()
         if self.params.target == "onnx":
             self._export(model, ctx)
@@ -131,9 +128,13 @@ class PackPass(Pass):
         model.to(device)
 
 
-def _is_24(linear: nn.Linear) -> bool:
-    w = linear.weight.detach()
-    return w.shape[1] % 4 == 0 and bool((w == 0).any()) and is_24_sparse(w)
+def _details(new: nn.Module, config: PackConfig) -> dict:
+    """What the report says about a built-in packed form besides from/to."""
+    if isinstance(new, PackedDSLinear):
+        return {"dtype": new.meta["dtype"], "layout": new.meta["target"], "kernel": config.kernel}
+    if isinstance(new, Sparse24Linear):
+        return {"kernel": "semi_structured_24"}
+    return {}
 
 
 def _kernel_reason(layout: str, kernel: str) -> str:
