@@ -1,7 +1,7 @@
 """Packed DS layer kernels against dense fp32 and int8 dense linears, side by side in one run.
 
-    python bench/kernels.py                   # all shapes, tokens 1,128,2048, torch's thread count
-    python bench/kernels.py --threads 1,2 --shapes 768x768 --tokens 128
+    python bench/ds_kernel_speed.py                   # all shapes, tokens 1,128,2048, torch's thread count
+    python bench/ds_kernel_speed.py --threads 1,2 --shapes 768x768 --tokens 128
 
 For each weight shape (out x in) a DS layer at ~2.8x compression of the linear's bytes (fp32
 values, uint8 indices when K <= 256; B = 128, K per ``--atoms``, s filling the budget) is made with

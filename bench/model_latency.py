@@ -36,7 +36,7 @@ import torch
 from stackcomp.data import DataOptions, TaskData, get_task
 from stackcomp.evaluate import size_report
 from stackcomp.models import load_base_model
-from stackcomp.passes.base import PassContext
+from stackcomp.passes.base import PassContext, run_pass
 from stackcomp.passes.ds_factorize import DSFactorizePass
 from stackcomp.passes.int8 import Int8Pass
 from stackcomp.passes.pack import PackPass
@@ -44,10 +44,10 @@ from stackcomp.passes.pack import PackPass
 
 def block_candidates(model, ratio: float, block: int) -> list[list[int]]:
     """One (B, K, s) per distinct encoder linear shape at ``ratio`` with block width ``block``:
-    sized as bench/kernels.py sizes its layers (K = 128 or 64, s filling the budget)."""
+    sized as bench/ds_kernel_speed.py sizes its layers (K = 128 or 64, s filling the budget)."""
     from stackcomp.targets import select_modules
 
-    from kernels import ds_config  # bench/kernels.py, beside this script
+    from ds_kernel_speed import ds_config  # bench/ds_kernel_speed.py, beside this script
 
     shapes = sorted({(m.out_features, m.in_features) for _, m in select_modules(model)})
     cands = []
@@ -58,25 +58,24 @@ def block_candidates(model, ratio: float, block: int) -> list[list[int]]:
 
 
 def build_models(model, ratio: float, iters: int, backend: str, log, block: int | None = None) -> dict:
-    ctx = PassContext(stage="bench", work_dir=Path("/tmp"), log=log)
+    def apply(the_pass, m):
+        """The pass as the engine runs it (analyze, transform, finetune) on a fresh context."""
+        ctx = PassContext(stage="bench", work_dir=Path("/tmp"), log=log)
+        return run_pass(the_pass, m, ctx), ctx.analysis.report
+
     models = {"fp32": model}
-    q = Int8Pass({"backend": backend})
-    models["int8"] = q.transform(copy.deepcopy(model), ctx)
+    models["int8"], _ = apply(Int8Pass({"backend": backend}), copy.deepcopy(model))
     t = time.perf_counter()
     params = {"ratio": ratio, "stf": False, "iters": iters, "train": {"epochs": 0}}
     if block:
         params["candidates"] = block_candidates(model, ratio, block)
         log.info("candidates (B, K, s): %s", params["candidates"])
-    ds = DSFactorizePass(params)
-    dsm = ds.transform(copy.deepcopy(model), ctx)
-    dsm = ds.finetune(dsm, ctx)
+    dsm, _ = apply(DSFactorizePass(params), copy.deepcopy(model))
     log.info("factorized in %.0f s", time.perf_counter() - t)
-    q2 = Int8Pass({"backend": backend})
-    stack = q2.transform(copy.deepcopy(dsm), ctx)
-    models["ds"] = PackPass({"target": "cpu"}).transform(dsm, ctx)
-    pk = PackPass({"target": "cpu"})
-    models["ds+int8"] = pk.transform(stack, ctx)
-    models["_kernel"] = pk.analyze(models["ds+int8"], ctx)["ds_kernel"]
+    stack, _ = apply(Int8Pass({"backend": backend}), copy.deepcopy(dsm))
+    models["ds"], _ = apply(PackPass({"target": "cpu"}), dsm)
+    models["ds+int8"], report = apply(PackPass({"target": "cpu"}), stack)
+    models["_kernel"] = report["ds_kernel"]
     return models
 
 

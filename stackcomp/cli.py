@@ -101,7 +101,7 @@ def _select(plan: Any, only: Optional[list[str]]) -> Any:
 
 
 def _run_dir(recipe_name: str, output: Optional[Path]) -> Path:
-    from stackcomp.report import default_run_dir
+    from stackcomp.rundir import default_run_dir
 
     return output if output is not None else default_run_dir(recipe_name)
 
@@ -119,6 +119,7 @@ def run(
 ) -> None:
     """Run a recipe: every stage not already cached, then print the summary."""
     from stackcomp.engine import Engine
+    from stackcomp.rundir import SUMMARY
 
     _setup_logging(verbose)
     r, full_plan = _load(recipe, overrides)
@@ -131,7 +132,7 @@ def run(
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
         console.print(summary_table(summary))
-        console.print(f"[dim]run directory: {run_dir}  ·  summary: {run_dir / 'summary.json'}[/]")
+        console.print(f"[dim]run directory: {run_dir}  ·  summary: {run_dir / SUMMARY}[/]")
 
 
 @app.command()
@@ -187,7 +188,9 @@ def plan_cmd(
 @user_errors
 def passes_list() -> None:
     """The passes installed (built in and from plugins)."""
-    from stackcomp.passes.base import available_passes
+    from rich.markup import escape
+
+    from stackcomp.passes.base import available_passes, broken_passes
 
     table = Table(title="stackcomp passes")
     table.add_column("name", style="bold")
@@ -195,7 +198,9 @@ def passes_list() -> None:
     table.add_column("what it does")
     for name, cls in available_passes().items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        table.add_row(name, cls.__module__.split(".")[0], doc[0] if doc else "")
+        table.add_row(escape(name), escape(cls.__module__.split(".")[0]), escape(doc[0]) if doc else "")
+    for name, why in broken_passes().items():  # installed, but recipes that name them get this reason
+        table.add_row(f"[red]{escape(name)}[/]", "[red]unusable[/]", escape(why))
     console.print(table)
 
 
