@@ -155,7 +155,7 @@ def test_plugin_path_allowed_is_imported_and_checked(plugin_module):
     plan = build_plan(recipe_from_dict(raw))
     assert plan.stages["s"].pass_cls.__name__ == "Shrink" and plugin_module.exists()
     raw = {**raw, "stages": {"s": {"pass": "evil_plugin_mod:NotAPass"}}, "allow_plugins": ["evil_plugin_mod:NotAPass"]}
-    with pytest.raises(PlanError, match="not a stackcomp Pass"):
+    with pytest.raises(PlanError, match="pass class object has no string `name`"):
         build_plan(recipe_from_dict(raw))
 
 
