@@ -133,11 +133,13 @@ def test_drone_is_the_data_aware_optimum(n):
     U, V = U.numpy(), V.numpy()
     ours = _data_err(W, U, V, X)
     # reference 1: Eckart-Young of W X^T (the best any rank-k M can do on these outputs)
-    # (with n=9 tokens X is rank-deficient: agreement to ~1e-9 varies with the BLAS path, so 1e-8)
-    assert ours == pytest.approx(_eckart_young(W @ X.T, k), rel=1e-8, abs=1e-12)
+    # with n=9 tokens X is rank-deficient: the last digits depend on the BLAS build (OpenBLAS's
+    # SkylakeX kernels land 2e-9 away), so that case is held to 1e-8
+    tol = 1e-9 if n >= 12 else 1e-8
+    assert ours == pytest.approx(_eckart_young(W @ X.T, k), rel=tol, abs=1e-12)
     # reference 2: with U fixed, V from scipy least squares on vec((W - U V) X^T) cannot improve
     Vls = scipy.linalg.lstsq(np.kron(X, U), (W @ X.T).reshape(-1, order="F"))[0].reshape(k, 12, order="F")
-    assert ours <= _data_err(W, U, Vls, X) * (1 + 1e-9)
+    assert ours <= _data_err(W, U, Vls, X) * (1 + tol)
     # reference 3: random perturbations of both factors never improve
     for t in range(200):
         scale = 10.0 ** rng.uniform(-6, -1)
