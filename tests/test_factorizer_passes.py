@@ -15,14 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from stackcomp.artifacts import load_model, save_model
+from stackcomp.artifacts import export_model, load_model
 from stackcomp.errors import FactorizeError, PlanError
 from stackcomp.evaluate import linear_storage
 from stackcomp.factorize.allocate import Knob, allocate
 from stackcomp.nn.lowrank import BlockLowRankLinear, DoubleSparseLinear, LowRankLinear, SparseLowRankLinear
 from stackcomp.passes.base import PassContext, run_pass
 from stackcomp.passes.blocklr import BlockLRPass
-from stackcomp.passes.dsf import DSFPass, dsf_cost
+from stackcomp.factorize.budget import dsf_bytes as dsf_cost
+from stackcomp.passes.dsf import DSFPass
 from stackcomp.passes.factorizer_common import (
     collect_fisher,
     collect_grams,
@@ -427,7 +428,7 @@ def test_save_load_round_trip(method, make_ctx, tmp_path):
     model, _ = _run(cls({**params, "ratio": 2.0, "train": {"max_steps": 1, "batch_size": 8}}),
                     make_tiny_model("bert"), make_ctx())
     model.eval()
-    save_model(model, tmp_path / "m")
+    export_model(model, tmp_path / "m")
     again = load_model(tmp_path / "m")
     x = torch.randint(0, 1000, (2, 9))
     torch.testing.assert_close(again(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)

@@ -40,6 +40,12 @@ __all__ = [
     "ds_max_atoms",
     "DSChoice",
     "search_ds_config",
+    "blocklr_bytes",
+    "dsf_bytes",
+    "sparse_row_bytes",
+    "FP32_BYTES",
+    "tensor_bytes",
+    "linear_params",
 ]
 
 
@@ -111,6 +117,38 @@ def svd_bytes(out_features: int, in_features: int, rank: int, value_bits: int = 
     """Bytes of rank-r factors ``U (out x r)``, ``V (r x in)`` plus bias at ``value_bits``."""
     _check_pos("svd_bytes", out_features=out_features, in_features=in_features, rank=rank)
     return lowrank_bytes(out_features, in_features, rank, value_bits, bias)
+
+
+def blocklr_bytes(out_features: int, in_features: int, grid: tuple[int, int], rank: int, bias: bool = True) -> float:
+    """Bytes of a fp32 block low-rank layer on a ``p x q`` grid: ``(rank * (q*out + p*in) + out_bias) * 4``."""
+    p, q = grid
+    return float((rank * (q * out_features + p * in_features) + (out_features if bias else 0)) * FP32_BYTES)
+
+
+def sparse_row_bytes(in_features: int, out_features: int) -> int:
+    """Bytes one kept row of a row-sparse matrix costs: its fp32 values and its row index."""
+    return FP32_BYTES * in_features + torch.empty((), dtype=index_dtype(out_features)).element_size()
+
+
+def dsf_bytes(out_features: int, in_features: int, nnz: int, a_fraction: float | None, bias: bool = True) -> float:
+    """Bytes of a fp32 double-sparse layer ``P Q`` holding ``nnz`` nonzeros split as ``dsf_budget`` does.
+
+    The inner size is ``m = min(out, in)``; the square factor gets ``int(a * m^2)`` nonzeros (it is
+    ``P`` when out < in, else ``Q``); values 4 bytes, column indices at the width that indexes
+    ``m`` (P) or ``in`` (Q), int32 row pointers for ``out + 1`` and ``m + 1`` rows, fp32 bias.
+    """
+    m = min(out_features, in_features)
+    a = a_fraction if a_fraction is not None else (0.16 if out_features == in_features else 0.25)
+    nza = int(m * m * a)
+    nzb = nnz - nza
+    nnz_p, nnz_q = (nzb, nza) if out_features >= in_features else (nza, nzb)
+    ptr = 4 if nnz_p < 1 << 31 and nnz_q < 1 << 31 else 8
+
+    def isize(n: int) -> int:
+        return torch.empty((), dtype=index_dtype(n)).element_size()
+
+    return float(nnz_p * (FP32_BYTES + isize(m)) + nnz_q * (FP32_BYTES + isize(in_features))
+                 + ptr * (out_features + 1) + ptr * (m + 1) + (FP32_BYTES * out_features if bias else 0))
 
 
 def svd_rank_for_bytes(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from stackcomp.factorize.budget import tensor_bytes
 from stackcomp.kernels.reference import KernelError, check_ds
 
 FORMAT = "stackcomp.packed_ds"
@@ -74,7 +75,7 @@ class PackedDS:
 
     def nbytes(self) -> int:
         """Bytes of the saved tensors (what the packed layer costs in memory and on disk)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return int(tensor_bytes(*self.tensors.values()))
 
     # -- save / load ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

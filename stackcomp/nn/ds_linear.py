@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackcomp.errors import ArtifactError, StackcompError
-from stackcomp.factorize.budget import index_dtype
+from stackcomp.factorize.budget import FP32_BYTES, index_dtype, linear_params, tensor_bytes
 from stackcomp.factorize.dictionary import DSFactors, ds_blocks, factorize_ds
 from stackcomp.factorize.omp import codes_to_dense, sparse_code
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
@@ -389,9 +389,9 @@ class DSLinear(CompressedLayer):
         """The factors as stored (the STF latent weight is training state, not counted)."""
         floats = [self.dictionary, self.values] + ([self.bias] if self.bias is not None else [])
         params = sum(t.numel() for t in floats)  # stored numbers; indices are counted in bytes only
-        nbytes = sum(t.numel() * t.element_size() for t in floats + [self.indices])
-        dense = self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
-        return LayerStorage(params=params, bytes=float(nbytes), dense_params=dense, dense_bytes=float(dense * 4))
+        dense = linear_params(self.out_features, self.in_features, self.bias is not None)
+        return LayerStorage(params=params, bytes=tensor_bytes(*floats, self.indices), dense_params=dense,
+                            dense_bytes=float(dense * FP32_BYTES))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.factorize.budget import FP32_BYTES, linear_params, tensor_bytes
 from stackcomp.nn.base import CompressedLayer, LayerStorage
 
 __all__ = ["DTYPES", "DeclaredLayer", "Field", "REQUIRED", "bias_field", "choice", "count", "dtype_field",
@@ -126,13 +127,13 @@ class DeclaredLayer(CompressedLayer):
 
     def dense_params(self) -> int:
         """Parameters of the module it replaces (an ``nn.Linear`` with this layer's bias)."""
-        return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
+        return linear_params(self.out_features, self.in_features, self.bias is not None)
 
     def storage(self) -> LayerStorage:
         params = sum(t.numel() for t in (getattr(self, n) for n in self.param_tensors) if t is not None)
-        nbytes = sum(t.numel() * t.element_size() for t in self.state_dict(keep_vars=True).values())
+        nbytes = tensor_bytes(*self.state_dict(keep_vars=True).values())
         dense = self.dense_params()
-        return LayerStorage(params=params, bytes=float(nbytes), dense_params=dense, dense_bytes=float(dense * 4))
+        return LayerStorage(params=params, bytes=nbytes, dense_params=dense, dense_bytes=float(dense * FP32_BYTES))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{f.name}={f.value(self)}" for f in self.manifest_fields if f.repr)

@@ -16,6 +16,7 @@ from torch import nn
 
 from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob
+from stackcomp.factorize.budget import blocklr_bytes
 from stackcomp.factorize.blocklr import blocklr_factors
 from stackcomp.nn.lowrank import BlockLowRankLinear
 from stackcomp.passes.factorizer_common import Built, FactorizerParams, FactorizerPass, LayerStats
@@ -50,10 +51,8 @@ class BlockLRParams(FactorizerParams):
         return tuple(self.grid) if self.grid is not None else (4, 4)
 
 
-def blocklr_cost(out_f: int, in_f: int, grid: tuple[int, int], rank: int, bias: bool) -> float:
-    """Bytes of a fp32 :class:`BlockLowRankLinear`: ``(rank * (q*out + p*in) + out_bias) * 4``."""
-    p, q = grid
-    return float((rank * (q * out_f + p * in_f) + (out_f if bias else 0)) * 4)
+#: bytes of a fp32 BlockLowRankLinear (the formula lives in factorize.budget)
+blocklr_cost = blocklr_bytes
 
 
 class BlockLRPass(FactorizerPass):

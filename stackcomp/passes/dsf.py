@@ -21,8 +21,9 @@ from torch import nn
 
 from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob
+from stackcomp.factorize.budget import dsf_bytes
 from stackcomp.factorize.dsf import dsf_budget, dsf_factors
-from stackcomp.nn.lowrank import DoubleSparseLinear, index_dtype
+from stackcomp.nn.lowrank import DoubleSparseLinear
 from stackcomp.passes.base import Analysis, PassContext
 from stackcomp.passes.factorizer_common import Built, FactorizerParams, FactorizerPass, LayerStats, _need_exactly_one
 
@@ -46,27 +47,8 @@ class DSFParams(FactorizerParams):
         return self
 
 
-def _isize(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def dsf_cost(out_f: int, in_f: int, nnz: int, a_fraction: float | None, bias: bool) -> float:
-    """Bytes of a fp32 :class:`DoubleSparseLinear` holding ``nnz`` nonzeros split as ``dsf_budget`` does.
-
-    The inner size is ``m = min(out, in)``; the square factor gets ``int(a * m^2)`` nonzeros (it is
-    ``P`` when out < in, else ``Q``); values 4 bytes, column indices at the width that indexes
-    ``m`` (P) or ``in`` (Q), int32 row pointers for ``out + 1`` and ``m + 1`` rows, fp32 bias.
-    """
-    m = min(out_f, in_f)
-    a = a_fraction if a_fraction is not None else (0.16 if out_f == in_f else 0.25)
-    nza = int(m * m * a)
-    nzb = nnz - nza
-    nnz_p, nnz_q = (nzb, nza) if out_f >= in_f else (nza, nzb)
-    ptr = 4 if nnz_p < 1 << 31 and nnz_q < 1 << 31 else 8
-    return float(nnz_p * (4 + _isize(index_dtype(m))) + nnz_q * (4 + _isize(index_dtype(in_f)))
-                 + ptr * (out_f + 1) + ptr * (m + 1) + (4 * out_f if bias else 0))
+#: bytes of a fp32 DoubleSparseLinear with ``nnz`` nonzeros (the formula lives in factorize.budget)
+dsf_cost = dsf_bytes
 
 
 class DSFPass(FactorizerPass):

@@ -29,8 +29,9 @@ from torch import nn
 
 from stackcomp.errors import FactorizeError
 from stackcomp.factorize.allocate import Knob, allocate
+from stackcomp.factorize.budget import sparse_row_bytes
 from stackcomp.factorize.losparse import Importance, KeepSchedule, losparse_init, losparse_rank, row_scores, select_rows
-from stackcomp.nn.lowrank import SparseLowRankLinear, index_dtype
+from stackcomp.nn.lowrank import SparseLowRankLinear
 from stackcomp.passes.base import PassContext
 from stackcomp.passes.factorizer_common import (
     Built,
@@ -76,8 +77,8 @@ class LoSparseParams(FactorizerParams):
 
 
 def _row_bytes(lin: nn.Module) -> int:
-    """Bytes one kept row of S costs: its fp32 values and its row index."""
-    return 4 * lin.in_features + torch.empty((), dtype=index_dtype(lin.out_features)).element_size()
+    """Bytes one kept row of S costs (``factorize.budget.sparse_row_bytes``)."""
+    return sparse_row_bytes(lin.in_features, lin.out_features)
 
 
 class LoSparsePass(FactorizerPass):

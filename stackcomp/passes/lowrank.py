@@ -22,6 +22,7 @@ from torch import nn
 
 from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob
+from stackcomp.factorize.budget import svd_bytes
 from stackcomp.factorize.lowrank import drone_factors, fwsvd_factors, svd_factors
 from stackcomp.nn.lowrank import LowRankLinear
 from stackcomp.passes.factorizer_common import Built, FactorizerParams, FactorizerPass, LayerStats, _need_exactly_one
@@ -44,8 +45,8 @@ class LowRankParams(FactorizerParams):
 
 
 def lowrank_cost(out_f: int, in_f: int, rank: int, bias: bool) -> float:
-    """Bytes of a fp32 :class:`LowRankLinear`: ``(rank * (out + in) + out_bias) * 4``."""
-    return float((rank * (out_f + in_f) + (out_f if bias else 0)) * 4)
+    """Bytes of a fp32 :class:`LowRankLinear` (``factorize.budget.svd_bytes``)."""
+    return float(svd_bytes(out_f, in_f, rank, bias=bias))
 
 
 class LowRankPass(FactorizerPass):
