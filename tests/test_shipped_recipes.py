@@ -10,7 +10,10 @@ import pytest
 from stackcomp.plan import build_plan
 from stackcomp.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+#: search spaces (a recipe prefix plus `search:`, for `stackcomp search`) are checked as spaces
+SPACES = [p for p in SHIPPED if "\nsearch:" in p.read_text()]
+RECIPES = [p for p in SHIPPED if p not in SPACES]
 
 
 def test_recipes_are_found():
@@ -23,3 +26,11 @@ def test_shipped_recipe_builds_a_plan(path):
     assert plan.leaves(), f"{path.name}: no leaves"
     for stage in plan.stages.values():
         assert stage.key, f"{path.name}: stage without a key"
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_shipped_search_space_loads(path):
+    from stackcomp.search import load_space
+
+    space = load_space(path)
+    assert space.spec.slots and build_plan(space.recipe).leaves()
