@@ -3,8 +3,20 @@
 __version__ = "0.1.0"
 
 
-def load(path, **kwargs):
-    """Load a model saved by stackcomp (any stage artifact or an ``export`` folder)."""
+def load(path, device="cpu", *, verify=True):
+    """Load a model saved by stackcomp (any stage artifact, its ``model/``, or an ``export`` folder).
+
+    The folder is checked against its ``CHECKSUMS.json`` first (every file its kind requires, no
+    file unlisted, no symbolic link) and ``ArtifactError`` says what failed; nothing is loaded from
+    a folder that fails. ``verify=False`` is the explicit opt-out.
+    """
     from stackcomp.artifacts import load_model
 
-    return load_model(path, **kwargs)
+    return load_model(path, device=device, verify=verify)
+
+
+def save(model, path, tokenizer=None):
+    """Write ``model`` (and ``tokenizer``) to an export folder that :func:`load` verifies and reloads."""
+    from stackcomp.artifacts import export_model
+
+    return export_model(model, path, tokenizer=tokenizer)

@@ -7,11 +7,16 @@ One artifact is a folder ``<run>/artifacts/<key>/``::
     report.json       what ``analyze`` found, and what the pass reported
     timings.json      seconds spent in analyze / transform / finetune
     model/            model.safetensors, config.json, stackcomp_manifest.json, tokenizer files
+                      (absent when the stage kept its parent's model: stage.json's model_from)
     CHECKSUMS.json    sha256 and size of every file above; written last
 
 Everything is written into a temporary sibling folder and renamed into place, so a kill at
-any moment leaves either no artifact or a complete one. An artifact is trusted only if its
-``CHECKSUMS.json`` exists and every file matches it; otherwise the stage is recomputed.
+any moment leaves either no artifact or a complete one. An artifact is trusted only if it is
+what :func:`verify_folder` calls intact: the files its kind requires (``rundir.REQUIRED_FILES``)
+and every file present are listed in ``CHECKSUMS.json`` and match it, nothing in it is a
+symbolic link, and its ``stage.json`` records its own key; otherwise the stage is recomputed.
+An export folder (``export_model``) holds its own ``CHECKSUMS.json``; :func:`load_model`
+verifies an artifact or export the same way before reading anything from it.
 
 A model folder is the Hugging Face layout plus a layer manifest: the base architecture is
 rebuilt from ``config.json``, compressed layers are put back from the manifest, then the
@@ -20,6 +25,7 @@ weights come from safetensors. No pickle anywhere.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +38,21 @@ import torch
 from torch import nn
 
 from stackcomp.errors import ArtifactError, ModelError
-from stackcomp.rundir import ARTIFACTS, CHECKSUMS, MANIFEST, METRICS, MODEL_DIR, STAGE, WEIGHTS, read_json, write_json
+from stackcomp.rundir import (
+    ARTIFACTS,
+    CHECKSUMS,
+    EXPORT_KIND,
+    MANIFEST,
+    MODEL_DIR,
+    REQUIRED_FILES,
+    STAGE,
+    STAGE_KIND,
+    STAGE_WITH_MODEL,
+    STAGE_WITHOUT_MODEL,
+    WEIGHTS,
+    read_json,
+    write_json,
+)
 
 MANIFEST_SCHEMA = 1
 
@@ -46,6 +66,111 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def write_checksums(folder: Path) -> dict[str, list]:
+    """List every file of ``folder`` in its ``CHECKSUMS.json`` (sha256, size), fsynced; written last."""
+    sums = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            rel = f.relative_to(folder).as_posix()
+            sums[rel] = [sha256_file(f), f.stat().st_size]
+            _fsync(f)
+    write_json(folder / CHECKSUMS, sums)
+    _fsync(folder / CHECKSUMS)
+    return sums
+
+
+def verify_folder(folder: str | Path, kind: str, key: str | None = None) -> str | None:
+    """None if ``folder`` is an intact folder of ``kind`` (rundir.REQUIRED_FILES), else one sentence
+    naming the file at fault.
+
+    Intact: no symbolic link in it (the folder included), a ``CHECKSUMS.json`` listing every file
+    the kind requires and every file present, each with its size and sha256. A stage's kind
+    (with or without ``model/``) is read from its ``stage.json`` once that file verifies; with
+    ``key``, the key recorded there must be ``key`` (an intact artifact of another stage is not
+    this one).
+    """
+    folder = Path(folder)
+    if folder.is_symlink():
+        return "the folder is a symbolic link, not the folder stackcomp wrote"
+    if not folder.is_dir():
+        return "the folder is missing"
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"incomplete (no {CHECKSUMS})"
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return f"{CHECKSUMS} is corrupt or unreadable"
+    if not _well_formed(sums) or CHECKSUMS in sums:
+        return f"{CHECKSUMS} is corrupt (not a map of relative paths to [sha256, size])"
+    if kind == STAGE_KIND:
+        if STAGE not in sums:
+            return f"{CHECKSUMS} does not list {STAGE}"
+        problem = _check_file(folder, STAGE, *sums[STAGE])
+        if problem:
+            return problem
+        try:
+            info = json.loads((folder / STAGE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            info = None
+        if not isinstance(info, dict):
+            return f"file {STAGE} is not a stage record"
+        if key is not None and info.get("key") != key:
+            return f"file {STAGE} records key {info.get('key')!r}: this is another stage's artifact, not {key}"
+        kind = STAGE_WITHOUT_MODEL if info.get("model_from") else STAGE_WITH_MODEL
+        if kind == STAGE_WITHOUT_MODEL and any(rel.startswith(f"{MODEL_DIR}/") for rel in sums):
+            return f"file {STAGE} says the model is kept in artifact {info['model_from']} but {MODEL_DIR}/ is listed"
+    if kind not in REQUIRED_FILES:
+        raise ValueError(f"unknown folder kind {kind!r}")
+    for required in REQUIRED_FILES[kind]:
+        if required not in sums:
+            return f"{CHECKSUMS} does not list {required}"
+    problem = _unlisted(folder, sums)
+    if problem:
+        return problem
+    for rel, (digest, size) in sums.items():
+        problem = _check_file(folder, rel, digest, size)
+        if problem:
+            return problem
+    return None
+
+
+def _check_file(folder: Path, rel: str, digest: str, size: int) -> str | None:
+    f = folder / rel
+    try:
+        if f.is_symlink():
+            return f"file {rel} is a symbolic link"
+        if not f.is_file():
+            return f"file {rel} is missing"
+        if f.stat().st_size != size:
+            return f"file {rel} has {f.stat().st_size} bytes, expected {size}"
+        if sha256_file(f) != digest:
+            return f"file {rel} fails its checksum"
+    except OSError as e:
+        return f"file {rel} cannot be read ({e.strerror or e})"
+    return None
+
+
+def _unlisted(folder: Path, sums: dict[str, Any]) -> str | None:
+    """The first symbolic link, or file or folder ``CHECKSUMS.json`` does not account for."""
+    listed_dirs = {p.as_posix() for rel in sums for p in Path(rel).parents}
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not follow links: they are reported
+        base = Path(dirpath)
+        for name in sorted(dirnames) + sorted(filenames):
+            path = base / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                return f"{rel} is a symbolic link"
+            if rel == CHECKSUMS or rel in sums:
+                continue  # a listed file, checked next (a folder in its place is reported there)
+            if name in dirnames and rel in listed_dirs:
+                continue
+            return f"{'folder' if name in dirnames else 'file'} {rel} is not listed in {CHECKSUMS}"
+    return None
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -87,43 +212,115 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
         raise _as_os_error(e, folder / WEIGHTS) from None
     write_json(folder / MANIFEST, manifest)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        try:
+            tokenizer.save_pretrained(folder)
+        except Exception as e:  # the Rust tokenizer reports a failed write as a plain Exception
+            raise _as_os_error(e, folder / "tokenizer.json") from None
     return folder
 
 
 def _as_os_error(e: Exception, path: Path) -> Exception:
-    """safetensors' ``I/O error: ... (os error N)`` as the OSError it was, so callers see errno N."""
+    """safetensors' ``I/O error: ... (os error N)`` (SafetensorError) and the Rust tokenizers' plain
+    ``Exception("... (os error N)")`` as the OSError they were, so callers see errno N."""
     import re
 
     m = re.search(r"os error (\d+)", str(e))
-    if type(e).__name__ == "SafetensorError" and m:
+    if (type(e).__name__ == "SafetensorError" or type(e) is Exception) and m:
         code = int(m.group(1))
         return OSError(code, os.strerror(code), str(path))
     return e
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_model` (or any stage artifact / export folder)."""
+def export_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+    """:func:`save_model` into a checksummed folder (an export) that replaces ``folder`` in one step."""
+    dest = Path(folder).expanduser()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        save_model(model, tmp, tokenizer=tokenizer)
+        write_checksums(tmp)
+        if dest.exists() or dest.is_symlink():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def model_folder(path: str | Path, *, verify: bool = True) -> Path:
+    """The folder holding the model files of ``path``: a stage artifact (following ``model_from``),
+    an artifact's ``model/``, or an export. With ``verify``, the artifact or export is checked first
+    (:func:`verify_folder`) and ArtifactError names what failed; nothing is loaded from it."""
+    path = Path(path)
+    seen: set[Path] = set()
+    while True:
+        if path.name == MODEL_DIR and (path.parent / STAGE).exists():  # <artifact>/model
+            root, kind = path.parent, STAGE_KIND
+        elif (path / STAGE).exists() or (path / MODEL_DIR).is_dir():
+            root, kind = path, STAGE_KIND
+        else:
+            root, kind = path, EXPORT_KIND
+        if verify:
+            _verify_for_load(root, kind, key=root.name if seen else None)
+        if kind == EXPORT_KIND:
+            return root
+        info = read_json(root / STAGE) if (root / STAGE).is_file() else {}
+        model_from = info.get("model_from") if isinstance(info, dict) else None
+        if not model_from:
+            return root / MODEL_DIR
+        seen.add(root)  # a stage that kept its parent's model: load (and check) the parent's artifact
+        path = root.parent / str(model_from)
+        if path in seen:
+            raise ArtifactError(f"{root / STAGE}: model_from {model_from} leads back to itself")
+        if not path.exists() and not path.is_symlink():
+            raise ArtifactError(f"{root} keeps its model in artifact {model_from}, which is missing from {root.parent}")
+
+
+def _verify_for_load(root: Path, kind: str, key: str | None) -> None:
+    if kind == EXPORT_KIND and not root.is_symlink() and not (root / CHECKSUMS).exists():
+        if not (root / MANIFEST).exists():
+            return  # no folder, or not a stackcomp one: load_model says so
+        raise ArtifactError(f"{root} has no {CHECKSUMS}, so its files cannot be verified: write it with the export "
+                            "pass or stackcomp.save, or load it unverified with stackcomp.load(path, verify=False)")
+    problem = verify_folder(root, kind, key=key)
+    if problem:
+        what = "export folder" if kind == EXPORT_KIND else "artifact"
+        raise ArtifactError(f"{what} {root} is corrupt: {problem}; not loaded "
+                            "(stackcomp.load(path, verify=False) loads it anyway)")
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", *, verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save_model` (or any stage artifact / export folder).
+
+    The artifact or export is verified against its checksums first; ``verify=False`` skips that
+    (for a folder stackcomp wrote without checksums, e.g. by :func:`save_model` alone).
+    """
     import transformers
     from safetensors.torch import load_model as st_load_model
 
     from stackcomp.nn.base import layer_class
     from stackcomp.targets import set_module
 
-    folder = Path(folder)
-    if (folder / MODEL_DIR / MANIFEST).exists():  # a stage artifact: its model lives in model/
-        folder = folder / MODEL_DIR
-    if (folder / STAGE).exists() and not (folder / MANIFEST).exists():
-        stage = read_json(folder / STAGE)
-        if stage.get("model_from"):
-            return load_model(folder.parent / stage["model_from"], device)
+    folder = model_folder(folder, verify=verify)
     if not (folder / MANIFEST).exists():
         raise ModelError(f"{folder} is not a stackcomp model folder (no {MANIFEST}); "
                          "use transformers' from_pretrained for plain Hugging Face folders")
     manifest = read_json(folder / MANIFEST)
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise ArtifactError(f"{folder / MANIFEST}: schema {manifest.get('schema')} is not {MANIFEST_SCHEMA}")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder / 'config.json'} is missing: the model folder is incomplete")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder / 'config.json'} cannot be read: {_first_line(e)}") from None
     model_cls = getattr(transformers, manifest["model_class"], None)
     if model_cls is None:
         raise ArtifactError(f"{folder}: unknown model class {manifest['model_class']!r} in the manifest")
@@ -132,12 +329,22 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> nn.Mod
         entry = dict(entry)
         cls = layer_class(entry.pop("type"))
         set_module(model, name, cls.from_manifest(entry))
-    missing, unexpected = st_load_model(model, str(folder / WEIGHTS), strict=False)
+    if not (folder / WEIGHTS).is_file():
+        raise ArtifactError(f"{folder / WEIGHTS} is missing: the model folder is incomplete")
+    try:
+        missing, unexpected = st_load_model(model, str(folder / WEIGHTS), strict=False)
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError, shape mismatches
+        raise ArtifactError(f"{folder / WEIGHTS} cannot be loaded (truncated or damaged?): {_first_line(e)}") from None
     missing = [m for m in missing if not _is_tied_copy(model, m)]
     if missing or unexpected:
         raise ArtifactError(f"{folder / WEIGHTS}: weights do not match the manifest "
                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.to(device).eval()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _is_tied_copy(model: nn.Module, name: str) -> bool:
@@ -175,31 +382,8 @@ class ArtifactStore:
         return (self.path(key) / CHECKSUMS).exists()
 
     def verify(self, key: str) -> str | None:
-        """None if the artifact is intact, else a sentence saying what is wrong."""
-        folder = self.path(key)
-        try:
-            sums = json.loads((folder / CHECKSUMS).read_text())
-        except FileNotFoundError:
-            return "incomplete (no checksums)"
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            return f"{CHECKSUMS} is corrupt or unreadable"
-        if not _well_formed(sums):
-            return f"{CHECKSUMS} is corrupt (not a map of relative paths to [sha256, size])"
-        for required in (STAGE, METRICS):
-            if required not in sums:
-                return f"{CHECKSUMS} does not list {required}"
-        for rel, (digest, size) in sums.items():
-            f = folder / rel
-            try:
-                if not f.is_file():
-                    return f"file {rel} is missing"
-                if f.stat().st_size != size:
-                    return f"file {rel} has {f.stat().st_size} bytes, expected {size}"
-                if sha256_file(f) != digest:
-                    return f"file {rel} fails its checksum"
-            except OSError as e:
-                return f"file {rel} cannot be read ({e.strerror or e})"
-        return None
+        """None if the artifact is intact and is the one of ``key``, else a sentence saying what is wrong."""
+        return verify_folder(self.path(key), STAGE_KIND, key=key)
 
     def begin(self, key: str) -> Path:
         """A fresh temporary folder to write an artifact into."""
@@ -208,27 +392,47 @@ class ArtifactStore:
         return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=self.root))
 
     def commit(self, key: str, tmp: Path) -> Path:
-        """Checksum everything in ``tmp``, then rename it into place in one step."""
-        sums = {}
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                rel = f.relative_to(tmp).as_posix()
-                sums[rel] = [sha256_file(f), f.stat().st_size]
-                _fsync(f)
-        write_json(tmp / CHECKSUMS, sums)
-        _fsync(tmp / CHECKSUMS)
+        """Checksum everything in ``tmp``, then rename it into place in one step.
+
+        Another process sharing the cache may commit the same key at the same time (the same
+        work): whoever renames first wins, and the other finds that intact artifact, discards its
+        own copy and returns the winner's folder; it never replaces an intact artifact."""
+        write_checksums(tmp)
         final = self.path(key)
-        if final.exists():  # a corrupt or stale artifact under the same key
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=self.root))
-            os.replace(final, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        return final
+        for _ in range(3):
+            if (final.exists() or final.is_symlink()) and self._taken_by_another_writer(key, tmp):
+                return final
+            if final.exists() or final.is_symlink():  # a corrupt or stale artifact (or a link) under the same key
+                trash = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=self.root))
+                try:
+                    os.replace(final, trash / "old")
+                except FileNotFoundError:  # another writer moved it first
+                    pass
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.replace(tmp, final)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                continue  # another writer renamed its copy in between: look at it again
+            _fsync_dir(self.root)
+            return final
+        if self._taken_by_another_writer(key, tmp):
+            return final
+        raise ArtifactError(f"{final}: other processes keep writing this artifact; run again")
+
+    def _taken_by_another_writer(self, key: str, tmp: Path) -> bool:
+        """True (and ``tmp`` removed) when ``key`` already holds an intact artifact."""
+        if self.verify(key) is not None:
+            return False
+        shutil.rmtree(tmp, ignore_errors=True)
+        return True
 
     def discard(self, key: str) -> None:
         final = self.path(key)
-        if final.exists():
+        if final.is_symlink() or final.is_file():  # rmtree refuses a link: it would stay "cached"
+            final.unlink(missing_ok=True)
+        elif final.exists():
             shutil.rmtree(final, ignore_errors=True)
 
     def clean_temporaries(self) -> int:

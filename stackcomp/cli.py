@@ -1,4 +1,4 @@
-"""The ``stackcomp`` command line (typer): run, validate, plan, passes, new-pass, compare, report, diff.
+"""The ``stackcomp`` command line (typer): run, validate, plan, passes, new-pass, compare, report, diff, search.
 
 User mistakes print one clear line and exit with code 2; bugs keep their traceback.
 """
@@ -116,14 +116,24 @@ def run(
     cache: Optional[Path] = CacheOpt,
     only: Optional[list[str]] = OnlyOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    debug: bool = typer.Option(False, "--debug", help="print the traceback of a failed stage (it is always in "
+                                                      "<run dir>/logs/<stage>.log)"),
 ) -> None:
-    """Run a recipe: every stage not already cached, then print the summary."""
+    """Run a recipe: every stage not already cached, then print the summary.
+
+    A stage that fails is reported on one line (the traceback goes to its log file) and the stages
+    that do not depend on it still run; the exit code is then 1, and a re-run retries only the
+    failed and skipped stages. Exit code 2: the run could not start (or a disk filled up).
+    """
     from stackcomp.engine import Engine
     from stackcomp.rundir import SUMMARY
 
     _setup_logging(verbose)
+    from stackcomp.plan import check_inputs
+
     r, full_plan = _load(recipe, overrides)
     plan = _select(full_plan, only)
+    check_inputs(plan)  # a missing model, data file or unknown task stops here (exit 2), as validate says
     run_dir = _run_dir(r.name, output)
     engine = Engine(plan, run_dir, console=err_console if as_json else console,
                     show_progress=not as_json, cache_dir=cache, full_plan=full_plan)
@@ -131,8 +141,32 @@ def run(
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
-        console.print(summary_table(summary))
-        console.print(f"[dim]run directory: {run_dir}  ·  summary: {run_dir / SUMMARY}[/]")
+        console.print(summary_table(summary, r.task))
+        console.print(f"[dim]run directory: {run_dir}  ·  summary: {run_dir / SUMMARY}[/]", highlight=False)
+    if summary["failed"]:
+        _report_failures(summary, debug)
+        raise typer.Exit(1)
+
+
+def _report_failures(summary: dict[str, Any], debug: bool) -> None:
+    """One red line per failed stage (and the tracebacks with --debug); how many were skipped."""
+    from rich.markup import escape
+
+    for f in summary["failed"]:
+        if debug and f.get("log"):
+            try:
+                err_console.print(escape(Path(f["log"]).read_text(encoding="utf-8", errors="replace")),
+                                  highlight=False)
+            except OSError:
+                pass
+        where = f"; traceback in {f['log']}" if f.get("log") else ""
+        err_console.print(f"[bold red]error:[/] stage {one_line(repr(f['stage']))} ({one_line(f['pass'])}) failed: "
+                          f"{one_line(f['error'])}{escape(where)}", highlight=False, soft_wrap=True)
+    skipped = summary.get("skipped") or []
+    if skipped:
+        err_console.print(f"[yellow]{len(skipped)} stage(s) skipped[/]: {escape(', '.join(s['stage'] for s in skipped))}"
+                          " (they need a failed stage); fix it and run the same command to retry them",
+                          highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -141,8 +175,11 @@ def validate(
     recipe: Path = typer.Argument(..., help="recipe YAML file"),
     overrides: Optional[list[str]] = OverridesArg,
 ) -> None:
-    """Check a recipe and its plan without running anything."""
+    """Check a recipe, its plan and its inputs (task, data, model) without running anything."""
+    from stackcomp.plan import check_inputs
+
     r, plan = _load(recipe, overrides)
+    check_inputs(plan)
     console.print(f"[green]ok[/]: {recipe}: recipe {r.name!r}, {len(plan.stages)} stages, "
                   f"{len(plan.leaves())} leaves")
 
@@ -162,23 +199,25 @@ def plan_cmd(
     from rich.tree import Tree
 
     from stackcomp.engine import Engine
+    from stackcomp.plan import check_inputs
 
     r, plan = _load(recipe, overrides)
     plan = _select(plan, only)
+    check_inputs(plan)
     status = Engine(plan, _run_dir(r.name, output), cache_dir=cache).status()
     if as_json:
         out = [{"stage": n, "pass": plan.stages[n].pass_name, "after": plan.stages[n].parents,
                 "key": plan.stages[n].key, "status": status[n]} for n in plan.order]
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
         return
-    tree = Tree(f"[bold]{r.name}[/]  [dim]model {r.model} · task {r.task}[/]")
+    tree = Tree(f"[bold]{escape(r.name)}[/]  [dim]model {escape(r.model)} · task {escape(str(r.task))}[/]")
     nodes: dict[str, Any] = {}
     for name in plan.order:
         st = plan.stages[name]
         mark = {"cached": "[green]cached[/]", "todo": "[yellow]to run[/]"}.get(status[name], f"[red]{status[name]}[/]")
         extra = f" [dim](also after {escape(', '.join(st.parents[1:]))})[/]" if len(st.parents) > 1 else ""
         teacher = f" [dim]teacher={escape(st.teacher_stage)}[/]" if st.teacher_stage else ""
-        label = f"{escape(name)} [blue]{st.pass_name}[/] {mark} [dim]{st.key[:10]}[/]{extra}{teacher}"
+        label = f"{escape(name)} [blue]{escape(st.pass_name)}[/] {mark} [dim]{st.key[:10]}[/]{extra}{teacher}"
         parent = nodes.get(st.parents[0]) if st.parents else None
         nodes[name] = (parent or tree).add(label)
     console.print(tree)
@@ -226,12 +265,28 @@ def passes_describe(name: str = typer.Argument(..., help="pass name")) -> None:
     table = Table(title="params")
     for col in ("name", "type", "default", "description"):
         table.add_column(col)
-    for fname, field in cls.Params.model_fields.items():
-        # "stackcomp.data.augment.AugmentOptions | None" -> "AugmentOptions | None"
-        ann = getattr(field.annotation, "__name__", None) or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1",
-                                                                    str(field.annotation))
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        table.add_row(fname, ann, default, field.description or "")
+    from pydantic import BaseModel
+    from rich.markup import escape
+
+    def rows(model: type[BaseModel], prefix: str, defaults: BaseModel | None) -> None:
+        for fname, info in model.model_fields.items():
+            # "stackcomp.data.augment.AugmentOptions | None" -> "AugmentOptions | None"
+            ann = getattr(info.annotation, "__name__", None) or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1",
+                                                                       str(info.annotation))
+            if defaults is not None:
+                default_value = getattr(defaults, fname)
+            else:
+                default_value = None if info.is_required() else info.get_default(call_default_factory=True)
+            nested = info.annotation if isinstance(info.annotation, type) else None
+            if nested is not None and issubclass(nested, BaseModel) and isinstance(default_value, BaseModel):
+                # a nested config (`train:`): one row per field, with the pass's own defaults
+                table.add_row(escape(prefix + fname), ann, "", escape(info.description or ""))
+                rows(nested, f"{prefix}{fname}.", default_value)
+                continue
+            default = "required" if defaults is None and info.is_required() else repr(default_value)
+            table.add_row(escape(prefix + fname), escape(ann), escape(default), escape(info.description or ""))
+
+    rows(cls.Params, "", None)
     console.print(table)
 
 
@@ -259,7 +314,7 @@ def _goal_options(metric_drop: Optional[float], max_bytes: Optional[str], max_la
     try:
         return Goal(metric_drop=metric_drop, max_bytes=max_bytes, max_latency_ms=max_latency_ms)
     except ValidationError as e:
-        raise RecipeError(f"goal option: {_format_validation(e)}") from None
+        raise RecipeError(f"goal option: {_format_validation(e, model=Goal)}") from None
 
 
 def _write_outputs(kind: str, data: Any, markdown: Optional[Path], html_file: Optional[Path],
@@ -291,6 +346,12 @@ def _write_outputs(kind: str, data: Any, markdown: Optional[Path], html_file: Op
         err_console.print(f"[dim]wrote {html_file}[/]")
 
 
+MetricOpt = typer.Option(
+    None, "--metric", help="the task metric that ranks the board and decides goals and Pareto fronts "
+                           "(default: the task's main metric), e.g. f1, accuracy, spearmanr",
+)
+
+
 @app.command()
 @user_errors
 def compare(
@@ -303,8 +364,9 @@ def compare(
     max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="goal: max model size, e.g. 20MB"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="goal: max CPU ms per batch"),
     no_load: bool = typer.Option(False, "--no-load", help="do not load stage models to size those not measured"),
+    metric: Optional[str] = MetricOpt,
 ) -> None:
-    """Leaderboard of every leaf of the runs: metric, size, latency, Pareto marks, goals.
+    """Leaderboard of every leaf of the runs: metrics, size, latency, Pareto marks, goals.
 
     Exits 1 when goals are set (recipe `goal:` or options) and no stack meets them.
     """
@@ -312,7 +374,8 @@ def compare(
     from stackcomp.report import compare as compare_fn
 
     _setup_logging(False)
-    result = compare_fn(targets, goal=_goal_options(metric_drop, max_bytes, max_latency_ms), load_sizes=not no_load)
+    result = compare_fn(targets, goal=_goal_options(metric_drop, max_bytes, max_latency_ms), load_sizes=not no_load,
+                        metric=metric)
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2, default=str) + "\n")
     else:
@@ -332,6 +395,7 @@ def report(
     html_file: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report"),
     plot_dir: Optional[Path] = typer.Option(None, "--plot-dir", help="write metric_vs_bytes/latency.png here"),
     no_load: bool = typer.Option(False, "--no-load", help="do not load stage models to size those not measured"),
+    metric: Optional[str] = MetricOpt,
 ) -> None:
     """One run in depth: leaderboard, attribution, every pass's per-layer analysis, the resolved recipe."""
     from rich.syntax import Syntax
@@ -340,7 +404,7 @@ def report(
     from stackcomp.report import run_report
 
     _setup_logging(False)
-    rep = run_report(target, load_sizes=not no_load)
+    rep = run_report(target, load_sizes=not no_load, metric=metric)
     if as_json:
         from stackcomp.report import _clean
 
@@ -378,22 +442,107 @@ def diff(
         console.print(table)
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
+@app.command()
+@user_errors
+def search(
+    space_file: Path = typer.Argument(..., help="search space YAML: a recipe prefix plus a `search:` section"),
+    trials: int = typer.Option(20, "--trials", "-n", min=0, help="trials to run to an outcome (complete, pruned or "
+                               "failed), counting those of an earlier call in the same folder; 0: check the space only"),
+    timeout: Optional[str] = typer.Option(None, "--timeout", help="stop starting trials after this long, e.g. 2h, "
+                                          "90m (a running trial finishes)"),
+    executor: str = typer.Option("local", "--executor", help="where trials run: only `local` (one at a time, in "
+                                 "this process) for now; `ray` is not available yet"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="search folder (default: runs/search-<name>)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="sample --trials chains and check them with the planner; "
+                                 "run nothing, write nothing"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Search for the best stack of passes under a goal (Optuna, multi-objective).
+
+    Each trial is an ordinary recipe (DIR/trials/N.yaml) run in DIR/runs/N with the shared cache
+    DIR/artifacts; DIR/study.db makes a killed search resume (run the same command again).
+    Writes DIR/search.json, DIR/pareto/*.yaml, DIR/leaderboard.md and .html. See docs/search.md.
+    """
     from rich.markup import escape
 
-    table = Table(title=f"{summary['recipe']} — {summary['seconds']:.1f}s")
-    for col in ("stage", "pass", "status", "time", "metric", "model MB", "linear ×", "latency ms"):
-        table.add_column(col, justify="right" if col not in ("stage", "pass", "status") else "left")
+    from stackcomp.search import SearchPaths, load_space, parse_duration, run_search
+    from stackcomp.search import dry_run as sample_only
+    from stackcomp.search.output import rich_table, write_outputs
+
+    if executor != "local":
+        raise StackcompError(f"--executor {executor!r}: only `local` is available for now (Ray comes later)")
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise StackcompError("stackcomp search needs Optuna: pip install 'stackcomp[search]'") from None
+    _setup_logging(verbose)
+    space = load_space(space_file)
+    timeout_s = parse_duration(timeout)
+    if dry_run or trials == 0:
+        from stackcomp.plan import build_plan, check_inputs
+
+        check_inputs(build_plan(space.recipe).select([space.spec.after]))
+        samples = sample_only(space, trials) if dry_run else []
+        table = Table(title=f"{escape(space.name)}: {len(samples)} sampled chains (nothing run)")
+        for col in ("#", "chain", "params", "planner"):
+            table.add_column(col)
+        for s in samples:
+            table.add_row(str(s.number), escape(" -> ".join(p for _, p, _ in s.chain) or "prefix only"),
+                          escape("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in s.params.items())),
+                          f"[red]rejected[/]: {escape(s.rejected)}" if s.rejected else "[green]ok[/]")
+        if samples:
+            console.print(table)
+        valid = sum(s.rejected is None for s in samples)
+        console.print(f"[green]ok[/]: {escape(str(space_file))}: {len(space.spec.slots)} slots, objectives "
+                      f"{', '.join(space.spec.objectives)}" + (f"; {valid} of {len(samples)} sampled chains valid"
+                                                               if samples else ""), highlight=False)
+        return
+    out = _run_dir(f"search-{space.name}", output)
+    run = run_search(space, out, trials=trials, timeout_s=timeout_s, console=console,  # search.json after each trial
+                     on_trial=lambda study: write_outputs(space, study, SearchPaths(out), leaderboard=False))
+    result = write_outputs(space, run.study, run.paths)
+    console.print(rich_table(result, space))
+    if run.stopped:
+        err_console.print(f"[yellow]stopped[/]: {escape(run.stopped)}", highlight=False)
+    color = "green" if result.best is not None or space.goal is None else "red"
+    console.print(f"[{color}]{escape(result.verdict)}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[dim]search folder: {escape(str(out))} · search.json, pareto/, leaderboard.md, "
+                  "leaderboard.html[/]", highlight=False)
+
+
+def summary_metric_names(summary: dict[str, Any], task: Optional[str] = None) -> list[str]:
+    """The task's metrics for the summary's columns: the main metric the stages recorded first."""
+    from stackcomp.report import task_metrics
+
+    mains = [(s.get("metrics") or {}).get("main_metric") for s in summary["stages"]]
+    mains = list(dict.fromkeys(m for m in mains if isinstance(m, str)))
+    return sorted(dict.fromkeys([*mains, *task_metrics(task)]), key=lambda n: n not in mains)
+
+
+def summary_table(summary: dict[str, Any], task: Optional[str] = None) -> Table:
+    """The run's stages with every metric of ``task`` (a column each), size, ratio and latency."""
+    from rich.markup import escape
+
+    names = summary_metric_names(summary, task)
+    table = Table(title=f"{escape(str(summary['recipe']))} — {summary['seconds']:.1f}s")
+    for col in ("stage", "pass", "status", "time", *(names or ["metric"]), "model MB", "linear ×", "latency ms"):
+        table.add_column(escape(col), justify="right" if col not in ("stage", "pass", "status") else "left")
     for s in summary["stages"]:
         m = s["metrics"] or {}
-        main = m.get("main_metric")
-        metric = f"{main}={m[main]:.4f}" if main and isinstance(m.get(main), (int, float)) else ""
+        metric = [f"{m[n]:.4f}" if isinstance(m.get(n), (int, float)) else "" for n in names] or [""]
         mb = f"{m['model_bytes'] / 1e6:.2f}" if m.get("model_bytes") else ""
         ratio = f"{m['linear_ratio_bytes']:.2f}" if m.get("linear_ratio_bytes") else ""
         lat = f"{m['latency_ms_per_batch']:.1f}" if m.get("latency_ms_per_batch") else ""
         status = "[green]ran[/]" if s["status"] == "ran" else "[dim]cached[/]"
-        table.add_row(escape(s["stage"]), s["pass"], status, f"{s['seconds']:.1f}s" if s["status"] == "ran" else "",
-                      metric, mb, ratio, lat)
+        table.add_row(escape(s["stage"]), escape(s["pass"]), status,
+                      f"{s['seconds']:.1f}s" if s["status"] == "ran" else "", *metric, mb, ratio, lat)
+    for f in summary.get("failed") or []:
+        table.add_row(escape(f["stage"]), escape(f["pass"]), "[bold red]failed[/]", f"{f.get('seconds', 0):.1f}s",
+                      f"[red]{escape(f['error'] or '')}[/]", "", "", "")
+    for s in summary.get("skipped") or []:
+        table.add_row(escape(s["stage"]), escape(s["pass"]), "[yellow]skipped[/]", "", escape(s["reason"] or ""),
+                      "", "", "")
     return table
 
 

@@ -6,6 +6,12 @@ pass (analyze, transform, finetune) on a copy of its parent's model and writes t
 atomically. Shared prefixes of branches therefore run once, and a re-run after a kill or an
 error resumes at the first stage without a complete artifact.
 
+A stage that fails is recorded (``failed``, with its error; the traceback in ``logs/<stage>.log``)
+and the stages that depend on it are ``skipped``; every other stage still runs, and
+``summary.json`` lists both. A re-run retries exactly those: only finished stages have artifacts.
+A resource error (disk full...) stops the run after writing the summary, since every later
+stage would hit it too.
+
 The engine composes three parts: the scheduler says what runs next (``stackcomp.scheduler``),
 the executor runs one stage (``stackcomp.executor``), the view draws progress and builds the
 summary (``stackcomp.view``). The run directory's files are ``stackcomp.rundir``'s.
@@ -17,6 +23,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import networkx as nx
 
 from stackcomp.artifacts import ArtifactStore
 from stackcomp.errors import ArtifactError
@@ -52,7 +60,7 @@ class Engine:
         self.stage_runs: list[str] = []  # stages actually executed (for tests and the summary)
         self.scheduler = Scheduler(plan, self.store)
         self.view = RunView(plan, self.run_dir, self.outcomes, console=console if self.show_progress else None)
-        local = LocalExecutor(plan, self.store, progress=self.view.stage_progress)
+        local = LocalExecutor(plan, self.store, progress=self.view.stage_progress, stage_log=self.files.stage_log_path)
         self.device = local.device
         self.executor: Executor = local
 
@@ -61,6 +69,9 @@ class Engine:
         return self.scheduler.status()
 
     def run(self) -> dict[str, Any]:
+        """Run what is not cached; the summary (also written to ``summary.json``) lists the stages
+        that finished, failed (``summary["failed"]``) or were skipped because one they need failed.
+        Raises only for the run as a whole: an unwritable run directory, a resource error."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.files.write_resolved_recipe(self.recipe.to_yaml())
@@ -74,15 +85,24 @@ class Engine:
             log.info("removed %d half-written artifact folder(s) from an interrupted run", removed)
         self.scheduler.plan_work()
         started = time.time()
+        stopped: ArtifactError | None = None
         with self.view.live():
-            self._execute()
+            try:
+                self._execute()
+            except ArtifactError as e:  # a resource error: the summary still says how far the run got
+                stopped = e
         summary = build_summary(self.plan, self.full_plan, self.store, self.outcomes, self.stage_runs,
                                 self.run_dir, self.device, time.time() - started)
         try:
             self.files.write_summary(summary)
         except OSError as e:
-            raise ArtifactError(f"every stage finished and is saved, but {self.files.summary_path} could not "
+            if stopped is not None:
+                raise stopped from None
+            done = "the stages that finished are saved" if summary["failed"] else "every stage finished and is saved"
+            raise ArtifactError(f"{done}, but {self.files.summary_path} could not "
                                 f"be written: {os_reason(e)}; run the same command again to write it") from None
+        if stopped is not None:
+            raise stopped from None
         return summary
 
     def _execute(self) -> None:
@@ -95,10 +115,35 @@ class Engine:
             stage = self.plan.stages[ready[0]]
             self.view.running(stage.name)
             parent = stage.parents[0] if stage.parents else None
-            outcome = self.executor.run_stage(
-                stage, keep_input=bool(parent and self.scheduler.waiting_for(parent, self.outcomes, besides=stage.name)),
-                keep_output=bool(self.scheduler.waiting_for(stage.name, self.outcomes)))
+            try:
+                outcome = self.executor.run_stage(
+                    stage,
+                    keep_input=bool(parent and self.scheduler.waiting_for(parent, self.outcomes, besides=stage.name)),
+                    keep_output=bool(self.scheduler.waiting_for(stage.name, self.outcomes)))
+            except ArtifactError as e:  # a resource error stops the run: record how far it got
+                stage_log = self.files.stage_log_path(stage.name)
+                self.outcomes[stage.name] = StageOutcome.failed(stage, e, log=stage_log if stage_log.exists() else None)
+                self._skip_dependents(stage.name)
+                for name in self.plan.order:
+                    if name not in self.outcomes:
+                        self.outcomes[name] = StageOutcome.skipped(self.plan.stages[name],
+                                                                   f"the run stopped at stage {stage.name!r}")
+                self.view.running(None)
+                raise
             self.outcomes[stage.name] = outcome
-            self.stage_runs.append(stage.name)
+            if outcome.status == "failed":
+                log.debug("stage %r failed: %s", stage.name, outcome.error)
+                self._skip_dependents(stage.name)
+            else:
+                self.stage_runs.append(stage.name)
             self.executor.release(self.scheduler.releasable(stage, self.outcomes))
             self.view.running(None)
+
+    def _skip_dependents(self, failed: str) -> None:
+        """Every stage downstream of ``failed`` (its children, theirs, stages it teaches) is skipped."""
+        for name in nx.descendants(self.plan.graph, failed):
+            if name not in self.outcomes:
+                stage = self.plan.stages[name]
+                role = ("parent" if failed in stage.parents else "teacher" if failed == stage.teacher_stage
+                        else "upstream stage")
+                self.outcomes[name] = StageOutcome.skipped(stage, f"{role} {failed!r} failed")

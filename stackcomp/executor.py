@@ -3,6 +3,11 @@
 :class:`Executor` is the seam between deciding what runs (``stackcomp.scheduler``) and running
 it. :class:`LocalExecutor` runs stages one at a time in this process and keeps in memory the
 models that a later stage still needs, so a chain of stages never reloads its parent from disk.
+
+A stage whose pass raises is a *failed* stage, not a failed run: its outcome carries the error
+as one line, its traceback goes to the stage's log file, and the engine runs the stages that do
+not depend on it. Only a resource error (disk full, read-only disk...) stops the run, since
+every later stage would hit it too.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import datetime as _dt
 import errno
 import gc
 import logging
+import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -45,9 +54,26 @@ class StageOutcome:
     name: str
     pass_name: str
     key: str
-    status: str  # "ran" | "cached"
+    status: str  # "ran" | "cached" | "failed" | "skipped"
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # failed: "Type: message", one line
+    reason: str | None = None  # skipped: why, e.g. "parent 'a' failed"
+    log: str | None = None  # failed: the log file holding the traceback
+
+    @property
+    def finished(self) -> bool:
+        """The stage's artifact is there (it ran now or was cached)."""
+        return self.status in ("ran", "cached")
+
+    @classmethod
+    def failed(cls, stage: Stage, error: BaseException, seconds: float = 0.0, log: Path | None = None) -> StageOutcome:
+        return cls(stage.name, stage.pass_name, stage.key, "failed", seconds=seconds,
+                   error=error_line(error, stage), log=str(log) if log else None)
+
+    @classmethod
+    def skipped(cls, stage: Stage, reason: str) -> StageOutcome:
+        return cls(stage.name, stage.pass_name, stage.key, "skipped", reason=reason)
 
     @classmethod
     def cached(cls, stage: Stage, store: ArtifactStore) -> StageOutcome:
@@ -63,7 +89,8 @@ class Executor(Protocol):
     """Runs stages the scheduler hands out; the seam a distributed (Ray) executor will implement.
 
     ``run_stage`` runs one stage whose parents' artifacts are committed and returns once its own
-    artifact is committed under ``stage.key``. The flags are memory hints an executor that keeps
+    artifact is committed under ``stage.key``, or with a "failed" outcome (nothing committed) when
+    the stage raised; it raises only to stop the run (a resource error, an interrupt). The flags are memory hints an executor that keeps
     models between stages uses (one that loads every input from its artifact ignores them):
     ``keep_input``: another stage still to run needs the parent's model; ``keep_output``: a
     child will run on this stage's model. ``release`` says those models are no longer needed.
@@ -77,30 +104,36 @@ class Executor(Protocol):
 class LocalExecutor:
     """Runs stages in this process, on the recipe's device, one at a time."""
 
-    def __init__(self, plan: Plan, store: ArtifactStore, *, progress: Callable[[], Any] | None = None):
-        """``progress``: makes the progress sink a pass reports its steps to (a bar, or nothing)."""
+    def __init__(self, plan: Plan, store: ArtifactStore, *, progress: Callable[[], Any] | None = None,
+                 stage_log: Callable[[str], Path] | None = None):
+        """``progress``: makes the progress sink a pass reports its steps to (a bar, or nothing);
+        ``stage_log``: the log file of a stage (its log lines, a failure's traceback), or none."""
         self.plan = plan
         self.recipe = plan.recipe
         self.store = store
         self.device = resolve_device(self.recipe.device)
         self.models: dict[str, nn.Module] = {}  # stage name -> model a stage still to run needs
         self._progress = progress or (lambda: NULL_PROGRESS)
+        self._stage_log = stage_log
         self._task = None
         self._data = None
         self._tokenizer = None
 
     def run_stage(self, stage: Stage, *, keep_input: bool = False, keep_output: bool = False) -> StageOutcome:
+        """The stage's outcome: "ran", or "failed" when anything in it raised (an ``Exception``;
+        KeyboardInterrupt and SystemExit still stop the run). A resource error raises ArtifactError."""
         t0 = time.perf_counter()
-        try:
-            metrics = self._run(stage, keep_input=keep_input, keep_output=keep_output)
-        except StackcompError as e:
-            _name_stage(e, stage)
-            raise
-        except OSError as e:
-            if e.errno not in RESOURCE_ERRNOS:
-                raise
-            raise ArtifactError(f"stage {stage.name!r} ({stage.pass_name}): {os_reason(e)}; nothing of this stage was "
-                                "kept (finished stages are): fix that and run the same command to resume") from None
+        log_path = self._stage_log(stage.name) if self._stage_log else None
+        with _logging_to(log_path):
+            try:
+                metrics = self._run(stage, keep_input=keep_input, keep_output=keep_output)
+            except Exception as e:  # noqa: BLE001 - a failing pass fails its stage, not the run
+                _append_traceback(log_path, e)
+                if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
+                    raise ArtifactError(f"stage {stage.name!r} ({stage.pass_name}): {os_reason(e)}; nothing of this "
+                                        "stage was kept (finished stages are): fix that and run the same command to "
+                                        "resume") from None
+                return StageOutcome.failed(stage, e, time.perf_counter() - t0, log_path)
         return StageOutcome(stage.name, stage.pass_name, stage.key, "ran", seconds=time.perf_counter() - t0,
                             metrics=metrics)
 
@@ -277,11 +310,46 @@ def os_reason(e: OSError) -> str:
     return f"{e.filename}: {what}{hint}" if e.filename else f"{what}{hint}"
 
 
-def _name_stage(e: StackcompError, stage: Stage) -> None:
-    """Prefix the stage to a pass's error message, unless the message names it already."""
-    text = str(e)
-    if f"stage {stage.name!r}" not in text:
-        e.args = (f"stage {stage.name!r} ({stage.pass_name}): {text}", *e.args[1:])
+def error_line(e: BaseException, stage: Stage) -> str:
+    """``Type: message`` on one line, without a leading ``stage 'name' (pass):`` (the summary says
+    which stage failed)."""
+    text = " ".join(str(e).split()) or "(no message)"
+    text = re.sub(rf"^stage {re.escape(repr(stage.name))}(?: \([^)]*\))?: ", "", text)
+    return f"{type(e).__name__}: {text}"
+
+
+@contextmanager
+def _logging_to(path: Path | None) -> Iterator[None]:
+    """Copy stackcomp's log records to ``path`` while the block runs (nothing if it cannot be written)."""
+    handler = None
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path, mode="w", encoding="utf-8", delay=True)
+        except OSError:
+            handler = None
+    if handler is None:
+        yield
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("stackcomp")
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _append_traceback(path: Path | None, e: BaseException) -> None:
+    """A failed stage's traceback, for its log file (the terminal shows one line)."""
+    if path is None:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("stage failed:\n" + "".join(traceback.format_exception(e)))
+    except OSError:
+        pass
 
 
 def nonfinite_tensor(model: nn.Module) -> str | None:

@@ -5,8 +5,8 @@ versions, Python, every seed in the resolved recipe, sha256 of the data files an
 source model's files, the passes and where they come from, and the hardware. ``stackcomp
 diff`` compares two locks field by field.
 
-Hashing a large model at every run start would cost seconds, so a file whose path, size and
-modification time match the previous lock keeps its recorded hash.
+File hashes come from stackcomp.fingerprint, the same records stage keys are made from, and
+its on-disk cache: a file whose path, size and times are unchanged is not hashed again.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from stackcomp.fingerprint import HashCache, data_record, model_record
 from stackcomp.rundir import LOCK, atomic_write_json
 
 LOCK_SCHEMA = 1
@@ -31,14 +32,12 @@ PACKAGES = ("stackcomp", "torch", "transformers", "tokenizers", "datasets", "acc
 #: environment variables that change threading, devices or data sources
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE",
             "HF_DATASETS_OFFLINE", "STACKCOMP_DATA_DIR")
-_WEIGHT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
-_META_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def write_lock(run_dir: str | Path, plan: Any) -> dict[str, Any]:
     """Build the lock of ``plan`` and write it to ``run_dir/lock.json`` atomically."""
     run_dir = Path(run_dir)
-    lock = build_lock(plan, previous=read_lock(run_dir))
+    lock = build_lock(plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / LOCK, lock)
     return lock
@@ -54,10 +53,10 @@ def read_lock(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def build_lock(plan: Any, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_lock(plan: Any) -> dict[str, Any]:
     recipe = plan.recipe
-    cache = _hash_cache(previous)
-    return {
+    cache = HashCache()
+    lock = {
         "schema": LOCK_SCHEMA,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {"name": recipe.name, "sha256": hashlib.sha256(recipe.to_yaml().encode()).hexdigest()},
@@ -73,6 +72,8 @@ def build_lock(plan: Any, previous: dict[str, Any] | None = None) -> dict[str, A
         "env": {k: os.environ.get(k) for k in ENV_VARS},
         "stage_keys": {name: plan.stages[name].key for name in plan.order},
     }
+    cache.save()
+    return lock
 
 
 # ----------------------------------------------------------------------------- versions and passes
@@ -151,123 +152,20 @@ def _find_seeds(obj: Any, prefix: str):
                 yield from _find_seeds(v, f"{prefix}.{k}")
 
 
-# ----------------------------------------------------------------------------- file hashes
+# ----------------------------------------------------------------------------- inputs
 
 
-def _hash_cache(previous: dict[str, Any] | None) -> dict[tuple, str]:
-    """(path, size, mtime_ns) -> sha256 from the previous lock's file entries."""
-    cache: dict[tuple, str] = {}
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, dict):
-            if {"path", "bytes", "mtime_ns", "sha256"} <= obj.keys() and obj["sha256"]:
-                cache[(obj["path"], obj["bytes"], obj["mtime_ns"])] = obj["sha256"]
-            for v in obj.values():
-                walk(v)
-
-    walk(previous or {})
-    return cache
-
-
-def file_entry(path: Path, cache: dict[tuple, str] | None = None) -> dict[str, Any]:
-    """Path, size, mtime and sha256 of one file (the hash reused from ``cache`` when unchanged)."""
-    from stackcomp.artifacts import sha256_file
-
-    path = Path(path)
-    try:
-        st = path.stat()
-    except OSError as e:
-        return {"path": str(path), "error": e.strerror or str(e)}
-    real = str(path.resolve())
-    key = (real, st.st_size, st.st_mtime_ns)
-    digest = (cache or {}).get(key)
-    if digest is None:
-        try:
-            digest = sha256_file(path)
-        except OSError as e:
-            return {"path": real, "error": e.strerror or str(e)}
-    return {"path": real, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-
-
-def data_files(recipe: Any, cache: dict[tuple, str] | None = None) -> dict[str, Any]:
+def data_files(recipe: Any, cache: HashCache | None = None) -> dict[str, Any]:
     """sha256 of the task's local TSVs (train and the evaluation split), or the hub dataset's identity."""
-    if not recipe.task:
-        return {"task": None}
-    from stackcomp.data.glue import DATA_DIR_ENV, default_data_dir, get_task, local_path
-    from stackcomp.errors import StackcompError
-
-    try:
-        task = get_task(recipe.task)
-    except StackcompError as e:
-        return {"task": recipe.task, "error": str(e)}
-    opts = recipe.data_options()
-    data_dir = opts.data_dir or default_data_dir()
-    out: dict[str, Any] = {"task": task.name, "max_train_samples": opts.max_train_samples,
-                           "max_eval_samples": opts.max_eval_samples, "max_length": opts.max_length}
-    if data_dir is None:
-        out.update({"source": "hub", "dataset": task.hub[0], "config": task.hub[1],
-                    "note": f"loaded from the hub; set {DATA_DIR_ENV} to lock local files by hash"})
-        return out
-    out["source"] = "local"
-    out["data_dir"] = str(Path(data_dir).expanduser().resolve())
-    files = {}
-    for split in ("train", opts.eval_split or "dev"):
-        try:
-            path = local_path(task, split, data_dir)
-        except StackcompError as e:
-            files[split] = {"error": str(e)}
-            continue
-        files[split] = file_entry(path, cache)
-    out["files"] = files
-    return out
+    return data_record(recipe, cache if cache is not None else HashCache())
 
 
-def model_files(spec: str, cache: dict[tuple, str] | None = None) -> dict[str, Any]:
-    """sha256 of a model's weight and config files (local folder, alias, or the hub cache)."""
-    from stackcomp.errors import StackcompError
-    from stackcomp.models import resolve_model_path
-
-    out: dict[str, Any] = {"spec": spec}
-    try:
-        path = resolve_model_path(spec)
-    except StackcompError as e:
-        out["error"] = str(e)
-        return out
-    folder = Path(path)
-    if folder.is_dir():
-        out["source"] = "local"
-    else:
-        folder = _hub_snapshot(spec)
-        out["source"] = "hub"
-        if folder is None:
-            out["note"] = "not in the local Hugging Face cache at run start; files not hashed"
-            return out
-        out["revision"] = folder.name
-    out["path"] = str(folder.resolve())
-    names = sorted({p.name for g in _WEIGHT_GLOBS for p in folder.glob(g)} |
-                   {n for n in _META_FILES if (folder / n).is_file()})
-    files = {n: file_entry(folder / n, cache) for n in names}
-    out["files"] = files
-    combined = hashlib.sha256()
-    for n in names:
-        combined.update(f"{n}\0{files[n].get('sha256')}\n".encode())
-    out["sha256"] = combined.hexdigest() if names else None
-    return out
+def model_files(spec: str, cache: HashCache | None = None) -> dict[str, Any]:
+    """sha256 of a model's weight, config and tokenizer files (local folder, alias, or the hub cache)."""
+    return model_record(spec, cache if cache is not None else HashCache())
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # an id the hub library refuses (e.g. a path that does not exist)
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def _teachers(plan: Any, cache: dict[tuple, str]) -> dict[str, Any]:
+def _teachers(plan: Any, cache: HashCache) -> dict[str, Any]:
     """Teachers named by model id (not by stage) are inputs too."""
     out = {}
     for name in plan.order:

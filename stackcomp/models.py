@@ -7,6 +7,7 @@ Safe by default: safetensors weights only (pickle ``.bin`` files need ``allow_pi
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,27 @@ def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = Fa
                 torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError as e:  # allow_pickle: torch's weights_only loading refused the file
+        raise ModelError(_refused_pickle_message(spec, path, e)) from None
     except (OSError, ValueError) as e:
         raise ModelError(_explain_load_error(spec, path, e, allow_pickle)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return model, tokenizer
+
+
+def _refused_pickle_message(spec: str, path: str, e: Exception) -> str:
+    """torch loads pickle weights with ``weights_only=True``: a file holding anything but tensors
+    (code, arbitrary objects) is refused, and stackcomp never retries without that guard."""
+    folder = Path(path)
+    files = sorted(f.name for f in folder.glob("*.bin")) if folder.is_dir() else []
+    where = f"{folder / files[0]}" if len(files) == 1 else f"the pickle weights of {spec!r}"
+    # torch's message: a paragraph about weights_only, then the line naming what was refused
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "global" in ln.lower()), lines[-1] if lines else type(e).__name__)
+    return (f"{where}: torch's weights_only loading refused it ({why[:200]}); the file holds objects other "
+            "than tensors, which could run code when unpickled, and stackcomp does not load it even with "
+            "`allow_pickle: true`. Convert it to safetensors where you trust it, or use another model")
 
 
 _REMOTE_CODE_HOW_TO = ("stackcomp does not run a model's own code unless the recipe sets `trust_remote_code: true`; "
@@ -116,8 +133,50 @@ def _explain_load_error(spec: str, path: str, e: Exception, allow_pickle: bool) 
                     "because pickle can run code. Convert the weights, or set `allow_pickle: true` in the recipe "
                     "if you trust the source")
         return f"cannot load model from folder {path}: {text}"
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    where = "the local cache only (HF_HUB_OFFLINE=1)" if offline else "the Hugging Face hub and the local cache"
-    return (f"model {spec!r} is not a local folder and could not be loaded from {where}: {text}. "
+    return _not_found_message(spec, text)
+
+
+def _not_found_message(spec: str, why: str) -> str:
+    where = "the local cache only (HF_HUB_OFFLINE=1)" if hub_offline() else "the Hugging Face hub and the local cache"
+    return (f"model {spec!r} is not a local folder and could not be loaded from {where}: {why}. "
             "Point `model:` at a local folder (config.json + model.safetensors + tokenizer), "
             "or use the offline alias `minilm-l6`")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is off (``HF_HUB_OFFLINE``, read now, as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of a hub model (named by its commit), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library refuses (e.g. a path that does not exist)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec no hub id can be (hub ids are ``name`` or ``owner/name``)."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+
+
+def check_model_available(spec: str) -> None:
+    """Raise the ModelError loading would raise, where it can be known without loading: an
+    alias whose package is missing, a folder without config.json, a path that does not exist,
+    a hub id while offline that is not in the local cache. A hub id while online passes."""
+    path = Path(resolve_model_path(spec))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"cannot load model from folder {path}: it has no config.json "
+                             "(expected config.json + model.safetensors + tokenizer files)")
+        return
+    if _looks_like_path(spec):
+        raise ModelError(_not_found_message(spec, f"there is no folder {path}"))
+    if hub_offline() and hub_snapshot(spec) is None:
+        raise ModelError(_not_found_message(spec, "it is not in the local Hugging Face cache"))

@@ -2,26 +2,54 @@
 
 Planning loads no model. It resolves every pass, validates its params against the pass's
 ``Params`` model, checks what passes need and where they may stand, and gives each stage a
-key: the hash of its parents' keys, its pass name and version, and its resolved params. The
-root's parent is the source: model, task, data options and seed. Equal keys mean equal work,
-so the engine reuses artifacts by key.
+key: the hash of its parents' keys, its pass name and version, its resolved params, and the
+identity of the inputs it reads. Equal keys mean equal work, so the engine reuses artifacts by
+key.
+
+What the keys cover (identities from stackcomp.fingerprint, content not location):
+
+- the root's parent, the *source*: the source model's identity (sha256 of its weight, config
+  and tokenizer files for a local folder or an alias, the commit for a hub model in the local
+  Hugging Face cache, else the hub id with ``"unresolved"``), the canonical task id (aliases
+  resolved: ``glue/sts-b`` and ``glue/stsb`` are one task), data options and seed;
+- a stage whose pass reads the task data: the data's identity (sha256 of the local TSVs the
+  task loads, train and the evaluation split, or the hub dataset and its cached revision).
+  With a task, every stage is handed the data and the built-in passes use it when they get it
+  (training, evaluation, calibration, int8's error report, pack's latency batches), so a pass
+  reads the data unless its class says ``reads_data = False`` (a pass that never touches
+  ``ctx.data``, a plugin's say);
+- a stage whose teacher is a model id (not a stage): that model's identity.
+
+A changed input thus changes the keys of the stages that read it and, through the parents'
+keys, of their descendants: exactly those rerun. Artifacts made before keys covered the inputs
+(``KEY_SCHEMA`` 1) are never matched, so they are recomputed once rather than trusted.
+
+:func:`build_plan` never fails on a missing model or data (a marker stands in their identity);
+:func:`check_inputs` raises the error running would raise, for ``validate``/``plan``/``run``,
+and logs which inputs are known only by a hub id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 from pydantic import BaseModel, ValidationError
 
+from stackcomp.data.glue import get_task
 from stackcomp.errors import PlanError
+from stackcomp.fingerprint import Inputs, identify_inputs
 from stackcomp.passes.base import KEY_INLINE_MARK, KEY_OMIT_DEFAULT_MARK, KNOWN_NEEDS, Pass, PassParams, get_pass
 from stackcomp.recipe import Recipe, _format_validation
 
-KEY_SCHEMA = "stackcomp-key-1"
+#: 2: keys cover the identity of the inputs (model and data files, canonical task id)
+KEY_SCHEMA = "stackcomp-key-2"
+
+log = logging.getLogger("stackcomp.plan")
 
 
 @dataclass
@@ -48,6 +76,8 @@ class Plan:
     stages: dict[str, Stage]
     source_key: str
     order: list[str] = field(default_factory=list)
+    #: the identities of the model and data the keys were made from
+    inputs: Inputs | None = None
 
     def leaves(self) -> list[str]:
         return [n for n in self.order if self.graph.out_degree(n) == 0]
@@ -71,7 +101,7 @@ class Plan:
                      and set(self.stages[c].parents) <= keep}
         return Plan(recipe=self.recipe, graph=self.graph.subgraph(keep).copy(),
                     stages={n: s for n, s in self.stages.items() if n in keep}, source_key=self.source_key,
-                    order=[n for n in self.order if n in keep])
+                    order=[n for n in self.order if n in keep], inputs=self.inputs)
 
     def path_to(self, name: str) -> list[str]:
         """The chain of first parents from the root to ``name`` (the model's lineage)."""
@@ -81,7 +111,9 @@ class Plan:
         return chain[::-1]
 
 
-def build_plan(recipe: Recipe) -> Plan:
+def build_plan(recipe: Recipe, inputs: Inputs | None = None) -> Plan:
+    """The plan of ``recipe``; ``inputs`` (identities of model, data, teacher models) are
+    computed from the files when not given."""
     from stackcomp.passes.evaluate import EvaluatePass
 
     stages: dict[str, Stage] = {}
@@ -128,20 +160,64 @@ def build_plan(recipe: Recipe) -> Plan:
 
     order = list(nx.lexicographical_topological_sort(graph, key=lambda n: list(stages).index(n)))
     _check_needs_and_order(recipe, stages, graph)
+    task = get_task(recipe.task).name if recipe.task else None
+    if inputs is None:
+        inputs = identify_inputs(recipe, [t for s in stages.values() if (t := _teacher_model(s))])
+    # where the model and the data lie is no input, what they hold is (inputs.model, inputs.data)
+    data_options = recipe.data_options().model_dump(mode="json", exclude={"data_dir"})
     source_key = _hash({
-        "schema": KEY_SCHEMA, "model": recipe.model, "task": recipe.task,
-        "data": recipe.data_options().model_dump(mode="json"), "seed": recipe.seed,
-        "trust_remote_code": recipe.trust_remote_code,
+        "schema": KEY_SCHEMA, "model": inputs.model, "task": task,
+        "data": data_options, "seed": recipe.seed, "trust_remote_code": recipe.trust_remote_code,
     })
     for name in order:
         stage = stages[name]
         parent_keys = [stages[p].key for p in stage.parents] or [source_key]
         teacher_key = stages[stage.teacher_stage].key if stage.teacher_stage else None
-        stage.key = _hash({
+        key = {
             "parents": parent_keys, "teacher": teacher_key, "pass": stage.pass_name,
             "version": stage.pass_cls.version, "params": params_for_key(stage.params),
-        })
-    return Plan(recipe=recipe, graph=graph, stages=stages, source_key=source_key, order=order)
+        }
+        if task and reads_data(stage.pass_cls):
+            key["data_files"] = inputs.data
+        if _teacher_model(stage):
+            key["teacher_model"] = inputs.teachers.get(_teacher_model(stage))
+        stage.key = _hash(key)
+    return Plan(recipe=recipe, graph=graph, stages=stages, source_key=source_key, order=order, inputs=inputs)
+
+
+def reads_data(cls: type[Pass]) -> bool:
+    """Whether a stage of pass ``cls`` reads the task data: yes unless the class says
+    ``reads_data = False`` (every stage gets ``ctx.data`` when the recipe has a task)."""
+    declared = getattr(cls, "reads_data", None)
+    return True if declared is None else bool(declared)
+
+
+def _teacher_model(stage: Stage) -> str | None:
+    """The model id a stage's teacher param names, when it names no stage."""
+    param = stage.pass_cls.teacher_param
+    teacher = getattr(stage.params, param, None) if param else None
+    return teacher if isinstance(teacher, str) and teacher and not stage.teacher_stage else None
+
+
+def check_inputs(plan: Plan) -> None:
+    """Raise the error a run would raise for what can be known before loading anything: the
+    source model and teacher models are there (stackcomp.models.check_model_available), and
+    so are the task's splits that stages read, train and the evaluation split (local files,
+    or the hub's cache while offline). Then logs a warning for each input known only by its hub
+    id (online, not cached): keys cannot tell its revisions apart."""
+    from stackcomp.data.glue import check_splits_available
+    from stackcomp.models import check_model_available
+
+    recipe = plan.recipe
+    check_model_available(recipe.model)
+    for stage in plan.stages.values():
+        if _teacher_model(stage):
+            check_model_available(_teacher_model(stage))
+    if recipe.task and any(reads_data(s.pass_cls) for s in plan.stages.values()):
+        opts = recipe.data_options()
+        check_splits_available(recipe.task, ["train", opts.eval_split or "dev"], opts.data_dir)
+    for note in plan.inputs.unresolved() if plan.inputs else ():
+        log.warning(note)
 
 
 def _resolve_pass(stage: str, pass_name: str, allow: tuple[str, ...]) -> type[Pass]:
@@ -155,7 +231,8 @@ def _validate_params(stage: str, cls: type[Pass], params: dict[str, Any]) -> Pas
     try:
         return cls.Params.model_validate(params)
     except ValidationError as e:
-        raise PlanError(f"stage {stage!r} (pass {cls.name}): params.{_format_validation(e)}") from None
+        raise PlanError(f"stage {stage!r} (pass {cls.name}): "
+                        f"{_format_validation(e, prefix='params', model=cls.Params)}") from None
 
 
 def _check_needs_and_order(recipe: Recipe, stages: dict[str, Stage], graph: nx.DiGraph) -> None:
@@ -191,8 +268,8 @@ def params_for_key(params: BaseModel) -> dict[str, Any]:
     the fields of a ``KEY_INLINE`` config stand at the top level (where they were before)."""
     out = params.model_dump(mode="json")
     _omit_defaults(params, out)
-    for name, field in type(params).model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    for name, info in type(params).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         if extra.get(KEY_INLINE_MARK) and isinstance(out.get(name), dict):
             inner = out.pop(name)
             clash = sorted(set(inner) & set(out))
@@ -203,10 +280,10 @@ def params_for_key(params: BaseModel) -> dict[str, Any]:
 
 
 def _omit_defaults(params: BaseModel, dumped: dict[str, Any]) -> None:
-    for name, field in type(params).model_fields.items():
+    for name, info in type(params).model_fields.items():
         value = getattr(params, name)
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if extra.get(KEY_OMIT_DEFAULT_MARK) and value == field.get_default(call_default_factory=True):
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get(KEY_OMIT_DEFAULT_MARK) and value == info.get_default(call_default_factory=True):
             dumped.pop(name, None)
         elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
             _omit_defaults(value, dumped[name])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,15 @@ class Recipe(Strict):
     goal: Goal | None = None
     stages: dict[str, StageSpec] = Field(min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _run_folder_name(cls, name: str) -> str:
+        """The name is the run's folder (``runs/<name>``): it must stay one folder inside ``runs/``."""
+        if any(c in "/\\" or unicodedata.category(c) == "Cc" for c in name) or not name.strip("."):
+            raise ValueError(f"recipe name {name!r} names the run folder runs/<name>: it may not hold / or \\ or "
+                             "control characters, nor be only dots (like '..')")
+        return name
+
     @field_validator("stages")
     @classmethod
     def _stage_names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
@@ -115,7 +125,7 @@ class Recipe(Strict):
         try:
             DataOptions.model_validate(self.data)
         except ValidationError as e:
-            raise ValueError(_format_validation(e, prefix="data")) from None
+            raise ValueError(_format_validation(e, prefix="data", model=DataOptions)) from None
         return self
 
     def data_options(self) -> Any:
@@ -155,7 +165,7 @@ def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{source}: {_format_validation(e)}") from None
+        raise RecipeError(f"{source}: {_format_validation(e, model=Recipe)}") from None
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -412,7 +422,9 @@ def _short(value: Any) -> str:
 # ----------------------------------------------------------------------------- errors
 
 
-def _format_validation(e: ValidationError, prefix: str = "") -> str:
+def _format_validation(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """The first errors as ``loc: message`` on one line. An unknown field names the closest valid
+    one of ``model`` (the class that was validated) at its place; a bad value is echoed."""
     msgs = []
     for err in e.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
@@ -421,6 +433,54 @@ def _format_validation(e: ValidationError, prefix: str = "") -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+            guess = _closest_field(model, err["loc"]) if model is not None else None
+            if guess:
+                msg += f" (did you mean {guess!r}?)"
+        elif err["type"] != "missing" and isinstance(err.get("input"), _SCALARS):
+            shown = _echo(err["input"])
+            if shown not in msg:
+                msg += f", got {shown}"
         msgs.append(f"{loc}: {msg}" if loc else msg)
     more = f" (and {len(e.errors()) - 5} more)" if len(e.errors()) > 5 else ""
     return "; ".join(msgs) + more
+
+
+#: values a type error echoes; a list or mapping is not (a YAML alias bomb would take forever to print)
+_SCALARS = (str, bytes, int, float, bool)
+
+
+def _echo(value: Any, width: int = 40) -> str:
+    if isinstance(value, int) and abs(value).bit_length() > 256:
+        return f"an integer of {abs(value).bit_length()} bits"  # str() of a huge int is refused by Python
+    text = repr(value[: width + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _closest_field(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The valid field name nearest to ``loc[-1]`` among the models that sit at ``loc[:-1]``."""
+    import difflib
+
+    candidates = [model]
+    for part in loc[:-1]:
+        inner = [m for c in candidates if isinstance(part, str) and part in c.model_fields
+                 for m in _models_in(c.model_fields[part].annotation)]
+        if inner:
+            candidates = inner
+        # else: a list index, dict key or union member tag: the element models are already the candidates
+    names = {alias for c in candidates for name, f in c.model_fields.items() for alias in (name, f.alias) if alias}
+    found = difflib.get_close_matches(str(loc[-1]), sorted(names), n=1, cutoff=0.6)
+    if not found:  # a setting of a nested config given one level too high (``batch_sise`` for ``train.batch_size``)
+        nested = {f"{name}.{inner}": inner for c in candidates for name, f in c.model_fields.items()
+                  for m in _models_in(f.annotation) for inner in m.model_fields}
+        close = difflib.get_close_matches(str(loc[-1]), sorted(set(nested.values())), n=1, cutoff=0.6)
+        found = [path for path, inner in sorted(nested.items()) if close and inner == close[0]][:1]
+    return found[0] if found else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Pydantic models an annotation holds: ``X``, ``X | None``, ``list[X]``, ``dict[str, X]``."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]

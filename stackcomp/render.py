@@ -77,7 +77,9 @@ def value(v: Any, width: int = 60) -> str:
 
 
 def leaderboard_columns(comparison: Any, compact: bool = False) -> list[tuple[str, Any]]:
-    """(header, row -> text) for the leaderboard; ``compact`` (terminal) drops the least needed columns."""
+    """(header, row -> text) for the leaderboard: the ranking metric and its Δ, then every other
+    metric of the task with its Δ in brackets. The same columns everywhere; ``compact`` (terminal)
+    only shortens the Pareto and goal cells."""
     rows = comparison.rows
     cols: list[tuple[str, Any]] = []
     if len(comparison.runs) > 1:
@@ -88,16 +90,18 @@ def leaderboard_columns(comparison: Any, compact: bool = False) -> list[tuple[st
         (f"{comparison.metric_name or 'metric'} %", lambda r: pct(r.metric)),
         ("Δ pts", lambda r: pts(r.delta_points)),
     ]
-    if not compact:
-        cols.append(("vs", lambda r: "itself" if r.baseline == r.leaf else r.baseline))
+    for name in comparison.metrics:
+        if name != comparison.metric_name:
+            cols.append((f"{name} % (Δ)", lambda r, n=name: _with_delta(pct(r.metrics.get(n)),
+                                                                         pts(r.metric_deltas.get(n)))))
     cols += [
+        ("vs", lambda r: "itself" if r.baseline == r.leaf else r.baseline),
         ("model MB", lambda r: mb(r.model_bytes)),
         ("linear MB", lambda r: mb(r.linear_bytes)),
         ("linear ×", lambda r: ratio(r.linear_ratio)),
         ("model ×", lambda r: ratio(r.model_ratio)),
+        ("× parent", lambda r: ratio(r.parent_ratio)),
     ]
-    if not compact:
-        cols.append(("× parent", lambda r: ratio(r.parent_ratio)))
     cols.append(("CPU ms", lambda r: ms(r.cpu_latency_ms)))
     if any(r.gpu_latency_ms is not None for r in rows):
         cols.append(("GPU ms", lambda r: ms(r.gpu_latency_ms)))
@@ -196,23 +200,66 @@ def verdict(comparison: Any) -> str | None:
 
 
 def rich_leaderboard(comparison: Any):
-    from rich.table import Table
-
-    from rich import box
-
+    """The leaderboard for a terminal: the markdown/HTML columns; where they do not fit the width,
+    the columns after the row names continue in further tables below (the names repeated)."""
     title = f"{comparison.task or ''} — {len(comparison.rows)} stacks, sorted by {comparison.metric_name or 'metric'}"
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     cols = leaderboard_columns(comparison, compact=True)
-    for header, _ in cols:
-        text = header in ("run", "leaf", "method", "vs", "Pareto", "goal")
-        table.add_column(header, justify="left" if text else "right", overflow="fold",
-                         no_wrap=header in ("leaf", "method", "Pareto", "goal"))
-    for r in comparison.rows:
-        style = "bold" if (r.pareto_bytes or r.pareto_latency) else None
-        if r.meets_goal is False:
-            style = "dim"
-        table.add_row(*_plain(*[fn(r) for _, fn in cols]), style=style)
-    return table
+    cells = [[fn(r) for _, fn in cols] for r in comparison.rows]
+    styles = ["dim" if r.meets_goal is False else "bold" if (r.pareto_bytes or r.pareto_latency) else None
+              for r in comparison.rows]
+    return _FoldedTable(title, [h for h, _ in cols], cells, styles, keys=("run", "leaf"))
+
+
+_TEXT_COLUMNS = ("run", "leaf", "method", "vs", "Pareto", "goal")
+
+
+class _FoldedTable:
+    """A rich table that splits its columns over as many stacked tables as the width needs, each
+    repeating the ``keys`` columns, instead of squeezing numbers into one character per line."""
+
+    def __init__(self, title: str, headers: list[str], cells: list[list[str]], styles: list[str | None],
+                 keys: tuple[str, ...]):
+        self.title, self.headers, self.cells, self.styles = title, headers, cells, styles
+        self.keys = [i for i, h in enumerate(headers) if h in keys]
+
+    def _width(self, i: int) -> int:
+        """The column's width with its padding and divider: its header or its longest cell."""
+        from rich.cells import cell_len
+
+        return max(cell_len(self.headers[i]), *(cell_len(row[i]) for row in self.cells)) + 3
+
+    def parts(self, max_width: int) -> list[list[int]]:
+        """Column indices of each stacked table: the key columns, then as many others as fit."""
+        base = sum(self._width(i) for i in self.keys) + 1
+        parts: list[list[int]] = []
+        used = max_width
+        for i in (i for i in range(len(self.headers)) if i not in self.keys):
+            if used + self._width(i) > max_width and (not parts or len(parts[-1]) > len(self.keys)):
+                parts.append(list(self.keys))
+                used = base
+            parts[-1].append(i)
+            used += self._width(i)
+        return parts or [list(self.keys)]
+
+    def table(self, columns: list[int], title: str | None):
+        from rich.table import Table
+
+        from rich import box
+
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+        for i in columns:
+            header = self.headers[i]
+            table.add_column(header, justify="left" if header in _TEXT_COLUMNS else "right", overflow="fold",
+                             no_wrap=header != "goal")
+        for row, style in zip(self.cells, self.styles):
+            table.add_row(*_plain(*[row[i] for i in columns]), style=style)
+        return table
+
+    def __rich_console__(self, console: Any, options: Any):
+        parts = self.parts(options.max_width)
+        for n, columns in enumerate(parts):
+            title = self.title if n == 0 else f"(continued, {n + 1}/{len(parts)})"
+            yield self.table(columns, title)
 
 
 def rich_attribution(comparison: Any):
@@ -267,9 +314,9 @@ def print_comparison(comparison: Any, console: Any, attribution: bool = True) ->
         console.print(rich_seed_table(comparison))
     if attribution:
         console.print(rich_attribution(comparison))
-    console.print("[dim]metric in %; Δ pts against the uncompressed parent (the stage before the first compressing "
-                  "one); MB = 10^6 bytes; model × against the fp32 dense model; ★ Pareto-optimal for S(ize) / "
-                  "L(atency)[/]")
+    console.print("[dim]metrics in %; Δ pts against the uncompressed parent (vs: the stage before the first "
+                  "compressing one); MB = 10^6 bytes; linear ×, model × against the fp32 dense bytes of that parent "
+                  "(removed layers count), × parent against its bytes; ★ Pareto-optimal for S(ize) / L(atency)[/]")
 
 
 def print_stage_analysis(stages: list[dict[str, Any]], console: Any) -> None:
@@ -401,8 +448,9 @@ def markdown_comparison(comparison: Any, plots: dict[str, str] | None = None, ti
     cols = leaderboard_columns(comparison)
     parts = [f"# {title}", "", _subtitle(comparison), ""]
     parts.append(md_table([h for h, _ in cols], [[fn(r) for _, fn in cols] for r in comparison.rows]))
-    parts += ["", "Metric in %, Δ pts against the uncompressed parent (column *vs*); MB = 10^6 bytes; "
-              "*model ×* against the fp32 dense model of the same architecture; ★ Pareto-optimal.", ""]
+    parts += ["", f"Metrics in %, ranked by {comparison.metric_name or 'n/a'}; Δ pts against the uncompressed "
+              "parent (column *vs*); MB = 10^6 bytes; *linear ×*, *model ×* against the fp32 dense bytes of that "
+              "parent (removed layers count), *× parent* against its bytes; ★ Pareto-optimal.", ""]
     for note in comparison.notes:
         parts.append(f"- note: {note}")
     for g in goals_text(comparison):
@@ -445,7 +493,9 @@ def markdown_report(rep: dict[str, Any], plots: dict[str, str] | None = None) ->
 
 def _subtitle(comparison: Any) -> str:
     runs = ", ".join(f"`{r.label}` ({r.dir})" for r in comparison.runs)
-    return f"Task {comparison.task or 'n/a'}, metric {comparison.metric_name or 'n/a'}; runs: {runs}."
+    metrics = ", ".join(comparison.metrics) or "n/a"
+    return (f"Task {comparison.task or 'n/a'}, ranked by {comparison.metric_name or 'n/a'} "
+            f"(metrics: {metrics}); runs: {runs}.")
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -485,9 +535,10 @@ def _html_comparison(comparison: Any, plots: dict[str, bytes], attribution: bool
                for r in comparison.rows]
     out = [f"<p>{e(_subtitle(comparison))}</p>", "<h2>Leaderboard</h2>",
            html_table([h for h, _ in cols], [[fn(r) for _, fn in cols] for r in comparison.rows], classes),
-           '<p class="note">Metric in %, Δ pts against the uncompressed parent (column <i>vs</i>); MB = 10^6 bytes; '
-           "<i>model ×</i> against the fp32 dense model of the same architecture; ★ Pareto-optimal "
-           "(bold rows).</p>"]
+           f'<p class="note">Metrics in %, ranked by {e(comparison.metric_name or "n/a")}; Δ pts against the '
+           "uncompressed parent (column <i>vs</i>); MB = 10^6 bytes; <i>linear ×</i>, <i>model ×</i> against the "
+           "fp32 dense bytes of that parent (removed layers count), <i>× parent</i> against its bytes; "
+           "★ Pareto-optimal (bold rows).</p>"]
     for note in comparison.notes:
         out.append(f'<p class="bad">note: {e(note)}</p>')
     goals = goals_text(comparison)

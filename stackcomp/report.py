@@ -284,7 +284,7 @@ def _goal(raw: Any, where: Path):
     try:
         return Goal.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{where}: goal.{_format_validation(e)}") from None
+        raise RecipeError(f"{where}: {_format_validation(e, prefix='goal', model=Goal)}") from None
 
 
 def _source_weight_bytes(lock: dict | None) -> int | None:
@@ -335,6 +335,7 @@ class StepDelta:
     d_model_bytes: float | None = None
     d_linear_bytes: float | None = None
     d_cpu_latency_ms: float | None = None
+    sizes_error: str | None = None  # why no size could be computed (e.g. the artifact failed its checksums)
 
 
 @dataclass
@@ -353,7 +354,7 @@ class Row:
     delta_points: float | None
     model_bytes: float | None
     linear_bytes: float | None
-    model_ratio: float | None  # against the fp32 dense equivalent of the same architecture
+    model_ratio: float | None  # fp32 dense bytes of the original (``ratio_reference``) / this model's bytes
     linear_ratio: float | None
     parent_ratio: float | None  # uncompressed parent's bytes / this model's bytes
     cpu_latency_ms: float | None
@@ -368,6 +369,13 @@ class Row:
     goal_failures: list[str] = field(default_factory=list)
     attribution: list[StepDelta] = field(default_factory=list)
     also_in: list[str] = field(default_factory=list)  # other runs with the same leaf model (same key)
+    #: every metric of the task the leaf recorded (None: not measured), and its change in points
+    #: against the uncompressed parent; ``metric`` is the one of them that ranks the board
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    metric_deltas: dict[str, float | None] = field(default_factory=dict)
+    #: whose fp32 dense bytes the ratios divide: the uncompressed parent (a stage, or "source"), or
+    #: the leaf itself when the parent's size is unknown (then removed layers are not seen)
+    ratio_reference: str | None = None
 
     @property
     def id(self) -> str:
@@ -431,10 +439,11 @@ class Comparison:
     runs: list[Run]
     rows: list[Row]
     task: str | None
-    metric_name: str | None
+    metric_name: str | None  # the metric that ranks the board (and decides Pareto fronts and goals)
     goals_given: bool
     notes: list[str] = field(default_factory=list)
     seed_groups: list[SeedGroup] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)  # every task metric a row recorded, the ranking one first
 
     @property
     def any_goal_met(self) -> bool | None:
@@ -447,7 +456,7 @@ class Comparison:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": JSON_SCHEMA, "task": self.task, "metric": self.metric_name,
+            "schema": JSON_SCHEMA, "task": self.task, "metric": self.metric_name, "metrics": self.metrics,
             "runs": [{"label": r.label, "recipe": r.name, "run_dir": str(r.dir),
                       "goal": r.goal.model_dump() if r.goal else None} for r in self.runs],
             "goals_given": self.goals_given, "any_goal_met": self.any_goal_met, "notes": self.notes,
@@ -456,10 +465,12 @@ class Comparison:
         }
 
 
-def compare(targets: list[str | Path], *, goal: Any = None, load_sizes: bool = True) -> Comparison:
+def compare(targets: list[str | Path], *, goal: Any = None, load_sizes: bool = True,
+            metric: str | None = None) -> Comparison:
     """Leaderboard of every leaf model of ``targets`` (run directories or recipe files that were run).
 
-    ``goal`` (a recipe ``Goal`` or its dict) replaces the runs' own goals for every row.
+    ``goal`` (a recipe ``Goal`` or its dict) replaces the runs' own goals for every row; ``metric``
+    (one the task defines) ranks the board instead of the task's main metric.
     """
     if not targets:
         raise StackcompError("compare: give at least one run directory or recipe file")
@@ -470,15 +481,20 @@ def compare(targets: list[str | Path], *, goal: Any = None, load_sizes: bool = T
             dirs.append(d)
     runs = [Run(d) for d in dirs]
     _disambiguate(runs)
-    return compare_runs(runs, goal=goal, load_sizes=load_sizes)
+    return compare_runs(runs, goal=goal, load_sizes=load_sizes, metric=metric)
 
 
-def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) -> Comparison:
+def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True,
+                 metric: str | None = None) -> Comparison:
     tasks = sorted({str(r.task) for r in runs if r.task})
     if len(tasks) > 1:
         raise StackcompError(f"the runs are on different tasks ({', '.join(tasks)}); a leaderboard compares one task")
     if goal is not None and not hasattr(goal, "model_dump"):
         goal = _goal(goal, Path("--goal"))
+    defined = task_metrics(tasks[0] if tasks else None, runs)
+    if metric is not None and metric not in defined:
+        raise StackcompError(f"--metric {metric!r}: not a metric of {tasks[0] if tasks else 'these runs'}; "
+                             f"available: {', '.join(defined) or 'none recorded'}")
     sizes = _SizeCache(load_sizes)
     rows, by_key, shared = [], {}, 0
     for run in runs:
@@ -488,7 +504,7 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
                 by_key[key].also_in.append(run.label)
                 shared += 1
                 continue
-            by_key[key] = _row(run, leaf, sizes)
+            by_key[key] = _row(run, leaf, sizes, metric, defined)
             rows.append(by_key[key])
     names = sorted({r.metric_name for r in rows if r.metric_name})
     if len(names) > 1:
@@ -502,10 +518,12 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True) 
             goals_given = True
             check_goal(row, g)
     rows.sort(key=_sort_key)
+    ranking = names[0] if names else metric
+    shown = [m for m in defined if m == ranking or any(r.metrics.get(m) is not None for r in rows)]
     return Comparison(runs=runs, rows=rows, task=tasks[0] if tasks else None,
-                      metric_name=names[0] if names else None, goals_given=goals_given,
-                      seed_groups=seed_groups(rows),
-                      notes=_latency_notes(runs, rows) + ([
+                      metric_name=ranking, goals_given=goals_given, seed_groups=seed_groups(rows),
+                      metrics=sorted(shown, key=lambda m: m != ranking),
+                      notes=_latency_notes(runs, rows) + sizes.notes() + ([
                           f"{shared} leaf model(s) shared by several runs (same stage key, one artifact) are "
                           "listed once, under the first run given"] if shared else []))
 
@@ -571,6 +589,8 @@ class _SizeCache:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._cache: dict[str, dict | None] = {}
+        #: "<run>/<stage>" -> why its size is n/a: the artifact is verified before its weights are read
+        self.errors: dict[str, str] = {}
 
     def get(self, run: Run, name: str) -> dict | None:
         if not self.enabled:
@@ -585,11 +605,53 @@ class _SizeCache:
                 self._cache[key] = size_report(load_model(run.artifact(name), device="cpu"))
             except (StackcompError, OSError) as e:
                 log.warning("no size for stage %r of %s: %s", name, run.label, e)
+                self.errors[f"{run.label}/{name}"] = str(e)
+        return self._cache[key]
+
+    def error(self, run: Run, name: str) -> str | None:
+        return self.errors.get(f"{run.label}/{name}")
+
+    def notes(self) -> list[str]:
+        return [f"no size for {where} (n/a): {why}" for where, why in self.errors.items()]
+
+    def source(self, run: Run) -> dict | None:
+        """size_report of the run's source model (with the task's head), for rows whose uncompressed
+        parent is the source: a compressing first stage (a distilled student) is compared to it."""
+        spec = run.recipe.get("model")
+        if not self.enabled or not spec:
+            return None
+        key = f"source:{spec}:{run.task}"
+        if key not in self._cache:
+            self._cache[key] = None
+            try:
+                from stackcomp.data.glue import get_task
+                from stackcomp.evaluate import size_report
+                from stackcomp.models import load_base_model
+
+                model, _ = load_base_model(str(spec), get_task(run.task) if run.task else None,
+                                           trust_remote_code=bool(run.recipe.get("trust_remote_code")),
+                                           allow_pickle=bool(run.recipe.get("allow_pickle")))
+                self._cache[key] = size_report(model)
+            except (StackcompError, OSError) as e:
+                log.warning("no size for the source model of %s: %s", run.label, e)
         return self._cache[key]
 
 
-def _main_metric(metrics: dict[str, Any]) -> tuple[str | None, float | None]:
-    name = metrics.get("main_metric")
+def task_metrics(task: str | None, runs: list[Run] = ()) -> list[str]:
+    """The metrics ``task`` defines (``TaskSpec.metrics``, in its order); for a task stackcomp does
+    not know, the main metrics the runs' stages recorded. Losses and timings are not task metrics."""
+    from stackcomp.data.glue import get_task
+
+    try:
+        return list(get_task(task).metrics) if task else []
+    except StackcompError:
+        recorded = (s.metrics.get("main_metric") for run in runs for s in run.stages.values())
+        return list(dict.fromkeys(m for m in recorded if isinstance(m, str)))
+
+
+def _main_metric(metrics: dict[str, Any], name: str | None = None) -> tuple[str | None, float | None]:
+    """``name`` (default: the stage's own ``main_metric``) and its value, if it recorded one."""
+    name = name or metrics.get("main_metric")
     value = metrics.get(name) if name else None
     return name, float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -602,9 +664,9 @@ def _num(metrics: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-def _stage_numbers(run: Run, name: str, sizes: _SizeCache) -> dict[str, Any]:
+def _stage_numbers(run: Run, name: str, sizes: _SizeCache, metric: str | None = None) -> dict[str, Any]:
     m = run.merged_metrics(name)
-    metric_name, metric = _main_metric(m)
+    metric_name, metric = _main_metric(m, metric)
     sizes_from = "measured" if _num(m, "model_bytes") is not None else None
     if sizes_from is None:
         computed = sizes.get(run, name)
@@ -620,17 +682,20 @@ def _diff(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
     return None if a is None or b is None else (a - b) * scale
 
 
-def _row(run: Run, leaf: str, sizes: _SizeCache) -> Row:
+def _row(run: Run, leaf: str, sizes: _SizeCache, metric: str | None = None, task_metrics: list[str] = ()) -> Row:
+    """The leaf's row: ranked by ``metric`` (default: the leaf's main metric), with every one of
+    ``task_metrics``, each against the uncompressed parent."""
     path = run.model_path(leaf)
     compressing = [n for n in path if run.compresses(n)]
-    numbers = {n: _stage_numbers(run, n, sizes) for n in path}
+    metric = metric or run.merged_metrics(leaf).get("main_metric")
+    numbers = {n: _stage_numbers(run, n, sizes, metric) for n in path}
     attribution, prev = [], None
     for n in path:
         cur = numbers[n]
         step = StepDelta(stage=n, pass_name=run.stages[n].pass_name, compresses=n in compressing,
                          seconds=run.stages[n].seconds, metric=cur["metric"], model_bytes=cur["model_bytes"],
                          linear_bytes=cur["linear_bytes"], cpu_latency_ms=cur["cpu_latency_ms"],
-                         sizes_from=cur["sizes_from"])
+                         sizes_from=cur["sizes_from"], sizes_error=None if cur["sizes_from"] else sizes.error(run, n))
         if prev is not None:
             step.d_metric_points = _diff(cur["metric"], prev["metric"], 100.0)
             step.d_model_bytes = _diff(cur["model_bytes"], prev["model_bytes"])
@@ -643,9 +708,23 @@ def _row(run: Run, leaf: str, sizes: _SizeCache) -> Row:
         baseline = path[first - 1] if first > 0 else "source"
     else:
         baseline = leaf  # nothing compressed: the model is its own uncompressed parent
+    if baseline == "source":
+        numbers["source"] = {"metrics": sizes.source(run) or {}, "metric": None}
     base = numbers.get(baseline, {})
     leaf_n = numbers[leaf]
     m = leaf_n["metrics"]
+    base_m = base.get("metrics") or {}
+    values = {name: _main_metric(m, name)[1] for name in task_metrics}
+    deltas = {name: _diff(v, _main_metric(base_m, name)[1], 100.0) for name, v in values.items()}
+    # ratios against the fp32 dense bytes of the original model, so removed layers count; the
+    # leaf's own dense equivalent only when the parent's size is unknown
+    reference = baseline if _num(base_m, "model_dense_bytes") is not None else leaf
+    ref_m = base_m if reference == baseline else m
+    model_ratio = _ratio(_num(ref_m, "model_dense_bytes"), leaf_n["model_bytes"])
+    linear_ratio = _ratio(_num(ref_m, "linear_dense_bytes"), leaf_n["linear_bytes"])
+    if reference == leaf:  # metrics written before dense bytes were recorded carry only the ratios
+        model_ratio = model_ratio or _num(m, "model_ratio_bytes")
+        linear_ratio = linear_ratio or _num(m, "linear_ratio_bytes")
     after_baseline = path[path.index(baseline) + 1:] if baseline in path else path
     method = "+".join(dict.fromkeys(run.stages[n].pass_name for n in compressing)) or UNCOMPRESSED
     return Row(
@@ -655,14 +734,18 @@ def _row(run: Run, leaf: str, sizes: _SizeCache) -> Row:
         baseline=baseline, baseline_metric=base.get("metric"),
         delta_points=_diff(leaf_n["metric"], base.get("metric"), 100.0),
         model_bytes=leaf_n["model_bytes"], linear_bytes=leaf_n["linear_bytes"],
-        model_ratio=_num(m, "model_ratio_bytes"), linear_ratio=_num(m, "linear_ratio_bytes"),
-        parent_ratio=(base["model_bytes"] / leaf_n["model_bytes"]
-                      if base.get("model_bytes") and leaf_n["model_bytes"] else None),
+        model_ratio=model_ratio, linear_ratio=linear_ratio,
+        parent_ratio=_ratio(_num(base_m, "model_bytes"), leaf_n["model_bytes"]),
         cpu_latency_ms=leaf_n["cpu_latency_ms"], latency_batch_size=_num(m, "latency_batch_size"),
         gpu_latency_ms=_num(m, *GPU_LATENCY_KEYS),
         compress_seconds=sum(run.stages[n].seconds for n in after_baseline) if compressing else 0.0,
         path_seconds=sum(run.stages[n].seconds for n in path), attribution=attribution,
+        metrics=values, metric_deltas=deltas, ratio_reference=reference if model_ratio is not None else None,
     )
+
+
+def _ratio(reference: float | None, size: float | None) -> float | None:
+    return reference / size if reference and size else None
 
 
 # ----------------------------------------------------------------------------- Pareto and goals
@@ -736,9 +819,9 @@ def _clean(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- one run in depth
 
 
-def run_report(target: str | Path, *, load_sizes: bool = True) -> dict[str, Any]:
+def run_report(target: str | Path, *, load_sizes: bool = True, metric: str | None = None) -> dict[str, Any]:
     """``compare`` of one run, plus every stage's analysis (report.json), the recipe and the lock."""
-    comparison = compare([target], load_sizes=load_sizes)
+    comparison = compare([target], load_sizes=load_sizes, metric=metric)
     run = comparison.runs[0]
     stages = []
     for name, rec in run.stages.items():
@@ -795,8 +878,8 @@ def diff_runs(target_a: str | Path, target_b: str | Path, *, load_sizes: bool = 
     """What differs between two runs: lock (environment, inputs), resolved recipe, and leaf results."""
     run_a, run_b = Run(resolve_run_dir(target_a), label="A"), Run(resolve_run_dir(target_b), label="B")
     sizes = _SizeCache(load_sizes)
-    rows_a = {leaf: _row(run_a, leaf, sizes) for leaf in run_a.leaf_models()}
-    rows_b = {leaf: _row(run_b, leaf, sizes) for leaf in run_b.leaf_models()}
+    rows_a = {leaf: _row(run_a, leaf, sizes, None, task_metrics(run_a.task, [run_a])) for leaf in run_a.leaf_models()}
+    rows_b = {leaf: _row(run_b, leaf, sizes, None, task_metrics(run_b.task, [run_b])) for leaf in run_b.leaf_models()}
     metrics = []
     for leaf in [*rows_a, *[l for l in rows_b if l not in rows_a]]:
         ra, rb = rows_a.get(leaf), rows_b.get(leaf)
@@ -808,7 +891,11 @@ def diff_runs(target_a: str | Path, target_b: str | Path, *, load_sizes: bool = 
             va, vb = getattr(ra, f), getattr(rb, f)
             if va != vb:
                 metrics.append({"leaf": leaf, "field": f, "a": va, "b": vb, "only_in": None})
-    notes = []
+        for name in [*ra.metrics, *[n for n in rb.metrics if n not in ra.metrics]]:
+            va, vb = ra.metrics.get(name), rb.metrics.get(name)
+            if va != vb and name != ra.metric_name:  # the ranking one is ``metric`` above
+                metrics.append({"leaf": leaf, "field": f"metrics.{name}", "a": va, "b": vb, "only_in": None})
+    notes = sizes.notes()
     if run_a.lock is None or run_b.lock is None:
         notes.append("run " + " and ".join(x for x, r in (("A", run_a), ("B", run_b)) if r.lock is None)
                      + " has no lock.json (made before locks existed); environment not compared")

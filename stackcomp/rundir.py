@@ -4,7 +4,9 @@ A run directory (``runs/<recipe name>`` unless ``-o`` says otherwise) holds::
 
     recipe.resolved.yaml   the recipe after includes, overrides and sweeps
     lock.json              what the run depended on (stackcomp.lock)
-    summary.json           every stage: key, parents, pass, status, metrics; written last
+    summary.json           every stage: key, parents, pass, status, metrics; failed and skipped
+                           stages; written last, also when a stage failed
+    logs/<stage>.log       what a stage logged; a failed stage's traceback
     artifacts/<key>/       one folder per stage (stackcomp.artifacts), or in a shared cache
 
 This is the lowest layer: it imports only the standard library and ``stackcomp.errors``, so the
@@ -30,6 +32,7 @@ SUMMARY = "summary.json"
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 LOCK = "lock.json"
 ARTIFACTS = "artifacts"
+LOGS = "logs"
 #: in a stage artifact (``artifacts/<key>/``)
 STAGE = "stage.json"
 METRICS = "metrics.json"
@@ -40,6 +43,22 @@ MODEL_DIR = "model"
 #: in a model folder (an artifact's ``model/``, or an export)
 WEIGHTS = "model.safetensors"
 MANIFEST = "stackcomp_manifest.json"
+MODEL_CONFIG = "config.json"
+
+#: kinds of folder stackcomp writes, and the files each must hold. Its ``CHECKSUMS.json`` lists
+#: every one of them and every other file in the folder (tokenizer files, a pass's own files):
+#: a required file not listed, a listed file missing or changed, a file not listed, or a
+#: symbolic link anywhere makes the folder corrupt (stackcomp.artifacts.verify_folder)
+STAGE_KIND = "stage"  # artifacts/<key>/; which of the two below, its stage.json says
+STAGE_WITH_MODEL = "stage with model"  # a stage that saved its model in model/
+STAGE_WITHOUT_MODEL = "stage without model"  # a stage that kept its parent's (stage.json: model_from)
+EXPORT_KIND = "export"  # a model folder written by the export pass or stackcomp.save
+MODEL_FILES = (WEIGHTS, MODEL_CONFIG, MANIFEST)
+REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    STAGE_WITH_MODEL: (STAGE, METRICS, REPORT, TIMINGS, *(f"{MODEL_DIR}/{f}" for f in MODEL_FILES)),
+    STAGE_WITHOUT_MODEL: (STAGE, METRICS, REPORT, TIMINGS),
+    EXPORT_KIND: MODEL_FILES,
+}
 
 #: where ``stackcomp run`` puts runs without ``-o``
 RUNS_ENV = "STACKCOMP_RUNS"
@@ -126,6 +145,10 @@ class RunDir:
     def lock_path(self) -> Path:
         return self.path / LOCK
 
+    def stage_log_path(self, stage: str) -> Path:
+        """``logs/<stage>.log``: the stage's log lines and, if it failed, its traceback."""
+        return self.path / LOGS / f"{safe_file_name(stage)}.log"
+
     def has_summary(self) -> bool:
         return self.summary_path.is_file()
 
@@ -159,9 +182,18 @@ class RunDir:
 # ----------------------------------------------------------------------------- finding a run
 
 
+def safe_file_name(name: str) -> str:
+    """``name`` as one file name: letters, digits and ``-_.`` kept, anything else ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def default_run_dir(recipe_name: str) -> Path:
-    """Where ``stackcomp run`` puts a recipe's run without ``-o``: ``$STACKCOMP_RUNS/<name>``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name)
+    """Where ``stackcomp run`` puts a recipe's run without ``-o``: ``$STACKCOMP_RUNS/<name>``, always
+    one folder inside it (a name like ``..`` would otherwise put the run outside)."""
+    safe = safe_file_name(recipe_name)
+    if not safe.strip("."):
+        raise RecipeError(f"recipe name {recipe_name!r} cannot name a run folder inside "
+                          f"{os.environ.get(RUNS_ENV, 'runs')}/; rename the recipe or give -o")
     return Path(os.environ.get(RUNS_ENV, "runs")) / safe
 
 

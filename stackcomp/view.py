@@ -21,8 +21,8 @@ from stackcomp.progress import NULL_PROGRESS, RichProgress
 
 
 class RunView:
-    """The rich tree of a running plan (✓ cached / ✓ seconds / ▶ running / · waiting) and the
-    progress bars of the running stage; silent without a console."""
+    """The rich tree of a running plan (✓ cached / ✓ seconds / ▶ running / · waiting / ✗ failed /
+    - skipped) and the progress bars of the running stage; silent without a console."""
 
     def __init__(self, plan: Plan, run_dir: Path, outcomes: dict[str, StageOutcome], console: Any = None):
         self.plan = plan
@@ -63,8 +63,9 @@ class RunView:
             self._live = live
             try:
                 yield
+            finally:  # also when the run stops: the tree shows how far it got
+                self.current = None
                 live.update(self._renderable(final=True))
-            finally:
                 self._live = None
 
     def running(self, name: str | None) -> None:
@@ -81,15 +82,20 @@ class RunView:
         return self._tree() if final else Group(self._tree(), self._progress)
 
     def _tree(self):
+        from rich.markup import escape
         from rich.tree import Tree
 
-        tree = Tree(f"[bold]{self.plan.recipe.name}[/] [dim]({self.run_dir})[/]")
+        tree = Tree(f"[bold]{escape(self.plan.recipe.name)}[/] [dim]({escape(str(self.run_dir))})[/]")
         nodes: dict[str, Any] = {}
         for name in self.plan.order:
             stage = self.plan.stages[name]
             outcome = self.outcomes.get(name)
             if outcome and outcome.status == "cached":
                 mark = "[green]✓[/] [dim]cached[/]"
+            elif outcome and outcome.status == "failed":
+                mark = f"[bold red]✗ failed[/] [red]{escape(outcome.error or '')}[/]"
+            elif outcome and outcome.status == "skipped":
+                mark = f"[dim]- skipped ({escape(outcome.reason or '')})[/]"
             elif outcome:
                 mark = f"[green]✓[/] {outcome.seconds:.1f}s"
             elif name == self.current:
@@ -97,7 +103,7 @@ class RunView:
             else:
                 mark = "[dim]· waiting[/]"
             main = headline(outcome.metrics) if outcome else ""
-            label = f"{name} [dim]{stage.pass_name}[/] {mark} {main}"
+            label = f"{escape(name)} [dim]{escape(stage.pass_name)}[/] {mark} {main}"
             parent = nodes.get(stage.parents[0]) if stage.parents else None
             nodes[name] = (parent or tree).add(label)
         return tree
@@ -115,7 +121,9 @@ def headline(metrics: dict[str, Any]) -> str:
         parts.append(f"{metrics['model_bytes'] / 1e6:.1f}MB")
     if metrics.get("latency_ms_per_batch"):
         parts.append(f"{metrics['latency_ms_per_batch']:.1f}ms/batch")
-    return "[cyan]" + "  ".join(parts) + "[/]" if parts else ""
+    from rich.markup import escape
+
+    return "[cyan]" + escape("  ".join(parts)) + "[/]" if parts else ""
 
 
 def build_summary(plan: Plan, full_plan: Plan, store: ArtifactStore, outcomes: dict[str, StageOutcome],
@@ -123,10 +131,12 @@ def build_summary(plan: Plan, full_plan: Plan, store: ArtifactStore, outcomes: d
     """``summary.json``: every stage of ``plan``, plus the stages of ``full_plan`` (the whole recipe,
     when ``plan`` is an ``--only`` part of it) whose artifacts and ancestors are there, so that
     successive ``--only`` runs add up. Everything ``report``/``compare`` need of the plan is here:
-    they read runs without planning them again."""
-    shown = set(plan.order)
+    they read runs without planning them again. Stages that failed or were skipped are not among
+    ``stages`` (they have no artifact) but listed in ``failed`` and ``skipped``."""
+    unfinished = {n for n, o in outcomes.items() if not o.finished}
+    shown = {n for n in plan.order if n not in unfinished and (n in outcomes or store.is_complete(plan.stages[n].key))}
     for name in full_plan.order:  # topological: a stage is shown once its ancestors are
-        if (name not in shown and store.is_complete(full_plan.stages[name].key)
+        if (name not in shown and name not in unfinished and store.is_complete(full_plan.stages[name].key)
                 and all(a in shown for a in full_plan.ancestors(name))):
             shown.add(name)
     stages = []
@@ -144,4 +154,8 @@ def build_summary(plan: Plan, full_plan: Plan, store: ArtifactStore, outcomes: d
         "seconds": round(seconds, 3),
         "ran": list(ran), "stackcomp_version": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device), "stages": stages,
+        "failed": [{"stage": o.name, "pass": o.pass_name, "key": o.key, "error": o.error, "log": o.log,
+                    "seconds": round(o.seconds, 3)} for n in plan.order if (o := outcomes.get(n)) and o.status == "failed"],
+        "skipped": [{"stage": o.name, "pass": o.pass_name, "key": o.key, "reason": o.reason}
+                    for n in plan.order if (o := outcomes.get(n)) and o.status == "skipped"],
     }

@@ -79,11 +79,15 @@ class Run:
     """One recipe in one run directory, with the stage keys computed in this process."""
 
     def __init__(self, recipe: Path, run_dir: Path, env: dict[str, str]):
+        from unittest import mock
+
         from stackcomp.plan import build_plan
         from stackcomp.recipe import load_recipe
 
         self.recipe, self.run_dir, self.env = recipe, run_dir, env
-        plan = build_plan(load_recipe(recipe))
+        # keys cover the data files: compute them on the data the child runs on
+        with mock.patch.dict(os.environ, {"STACKCOMP_DATA_DIR": env["STACKCOMP_DATA_DIR"]}):
+            plan = build_plan(load_recipe(recipe))
         assert [n for n in plan.order] == STAGES, plan.order
         self.keys = {n: plan.stages[n].key for n in STAGES}
         self.artifacts = run_dir / "artifacts"

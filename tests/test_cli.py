@@ -41,7 +41,7 @@ def test_validate_errors_exit_2_without_traceback(tmp_path, text, needle):
     assert "Traceback" not in result.output
 
 
-def test_validate_ok_and_plan_draws_the_tree(tmp_path):
+def test_validate_ok_and_plan_draws_the_tree(tmp_path, data_env):  # validate checks the data is there
     p = write(tmp_path, DEMO)
     r = runner.invoke(app, ["validate", str(p)])
     assert r.exit_code == 0 and "2 stages" in r.output
@@ -49,7 +49,7 @@ def test_validate_ok_and_plan_draws_the_tree(tmp_path):
     assert r.exit_code == 0 and "ft" in r.output and "to run" in r.output
 
 
-def test_plan_and_summary_show_swept_stage_names_literally(tmp_path):
+def test_plan_and_summary_show_swept_stage_names_literally(tmp_path, data_env):
     """Sweep clones are named like ``ft[lr=1e-05]``, which rich would read as markup and drop."""
     from stackcomp.cli import summary_table
     from rich.console import Console
@@ -104,7 +104,7 @@ def test_new_pass_writes_a_plugin_whose_test_passes(tmp_path):
     assert r.exit_code == 2
 
 
-def test_plan_only_keeps_what_the_named_stages_need(tmp_path):
+def test_plan_only_keeps_what_the_named_stages_need(tmp_path, data_env):
     import json
 
     p = write(tmp_path, """

@@ -154,3 +154,25 @@ def test_diff_cli(runs):
     assert {x["field"] for x in out["recipe"]} >= {"name", "seed", "stages.ft.params.max_steps", "stages.ds_a"}
     r = invoke("diff", runs["run1"], runs["run1"])
     assert r.exit_code == 0 and "0 difference(s)" in r.output
+
+
+def test_terminal_leaderboard_has_every_column_at_any_width(runs, tmp_path):
+    """The terminal board has the markdown's columns (vs, × parent too); narrow, they continue below."""
+    assert invoke("compare", runs["run1"], "--markdown", tmp_path / "cmp.md").exit_code == 0
+    md = (tmp_path / "cmp.md").read_text()
+    headers = [h.strip() for h in next(l for l in md.splitlines() if l.startswith("| leaf")).split("|")[1:-1]]
+    assert {"vs", "× parent", "model ×"} <= set(headers)
+    for width in ("80", "200"):
+        r = invoke("compare", runs["run1"], env={"COLUMNS": width})
+        assert r.exit_code == 0, r.output
+        board = r.output[:r.output.index("per-stage attribution")]
+        assert all(h in board for h in headers), (width, board)
+        assert max(len(line) for line in board.splitlines()) <= int(width)
+        assert ("continued" in board) == (width == "80")
+
+
+def test_metric_option_on_a_one_metric_task(runs):
+    r = invoke("compare", runs["run1"], "--metric", "accuracy", "--json")
+    assert r.exit_code == 0 and _json(r)["metric"] == "accuracy" and _json(r)["metrics"] == ["accuracy"]
+    r = invoke("compare", runs["run1"], "--metric", "f1")
+    assert r.exit_code == 2 and "available: accuracy" in r.output and "Traceback" not in r.output

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from stackcomp.artifacts import load_model, save_model
+from stackcomp.artifacts import export_model, load_model
 from stackcomp.distill.students import cut_student, default_keep, student_from_config, student_from_pretrained
 from stackcomp.errors import ModelError, RecipeError
 from tests.conftest import make_tiny_model
@@ -60,7 +60,7 @@ def test_cut_copies_the_kept_layers_and_leaves_the_teacher_alone(kind, path):
 
 def test_cut_student_survives_save_and_load(tmp_path):
     student, _ = cut_student(_deep("bert", 4))
-    save_model(student, tmp_path / "m")
+    export_model(student, tmp_path / "m")
     back = load_model(tmp_path / "m")
     assert back.config.num_hidden_layers == 2
     x = _inputs()

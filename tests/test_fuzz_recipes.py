@@ -402,9 +402,9 @@ def test_tags_are_refused_with_how_to(tmp_path):
     (["stages.ft.params.lr=1,2", "stages.ft.params.lr=3,4"], "swept twice"),
     (["stages.ft.params.lr=1,1"], "would exist twice"),
 ])
-def test_sweeps_compose(tmp_path, overrides, needle):
-    p = tmp_path / "r.yaml"
-    p.write_text("name: s\nmodel: m\ntask: glue/sst2\nstages:\n  ft: {pass: finetune}\n"
+def test_sweeps_compose(tmp_path, overrides, needle, data_env):
+    p = tmp_path / "r.yaml"  # a model and data that exist: validate checks the inputs too
+    p.write_text("name: s\nmodel: minilm-l6\ntask: glue/sst2\nstages:\n  ft: {pass: finetune}\n"
                  "  ds: {pass: evaluate, after: ft}\n  ev: {pass: evaluate, after: ds}\n")
     r = runner.invoke(app, ["validate", str(p), *overrides])
     if needle is None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackcomp.artifacts import MANIFEST, load_model, save_model
+from stackcomp.artifacts import MANIFEST, export_model, load_model
 from stackcomp.errors import ArtifactError
 from stackcomp.evaluate import size_report
 from stackcomp.nn.quantized import (
@@ -303,7 +303,7 @@ def test_pass_int4_changes_tables_keeps_logits_close_and_round_trips(tmp_path, f
     assert not torch.equal(y, ref)
     assert float((y - ref).norm() / ref.norm()) < 0.2
 
-    save_model(model, tmp_path / "m")
+    export_model(model, tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
     word = next(n for n in tables if n.endswith("word_embeddings"))
     assert manifest["layers"][word] == {"type": "Int4Embedding", "layout_version": 1, "num_embeddings": 30522,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stackcomp.artifacts import load_model, save_model
+from stackcomp.artifacts import export_model, load_model
 from stackcomp.errors import PlanError
 from stackcomp.kernels import pack_ds
 from stackcomp.kernels.reference import ds_forward_reference
@@ -163,7 +163,7 @@ def test_int8_pass_on_ds_round_trips_save_load(tmp_path, backend):
     with torch.no_grad():
         y = model(input_ids=ids).logits
     assert rel(y, ref) < 0.1
-    save_model(model, tmp_path / "m")
+    export_model(model, tmp_path / "m")
     again = load_model(tmp_path / "m")
     assert {type(m).__name__ for m in again.modules()} == kinds
     with torch.no_grad():

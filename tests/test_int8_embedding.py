@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from stackcomp.artifacts import MANIFEST, load_model, save_model
+from stackcomp.artifacts import MANIFEST, export_model, load_model
 from stackcomp.errors import ArtifactError
 from stackcomp.evaluate import size_report
 from stackcomp.nn.quantized import Int8Embedding, QuantizationError
@@ -120,7 +120,7 @@ def test_pass_quantizes_word_position_and_token_type_tables(tmp_path, kind):
         y = model(input_ids=ids).logits
     assert float((y - ref).norm() / ref.norm()) < 0.1
 
-    save_model(model, tmp_path / "m")
+    export_model(model, tmp_path / "m")
     manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
     word = next(n for n in tables if n.endswith("word_embeddings"))
     assert manifest["layers"][word] == {"type": "Int8Embedding", "layout_version": 1, "num_embeddings": 30522,

@@ -325,9 +325,11 @@ def test_cpu_build_is_cached(ext):
     assert float(secs) < 15, f"loading the cached kernel took {secs} s (rebuilt?)"
 
 
-def test_failed_build_falls_back(monkeypatch, caplog):
+def test_failed_build_falls_back(monkeypatch, caplog, tmp_path):
     """A build that fails logs once, get_extension() returns None, and layers run on torch."""
     from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no finished build to load: it must build
 
     calls = []
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 import stackcomp
-from stackcomp.artifacts import load_model, save_model
+from stackcomp.artifacts import export_model
 from stackcomp.errors import ArtifactError, PlanError
 from stackcomp.kernels import KernelError, ds_cpu
 from stackcomp.kernels.reference import ds_forward_act8_reference, ds_forward_reference
@@ -189,7 +189,7 @@ def test_pack_pass_save_load_and_exact_storage(tmp_path, int8):
         after = model(input_ids=ids).logits
     # the packed model computes what the unpacked one did (int8: packed kernel vs int8 backend arithmetic)
     assert rel_err(after, before) < (1e-4 if not int8 else 5e-2)
-    folder = save_model(model, tmp_path / "packed")
+    folder = export_model(model, tmp_path / "packed")
     again = stackcomp.load(folder)
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, after)

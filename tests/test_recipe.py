@@ -54,6 +54,14 @@ def test_after_accepts_a_string(tmp_path):
     (lambda d: d.update(data={"max_length": "long"}), "data.max_length"),
     (lambda d: d.update(data={"nope": 1}), "data.nope"),
     (lambda d: d["stages"].update({"bad name!": {"pass": "finetune"}}), "stage name"),
+    # an unknown field names the closest valid one of the model at its place; a bad value is echoed
+    (lambda d: d.update(modle="m"), "modle: unknown field (did you mean 'model'?)"),
+    (lambda d: d["stages"]["ft"].update(aftr="x"), "stages.ft.aftr: unknown field (did you mean 'after'?)"),
+    (lambda d: d.update(goal={"metric_dorp": 1}), "goal.metric_dorp: unknown field (did you mean 'metric_drop'?)"),
+    (lambda d: d.update(data={"max_lenght": 8}), "data.max_lenght: unknown field (did you mean 'max_length'?)"),
+    (lambda d: d.update(seed="soon"), "seed: Input should be a valid integer, unable to parse string as an integer, "
+                                      "got 'soon'"),
+    (lambda d: d.update(name="x" * 500), "got '" + "x" * 38 + "…"),  # long values are cut
 ])
 def test_invalid_recipes_name_the_field(mutate, needle):
     import copy
@@ -174,3 +182,30 @@ def test_overrides_and_sweeps_reach_stage_names_with_dots():
     assert {"ds2.8x[batch_size=4]", "ds2.8x[batch_size=8]"} <= set(r.stages)
     with pytest.raises(RecipeError, match="no stage named 'ds2'"):
         recipe_from_dict(raw, ["stages.ds2.9x.params.lr=1"])
+
+
+def test_validate_suggests_the_field_and_echoes_the_value(tmp_path):
+    """Through the CLI: one line, exit 2, the nearest valid name (nested pass params too), the bad value."""
+    from typer.testing import CliRunner
+
+    from stackcomp.cli import app
+
+    cases = [
+        ("stages: {ft: {pass: finetune, params: {train: {epoch: 1}}}}",
+         "params.train.epoch: unknown field (did you mean 'epochs'?)"),
+        ("stages: {ft: {pass: finetune, params: {batch_sise: 8}}}",
+         "params.batch_sise: unknown field (did you mean 'train.batch_size'?)"),
+        ("tsak: glue/sst2\nstages: {ft: {pass: finetune}}", "tsak: unknown field (did you mean 'task'?)"),
+        ("stages: {ft: {pass: finetune, params: {lr: fast}}}", "params.train.lr: Input should be a valid number"),
+    ]
+    for i, (body, needle) in enumerate(cases):
+        p = tmp_path / f"r{i}.yaml"
+        p.write_text(f"name: r\nmodel: minilm-l6\ntask: glue/sst2\n{body}\n".replace("task: glue/sst2\ntsak", "tsak"))
+        r = CliRunner().invoke(app, ["validate", str(p)], terminal_width=400)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and needle in r.output, r.output
+    assert "got 'fast'" in r.output
+    p = tmp_path / "far.yaml"
+    p.write_text("name: r\nmodel: minilm-l6\ntask: glue/sst2\nzzzz: 1\nstages: {ft: {pass: finetune}}\n")
+    r = CliRunner().invoke(app, ["validate", str(p)])
+    assert r.exit_code == 2 and "zzzz: unknown field" in r.output and "did you mean" not in r.output

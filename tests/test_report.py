@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -52,8 +53,15 @@ def test_rows_match_what_the_runs_wrote(runs):
         assert r.baseline == "ft" and r.baseline_metric == ft_acc
         assert r.delta_points == pytest.approx(100 * (m["accuracy"] - ft_acc))
         assert r.model_bytes == m["model_bytes"] and r.linear_bytes == m["linear_bytes"]
+        # ratios against the fp32 dense bytes of the uncompressed parent (same architecture here: the
+        # leaf's own dense equivalent gives the same numbers)
+        ft_m = s["eval"]["metrics"]
+        assert r.ratio_reference == "ft"
+        assert r.linear_ratio == pytest.approx(ft_m["linear_dense_bytes"] / m["linear_bytes"])
         assert r.linear_ratio == pytest.approx(m["linear_dense_bytes"] / m["linear_bytes"])
-        assert r.model_ratio == m["model_ratio_bytes"]
+        assert r.model_ratio == pytest.approx(ft_m["model_dense_bytes"] / m["model_bytes"])
+        assert r.model_ratio == pytest.approx(m["model_ratio_bytes"])
+        assert r.metrics == {"accuracy": m["accuracy"]} and r.metric_deltas["accuracy"] == r.delta_points
         assert r.parent_ratio == pytest.approx(s["eval"]["metrics"]["model_bytes"] / m["model_bytes"])
         assert r.cpu_latency_ms == m["latency_ms_per_batch"] and r.gpu_latency_ms is None
         assert r.compress_seconds == pytest.approx(_seconds(runs["run1"], leaf))
@@ -226,18 +234,26 @@ def test_lock_records_versions_seeds_hashes_and_hardware(runs, tiny_model_dirs, 
     assert lock2["seeds"]["recipe"] == 7 and lock2["model"]["sha256"] == lock["model"]["sha256"]
 
 
-def test_lock_reuses_hashes_of_unchanged_files(runs, tmp_path):
-    from stackcomp.lock import file_entry
+def test_lock_reuses_hashes_of_unchanged_files(runs, tmp_path, monkeypatch):
+    from stackcomp import fingerprint
+    from stackcomp.fingerprint import HashCache
 
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", 0)  # cache a file just written
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x" * 1000)
-    entry = file_entry(f)
+    cache_file = tmp_path / "hashes.json"
+    cache = HashCache(cache_file)
+    entry = cache.record(f)
     assert entry["sha256"] == hashlib.sha256(b"x" * 1000).hexdigest()
-    planted = {(entry["path"], entry["bytes"], entry["mtime_ns"]): "planted"}
-    assert file_entry(f, planted)["sha256"] == "planted"  # same path, size and mtime: not re-read
+    cache.save()
+    stored = json.loads(cache_file.read_text())
+    stored["files"][entry["path"]][3] = "planted"
+    cache_file.write_text(json.dumps(stored))
+    assert HashCache(cache_file).record(f)["sha256"] == "planted"  # same path, size and times: not re-read
+    time.sleep(0.05)  # past the timestamp granularity
     f.write_bytes(b"y" * 1000)
-    os.utime(f, ns=(entry["mtime_ns"] + 10**9, entry["mtime_ns"] + 10**9))
-    assert file_entry(f, planted)["sha256"] == hashlib.sha256(b"y" * 1000).hexdigest()
+    os.utime(f, ns=(entry["mtime_ns"], entry["mtime_ns"]))  # mtime set back: the ctime still tells
+    assert HashCache(cache_file).record(f)["sha256"] == hashlib.sha256(b"y" * 1000).hexdigest()
 
 
 # ----------------------------------------------------------------------------- diff

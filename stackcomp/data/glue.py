@@ -14,6 +14,7 @@ are accepted too.
 from __future__ import annotations
 
 import csv
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -128,7 +129,9 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
         raise DataError(f"task must be a name like 'glue/sst2', got {type(name).__name__}")
     canonical = _ALIASES.get(_norm(name))
     if canonical is None:
-        raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+        close = difflib.get_close_matches(_norm(name), list(_ALIASES), n=1, cutoff=0.6)
+        hint = f"did you mean {_ALIASES[close[0]]!r}? " if close else ""
+        raise DataError(f"unknown task {name!r}; {hint}known tasks: {', '.join(TASKS)} "
                         "(GLUE folder names like 'SST-2' work too)")
     return TASKS[canonical]
 
@@ -298,17 +301,19 @@ def _load_hub(spec: TaskSpec, split: str, local_note: str) -> datasets.Dataset:
         ds = datasets.load_dataset(hub_id, config, split=hub_split)
     except Exception as e:  # offline, not cached, network: all end the same way for the user
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(
-            f"{spec.name} {split}: could not load {hub_id} (config {config!r}, split {hub_split!r}) from the hub: "
-            f"{type(e).__name__}: {cause[:300]}. {local_note} To use local files, set {DATA_DIR_ENV} "
-            f"(or data.data_dir in the recipe) to a folder holding glue/{spec.glue_dir}/{split}.tsv "
-            "in the standard GLUE layout."
-        ) from None
+        raise DataError(_hub_failure_message(spec, split, f"{type(e).__name__}: {cause[:300]}", local_note)) from None
     label = ds.features.get("label")
     if isinstance(label, datasets.ClassLabel) and tuple(label.names) != spec.label_names:
         raise DataError(f"{hub_id}/{config}: hub label names {label.names} differ from {spec.label_names}; "
                         "stackcomp's task table needs an update")
     return ds.select_columns([*spec.text_fields, "label", "idx"])
+
+
+def _hub_failure_message(spec: TaskSpec, split: str, why: str, local_note: str) -> str:
+    hub_id, config = spec.hub
+    return (f"{spec.name} {split}: could not load {hub_id} (config {config!r}, split {spec.hub_split(split)!r}) "
+            f"from the hub: {why}. {local_note} To use local files, set {DATA_DIR_ENV} (or data.data_dir in the "
+            f"recipe) to a folder holding glue/{spec.glue_dir}/{split}.tsv in the standard GLUE layout.")
 
 
 def load_split(task: str | TaskSpec, split: str = "train",
@@ -326,12 +331,60 @@ def load_split(task: str | TaskSpec, split: str = "train",
         return _load_hub(spec, split, f"No local files: {DATA_DIR_ENV} is unset.")
     path = local_path(spec, split, data_dir)
     if not path.is_file():
-        present = sorted(p.name for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
-        found = f" ({path.parent} holds {', '.join(present)})" if present else ""
-        raise DataError(
-            f"{spec.name} {split}: no file at {path}{found}; the data dir {data_dir} comes from {origin}. "
+        raise DataError(_missing_file_message(spec, split, path, data_dir, origin))
+    return read_tsv(spec, split, path)
+
+
+def _missing_file_message(spec: TaskSpec, split: str, path: Path, data_dir: str | os.PathLike, origin: str) -> str:
+    present = sorted(p.name for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
+    found = f" ({path.parent} holds {', '.join(present)})" if present else ""
+    return (f"{spec.name} {split}: no file at {path}{found}; the data dir {data_dir} comes from {origin}. "
             f"Put the GLUE files there as glue/{spec.glue_dir}/{split}.tsv (standard GLUE layout), point "
             f"{DATA_DIR_ENV} at a folder that holds them, or unset {DATA_DIR_ENV} (and data.data_dir) "
-            f"to load {spec.hub[0]} ({spec.hub[1]}) from the hub."
-        )
-    return read_tsv(spec, split, path)
+            f"to load {spec.hub[0]} ({spec.hub[1]}) from the hub.")
+
+
+def check_splits_available(task: str | TaskSpec, splits: tuple[str, ...] | list[str],
+                           data_dir: str | os.PathLike | None = None) -> None:
+    """Raise the DataError :func:`load_split` would raise for a missing split, without reading
+    anything: a local file that is not there, or (offline) a hub dataset not in the local cache.
+    Online, the hub is assumed reachable."""
+    spec = get_task(task)
+    origin = "the data_dir argument (data.data_dir in a recipe)" if data_dir is not None else DATA_DIR_ENV
+    data_dir = data_dir if data_dir is not None else default_data_dir()
+    for split in splits:
+        split = resolve_split(spec, split)
+        if data_dir is not None:
+            path = local_path(spec, split, data_dir)
+            if not path.is_file():
+                raise DataError(_missing_file_message(spec, split, path, data_dir, origin))
+        elif _offline() and not _hub_dataset_cached(spec):
+            raise DataError(_hub_failure_message(spec, split, "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and "
+                                                 "not in the local cache", f"No local files: {DATA_DIR_ENV} is unset."))
+
+
+def _offline() -> bool:
+    on = {"1", "ON", "YES", "TRUE"}
+    return any(os.environ.get(v, "").strip().upper() in on for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_dataset_revision(repo_id: str) -> str | None:
+    """The commit of a hub dataset in the local Hugging Face cache (what an offline load reads), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "README.md", repo_type="dataset")
+    except Exception:  # no huggingface_hub, or an id it refuses
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def _hub_dataset_cached(spec: TaskSpec) -> bool:
+    """Whether an offline ``load_dataset`` can find the task: the hub cache or the datasets cache holds it."""
+    if hub_dataset_revision(spec.hub[0]) is not None:
+        return True
+    try:
+        from datasets import config
+    except ImportError:
+        return False
+    return (Path(config.HF_DATASETS_CACHE) / spec.hub[0].replace("/", "___") / spec.hub[1]).is_dir()

@@ -43,7 +43,7 @@ class DataOptions(BaseModel):
     max_train_samples: int | None = Field(default=None, ge=1, description="seeded random subset of train")
     max_eval_samples: int | None = Field(default=None, ge=1, description="seeded random subset of the eval split")
     max_length: int = Field(default=128, ge=2, description="tokens per example after truncation")
-    seed: int = Field(default=42, ge=0, description="seed for sample caps, shuffling and calibration picks")
+    seed: int = Field(default=42, ge=0, lt=2**32, description="seed for sample caps, shuffling and calibration picks")
     group_by_length: bool = Field(default=True, description="train batches of similar length (less padding)")
     data_dir: str | None = Field(default=None, description="folder holding glue/<TASK>/*.tsv; "
                                  "default $STACKCOMP_DATA_DIR, else the hub")

@@ -6,9 +6,19 @@ hash of the source, the flags and the CPU's ISA flags, so a cache shared between
 versions never loads a stale or foreign binary. If the build fails, one warning is logged and
 :func:`get_extension` returns ``None`` from then on: callers fall back to the torch path.
 
+Builds survive kills and do not depend on the ``ninja`` on PATH (:func:`load_extension`): a
+build holds a ``filelock`` lock (the OS releases it when its holder dies), so a build killed
+half-way leaves no lock that blocks the next one; torch's own lock file (``lock``, which a killed
+build leaves behind and torch then waits on forever) is removed under that lock, with a warning.
+A finished build is marked by a stamp file and loaded directly from then on, without running
+ninja: ninja 1.11 and 1.13 write incompatible ``.ninja_log`` versions and each discards the
+other's log and rebuilds everything, so switching the ninja on PATH used to cost a full rebuild.
+
 Environment (read at the first build attempt; :func:`reset` makes the next call read it again):
   ``STACKCOMP_KERNELS=torch``      never build; always use the torch path;
-  ``STACKCOMP_KERNELS_PORTABLE=1`` build without ``-march=native`` (generic x86-64 / scalar code).
+  ``STACKCOMP_KERNELS_PORTABLE=1`` build without ``-march=native`` (generic x86-64 / scalar code);
+  ``STACKCOMP_KERNEL_BUILD_WAIT``  seconds to wait for another process building the kernel
+                                   (default 1800); then this process uses the torch path.
 
 The kernels themselves live in ``ds_cpu_kernels.h`` (fp32, the q15 int8 kernel and the few-token
 loop) and ``ds_cpu_vnni8.h`` (the int8 kernel with 8-bit activations, AVX-512 VBMI + VNNI), with no
@@ -18,17 +28,20 @@ torch types (a standalone harness can include them); ``ds_cpu.cpp`` is the torch
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
 from stackcomp.kernels.packed import CPU_GROUP, PackedDS
 from stackcomp.kernels.reference import KernelError
+from stackcomp.rundir import atomic_write_text
 
 log = logging.getLogger("stackcomp.kernels")
 
@@ -42,6 +55,12 @@ Q15_MAX_NNZ = 64
 #: VNNI; ds_cpu_vnni8.h) where the build has it and the layer fits (K <= 256), else "q15" (16-bit
 #: activations; ds_cpu_kernels.h). STACKCOMP_INT8_KERNEL=q15 forces the latter (A/B runs, accuracy).
 INT8_KERNELS = ("auto", "vnni8", "q15")
+
+#: in a build directory: torch's lock file (FileBaton), ours (filelock), and the mark of a finished build
+TORCH_BATON = "lock"
+BUILD_LOCK = "stackcomp_build.lock"
+BUILT_STAMP = "stackcomp_built"
+BUILD_WAIT_S = 1800.0
 
 _lock = threading.Lock()
 #: gen counts resets, so callers that cached a kernel (PackedDS.cache) know to look again
@@ -99,11 +118,9 @@ def get_extension(verbose: bool = False):
             _state.update(ext=None, tried=True, error="disabled by STACKCOMP_KERNELS=torch")
             return None
         try:
-            from torch.utils import cpp_extension
-
             flags = build_flags()
-            _state["ext"] = cpp_extension.load(name=extension_name(SOURCE, flags), sources=[str(SOURCE)],
-                                               extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=verbose)
+            _state["ext"] = load_extension(extension_name(SOURCE, flags), [SOURCE], flags, ["-fopenmp"],
+                                           verbose=verbose)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
             _state["error"] = f"{type(e).__name__}: {e}"
             _state["ext"] = None
@@ -111,6 +128,72 @@ def get_extension(verbose: bool = False):
                         "Set STACKCOMP_KERNELS=torch to skip the build.", str(e).splitlines()[0] if str(e) else e)
         _state["tried"] = True
         return _state["ext"]
+
+
+def load_extension(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], *,
+                   verbose: bool = False, wait_s: float | None = None) -> ModuleType:
+    """The extension ``name``, loaded from its finished build, else built with torch's JIT builder
+    under a build lock. ``name`` must change whenever what is built changes (see extension_name).
+
+    The lock is a ``filelock`` lock in the build directory: the OS drops it when its holder dies,
+    so a killed build never blocks the next. Waiting for a live builder is logged and bounded by
+    ``wait_s`` (``STACKCOMP_KERNEL_BUILD_WAIT``); past it KernelError is raised.
+    """
+    from filelock import FileLock, Timeout
+    from torch.utils import cpp_extension
+
+    # torch's own choice of folder (TORCH_EXTENSIONS_DIR, or its per-python/accelerator default)
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose))
+    library = build_dir / f"{name}{getattr(cpp_extension, 'LIB_EXT', '.so')}"
+    module = _load_finished(name, library)
+    if module is not None:
+        return module
+    if wait_s is None:
+        wait_s = float(os.environ.get("STACKCOMP_KERNEL_BUILD_WAIT", "") or BUILD_WAIT_S)
+    lock = FileLock(str(build_dir / BUILD_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another process that is building the kernel %s in %s (up to %.0f s)",
+                    name, build_dir, wait_s)
+        try:
+            lock.acquire(timeout=wait_s)
+        except Timeout:
+            raise KernelError(f"another process held the kernel build lock {build_dir / BUILD_LOCK} for more than "
+                              f"{wait_s:.0f} s") from None
+    try:
+        module = _load_finished(name, library)  # built by the process we waited for
+        if module is not None:
+            return module
+        baton = build_dir / TORCH_BATON
+        if baton.exists():  # every builder holds our lock: this one's holder died mid-build
+            log.warning("removed a stale build lock %s left by an interrupted kernel build", baton)
+            baton.unlink(missing_ok=True)
+        module = cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                                    extra_ldflags=ldflags, build_directory=str(build_dir), verbose=verbose)
+        atomic_write_text(build_dir / BUILT_STAMP, name)
+        return module
+    finally:
+        lock.release()
+
+
+def _load_finished(name: str, library: Path) -> ModuleType | None:
+    """The module of a build this code finished (stamp present), imported without running ninja."""
+    build_dir = library.parent
+    try:
+        if (build_dir / BUILT_STAMP).read_text() != name or not library.is_file():
+            return None
+    except OSError:
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as e:  # a damaged library: build it again
+        log.warning("the built kernel %s cannot be loaded (%s); building it again", library, e)
+        (build_dir / BUILT_STAMP).unlink(missing_ok=True)
+        return None
+    return module
 
 
 def build_error() -> str | None:

@@ -176,6 +176,9 @@ class Pass:
     teacher_param: ClassVar[str | None] = None
     #: True if the pass produces a model (False for e.g. evaluate, which only measures)
     changes_model: ClassVar[bool] = True
+    #: False if the pass never reads the task's data (``ctx.data``): its stage key then leaves out
+    #: the data files' checksums, so changed data does not recompute it (e.g. ``export``)
+    reads_data: ClassVar[bool] = True
 
     def __init__(self, params: PassParams | dict | None = None):
         if isinstance(params, self.Params):

@@ -57,7 +57,7 @@ class DSFactorizeParams(PassParams):
     teacher: str | None = Field(default=None, description="train against this teacher (stage name or model id)")
     kd: KDWeights = Field(default_factory=KDWeights, description="distillation loss weights, with teacher")
     kd_temperature: float = Field(default=2.0, gt=0, description="softmax temperature of the soft losses")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seed of the factorization (0 to 2**32-1)")
 
     @model_validator(mode="after")
     def _sizes_or_ratio(self):

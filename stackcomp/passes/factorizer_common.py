@@ -536,7 +536,7 @@ class FactorizerPass(Pass):
                                                                     ("weight_error", "output_error")}
                                                                 for n, b in built.items()}}
             if gi < len(groups) - 1:
-                cfg = p.stage_train.model_copy(update={"seed": p.stage_train.seed + gi})
+                cfg = p.stage_train.model_copy(update={"seed": (p.stage_train.seed + gi) % 2**32})
                 result = train(model, ctx.data.train_loader(cfg.batch_size, seed=cfg.seed), cfg,
                                progress=ctx.progress, log=ctx.log)
                 model = result.model

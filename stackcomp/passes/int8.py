@@ -61,7 +61,7 @@ class Int8Params(PassParams):
                                    "error, clipping outliers) or minmax (the group's full range)")
     error_tokens: int = Field(default=256, ge=1, description="tokens per layer used to measure the output error")
     calibration_sequences: int = Field(default=8, ge=1, description="sequences run to capture real activations")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seed of the calibration picks (0 to 2**32-1)")
 
     @property
     def embedding_format(self) -> str | None:

@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global grad norm; None: no clip")
     eval_every: int | None = Field(default=None, ge=1, description="evaluate every N steps; None: every epoch")
     keep_best: bool = Field(default=True, description="restore the best evaluated weights at the end")
-    seed: int = Field(default=42, description="seeds python, numpy and torch (dropout, init)")
+    seed: int = Field(default=42, ge=0, lt=2**32, description="seeds python, numpy and torch (dropout, init); 0 to 2**32-1, what numpy accepts")
     log_every: int = Field(default=50, ge=1, description="log loss, lr and grad norm every N steps")
 
     @property
