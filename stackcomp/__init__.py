@@ -20,3 +20,17 @@ def save(model, path, tokenizer=None):
     from stackcomp.artifacts import export_model
 
     return export_model(model, path, tokenizer=tokenizer)
+
+
+def run(recipe, overrides=(), out=None, **kwargs):
+    """Run (or resume) a recipe and return its summary as a :class:`stackcomp.api.RunResult`."""
+    from stackcomp.api import run as _run
+
+    return _run(recipe, overrides, out, **kwargs)
+
+
+def compare(*targets, **kwargs):
+    """The leaderboard of the given runs (:func:`stackcomp.api.compare`)."""
+    from stackcomp.api import compare as _compare
+
+    return _compare(*targets, **kwargs)

@@ -8,38 +8,17 @@ import json
 import shutil
 
 import pytest
-import torch
-from pydantic import Field
+from _scale_pass import make_scale_pass
 from typer.testing import CliRunner
 
 from stackcomp.artifacts import ArtifactStore
 from stackcomp.cli import app
 from stackcomp.engine import Engine
-from stackcomp.passes.base import Pass, PassParams, register_pass
 from stackcomp.plan import build_plan
 from stackcomp.recipe import recipe_from_dict
 
 CALLS: list[str] = []
-
-
-class _Params(PassParams):
-    factor: float = Field(default=2.0)
-
-
-@register_pass
-class _CorruptScale(Pass):
-    """Test pass: scales the classifier, records its call and the resulting norm."""
-
-    name = "_corrupt_scale"
-    Params = _Params
-
-    def transform(self, model, ctx):
-        CALLS.append(ctx.stage)
-        with torch.no_grad():
-            model.classifier.weight.mul_(self.params.factor)
-        ctx.metrics["norm"] = float(model.classifier.weight.detach().norm())
-        ctx.report["note"] = "scaled"
-        return model
+make_scale_pass("_corrupt_scale", CALLS, note="scaled")
 
 
 STAGES = {"a": {"pass": "_corrupt_scale", "params": {"factor": 2.0}},

@@ -4,37 +4,16 @@ import json
 
 import pytest
 import torch
-from pydantic import Field
+from _scale_pass import make_scale_pass
 
 from stackcomp import load
 from stackcomp.engine import Engine
-from stackcomp.passes.base import Pass, PassParams, register_pass
 from stackcomp.plan import build_plan
 from stackcomp.recipe import recipe_from_dict
 
 CALLS: list[str] = []
 FAIL: set[str] = set()
-
-
-class ScaleParams(PassParams):
-    factor: float = Field(default=2.0)
-
-
-@register_pass
-class _ScalePass(Pass):
-    """Test pass: multiplies the classifier weight, counts its calls."""
-
-    name = "_test_scale"
-    Params = ScaleParams
-
-    def transform(self, model, ctx):
-        CALLS.append(ctx.stage)
-        if ctx.stage in FAIL:
-            raise RuntimeError(f"boom in {ctx.stage}")
-        with torch.no_grad():
-            model.classifier.weight.mul_(self.params.factor)
-        ctx.metrics["classifier_norm"] = float(model.classifier.weight.detach().norm())
-        return model
+make_scale_pass("_test_scale", CALLS, fail=FAIL, metric="classifier_norm")
 
 
 @pytest.fixture(autouse=True)

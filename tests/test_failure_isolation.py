@@ -9,41 +9,19 @@ import json
 import os
 
 import pytest
-import torch
+from _scale_pass import make_scale_pass
 from typer.testing import CliRunner
 
 from stackcomp.cli import app
 from stackcomp.engine import Engine
 from stackcomp.errors import ArtifactError, PassError
-from stackcomp.passes.base import Pass, PassParams, register_pass
 from stackcomp.plan import build_plan
 from stackcomp.recipe import recipe_from_dict
 
 runner = CliRunner()
 CALLS: list[str] = []
 RAISE: dict[str, BaseException] = {}
-
-
-class _FactorParams(PassParams):
-    factor: float = 0.5
-
-
-@register_pass
-class _MaybeFail(Pass):
-    """Test pass: scales the classifier, or raises what the test put in RAISE for its stage."""
-
-    name = "_maybe_fail"
-    Params = _FactorParams
-
-    def transform(self, model, ctx):
-        CALLS.append(ctx.stage)
-        if ctx.stage in RAISE:
-            ctx.log.warning("about to fail")
-            raise RAISE[ctx.stage]
-        with torch.no_grad():
-            model.classifier.weight.mul_(self.params.factor)
-        ctx.metrics["norm"] = float(model.classifier.weight.detach().norm())
-        return model
+make_scale_pass("_maybe_fail", CALLS, fail=RAISE, factor=0.5)  # raises what a test puts in RAISE
 
 
 @pytest.fixture(autouse=True)

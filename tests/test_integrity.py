@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from pydantic import Field
+from _scale_pass import make_scale_pass
 from typer.testing import CliRunner
 
 import stackcomp
@@ -20,32 +20,19 @@ from stackcomp.artifacts import ArtifactStore, verify_folder
 from stackcomp.cli import app
 from stackcomp.engine import Engine
 from stackcomp.errors import ArtifactError
-from stackcomp.passes.base import Pass, PassParams, register_pass
+from stackcomp.passes.base import Pass, register_pass
 from stackcomp.plan import build_plan
 from stackcomp.recipe import recipe_from_dict
 from stackcomp.report import compare
-from stackcomp.rundir import EXPORT_KIND, REQUIRED_FILES, STAGE_WITH_MODEL, STAGE_WITHOUT_MODEL
+from stackcomp.rundir import (
+    EXPORT_KIND,
+    REQUIRED_FILES,
+    STAGE_WITH_MODEL,
+    STAGE_WITHOUT_MODEL,
+)
 
 CALLS: list[str] = []
-
-
-class _Params(PassParams):
-    factor: float = Field(default=2.0)
-
-
-@register_pass
-class _IntegrityScale(Pass):
-    """Test pass: scales the classifier (a stage that saves its model)."""
-
-    name = "_integrity_scale"
-    Params = _Params
-
-    def transform(self, model, ctx):
-        CALLS.append(ctx.stage)
-        with torch.no_grad():
-            model.classifier.weight.mul_(self.params.factor)
-        ctx.metrics["norm"] = float(model.classifier.weight.detach().norm())
-        return model
+make_scale_pass("_integrity_scale", CALLS)
 
 
 @register_pass
