@@ -1,6 +1,8 @@
 """stackcomp: stack transformer compression techniques and compare the stacks."""
 
-__version__ = "0.1.0"
+from stackcomp.version import __version__
+
+__all__ = ["__version__", "compare", "load", "run", "save"]
 
 
 def load(path, device="cpu", *, verify=True):
