@@ -118,6 +118,11 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     debug: bool = typer.Option(False, "--debug", help="print the traceback of a failed stage (it is always in "
                                                       "<run dir>/logs/<stage>.log)"),
+    executor: Optional[str] = typer.Option(None, "--executor", help="local (one stage at a time, the default) or "
+                                           "ray (every ready stage at once on a Ray cluster; docs/cluster.md); "
+                                           "default: the recipe's executor.kind"),
+    address: Optional[str] = typer.Option(None, "--address", help="the Ray cluster: auto, ray://host:port or "
+                                          "host:port (default: the recipe's executor.address, else a local Ray)"),
 ) -> None:
     """Run a recipe: every stage not already cached, then print the summary.
 
@@ -136,7 +141,7 @@ def run(
     check_inputs(plan)  # a missing model, data file or unknown task stops here (exit 2), as validate says
     run_dir = _run_dir(r.name, output)
     engine = Engine(plan, run_dir, console=err_console if as_json else console,
-                    show_progress=not as_json, cache_dir=cache, full_plan=full_plan)
+                    show_progress=not as_json, cache_dir=cache, full_plan=full_plan, executor=executor, address=address)
     summary = engine.run()
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")

@@ -13,7 +13,8 @@ A resource error (disk full...) stops the run after writing the summary, since e
 stage would hit it too.
 
 The engine composes three parts: the scheduler says what runs next (``stackcomp.scheduler``),
-the executor runs one stage (``stackcomp.executor``), the view draws progress and builds the
+the executor runs stages (``stackcomp.executor``: one at a time here, or every ready stage at once
+on a Ray cluster, ``stackcomp.ray_executor``), the view draws progress and builds the
 summary (``stackcomp.view``). The run directory's files are ``stackcomp.rundir``'s.
 """
 
@@ -27,10 +28,10 @@ from typing import Any
 import networkx as nx
 
 from stackcomp.artifacts import ArtifactStore
-from stackcomp.errors import ArtifactError
-from stackcomp.executor import Executor, LocalExecutor, StageOutcome, os_reason
+from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.executor import ConcurrentExecutor, Executor, LocalExecutor, StageOutcome, is_concurrent, os_reason
 from stackcomp.lock import write_lock
-from stackcomp.plan import Plan
+from stackcomp.plan import Plan, Stage
 from stackcomp.rundir import RunDir
 from stackcomp.scheduler import Scheduler
 from stackcomp.view import RunView, build_summary
@@ -44,10 +45,13 @@ class Engine:
     """Runs one plan inside one run directory."""
 
     def __init__(self, plan: Plan, run_dir: str | Path, *, console: Any = None, show_progress: bool = True,
-                 cache_dir: str | Path | None = None, full_plan: Plan | None = None):
+                 cache_dir: str | Path | None = None, full_plan: Plan | None = None,
+                 executor: str | None = None, address: str | None = None):
         """``full_plan``: the recipe's whole plan when ``plan`` is a part of it (``--only``); the
         summary then also lists the stages of the whole plan that are done, so successive
-        ``--only`` runs of one recipe add up for ``compare`` and ``report``."""
+        ``--only`` runs of one recipe add up for ``compare`` and ``report``. ``executor``:
+        "local" or "ray" (default: the recipe's ``executor.kind``, else local); ``address``: the
+        Ray cluster to use (default: the recipe's ``executor.address``, else a local Ray)."""
         self.plan = plan
         self.full_plan = full_plan or plan
         self.recipe = plan.recipe
@@ -62,7 +66,16 @@ class Engine:
         self.view = RunView(plan, self.run_dir, self.outcomes, console=console if self.show_progress else None)
         local = LocalExecutor(plan, self.store, progress=self.view.stage_progress, stage_log=self.files.stage_log_path)
         self.device = local.device
-        self.executor: Executor = local
+        spec = self.recipe.executor
+        kind = executor or (spec.kind if spec else "local")
+        self.executor: Executor | ConcurrentExecutor = local
+        if kind == "ray":
+            from stackcomp.ray_executor import RayExecutor
+
+            self.executor = RayExecutor(plan, self.store, address=address or (spec.address if spec else None),
+                                        stage_log=self.files.stage_log_path)
+        elif kind != "local":
+            raise StackcompError(f"unknown executor {kind!r}: use local or ray")
 
     def status(self) -> dict[str, str]:
         """'cached', 'corrupt: ...' or 'todo' for every stage, without running anything."""
@@ -88,7 +101,10 @@ class Engine:
         stopped: ArtifactError | None = None
         with self.view.live():
             try:
-                self._execute()
+                if is_concurrent(self.executor):
+                    self._execute_concurrently()
+                else:
+                    self._execute()
             except ArtifactError as e:  # a resource error: the summary still says how far the run got
                 stopped = e
         summary = build_summary(self.plan, self.full_plan, self.store, self.outcomes, self.stage_runs,
@@ -121,13 +137,7 @@ class Engine:
                     keep_input=bool(parent and self.scheduler.waiting_for(parent, self.outcomes, besides=stage.name)),
                     keep_output=bool(self.scheduler.waiting_for(stage.name, self.outcomes)))
             except ArtifactError as e:  # a resource error stops the run: record how far it got
-                stage_log = self.files.stage_log_path(stage.name)
-                self.outcomes[stage.name] = StageOutcome.failed(stage, e, log=stage_log if stage_log.exists() else None)
-                self._skip_dependents(stage.name)
-                for name in self.plan.order:
-                    if name not in self.outcomes:
-                        self.outcomes[name] = StageOutcome.skipped(self.plan.stages[name],
-                                                                   f"the run stopped at stage {stage.name!r}")
+                self._stop_at(stage, e)
                 self.view.running(None)
                 raise
             self.outcomes[stage.name] = outcome
@@ -138,6 +148,53 @@ class Engine:
                 self.stage_runs.append(stage.name)
             self.executor.release(self.scheduler.releasable(stage, self.outcomes))
             self.view.running(None)
+
+    def _execute_concurrently(self) -> None:
+        """Cached stages first, then every ready stage submitted at once; each outcome is recorded
+        as it arrives, which may make more stages ready. The DAG's width is the parallelism."""
+        executor: ConcurrentExecutor = self.executor  # type: ignore[assignment]
+        for name in self.plan.order:
+            if self.scheduler.is_cached(name):
+                self.outcomes[name] = StageOutcome.cached(self.plan.stages[name], self.store)
+        self.view.refresh()
+        running: dict[Any, str] = {}  # handle -> stage name
+        try:
+            while True:
+                for name in self.scheduler.ready(self.outcomes):
+                    if name not in running.values():
+                        running[executor.submit(self.plan.stages[name])] = name
+                self.view.running_many(running.values())
+                if not running:
+                    return
+                stop: tuple[Stage, ArtifactError] | None = None
+                for handle, result in executor.wait(list(running)):
+                    stage = self.plan.stages[running.pop(handle)]
+                    if isinstance(result, ArtifactError):  # a resource error stops the run
+                        stop = stop or (stage, result)
+                        continue
+                    self.outcomes[stage.name] = result
+                    if result.status == "failed":
+                        log.debug("stage %r failed: %s", stage.name, result.error)
+                        self._skip_dependents(stage.name)
+                    else:
+                        self.stage_runs.append(stage.name)
+                if stop is not None:  # after recording the stages that finished with it
+                    self._stop_at(*stop)
+                    raise stop[1]
+        finally:
+            if running:
+                executor.cancel(list(running))
+            self.view.running(None)
+
+    def _stop_at(self, stage: Stage, error: ArtifactError) -> None:
+        """Record a resource error of ``stage``: it failed, everything not done is skipped."""
+        stage_log = self.files.stage_log_path(stage.name)
+        self.outcomes[stage.name] = StageOutcome.failed(stage, error, log=stage_log if stage_log.exists() else None)
+        self._skip_dependents(stage.name)
+        for name in self.plan.order:
+            if name not in self.outcomes:
+                self.outcomes[name] = StageOutcome.skipped(self.plan.stages[name],
+                                                           f"the run stopped at stage {stage.name!r}")
 
     def _skip_dependents(self, failed: str) -> None:
         """Every stage downstream of ``failed`` (its children, theirs, stages it teaches) is skipped."""

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from stackcomp import __version__
+from stackcomp.version import __version__
 from stackcomp.artifacts import ArtifactStore, load_model, load_tokenizer, save_model
 from stackcomp.errors import ArtifactError, NumericalError, StackcompError
 from stackcomp.passes.base import PassContext, as_analysis
@@ -60,6 +60,11 @@ class StageOutcome:
     error: str | None = None  # failed: "Type: message", one line
     reason: str | None = None  # skipped: why, e.g. "parent 'a' failed"
     log: str | None = None  # failed: the log file holding the traceback
+    #: wall-clock start and end (epoch seconds) of a stage that ran here or on a cluster node:
+    #: they show which stages overlapped
+    started_at: float | None = None
+    ended_at: float | None = None
+    node: str | None = None  # the cluster node that ran it (None: this process)
 
     @property
     def finished(self) -> bool:
@@ -86,7 +91,7 @@ class StageOutcome:
 
 
 class Executor(Protocol):
-    """Runs stages the scheduler hands out; the seam a distributed (Ray) executor will implement.
+    """Runs stages the scheduler hands out, one at a time (:class:`ConcurrentExecutor`: many at once).
 
     ``run_stage`` runs one stage whose parents' artifacts are committed and returns once its own
     artifact is committed under ``stage.key``, or with a "failed" outcome (nothing committed) when
@@ -99,6 +104,29 @@ class Executor(Protocol):
     def run_stage(self, stage: Stage, *, keep_input: bool = False, keep_output: bool = False) -> StageOutcome: ...
 
     def release(self, names: Iterable[str]) -> None: ...
+
+
+class ConcurrentExecutor(Protocol):
+    """An executor that runs many stages at once (e.g. on a cluster); the engine uses this
+    interface instead of ``run_stage`` when an executor has it.
+
+    ``submit`` starts one stage whose parents' artifacts are committed and returns a hashable
+    handle at once; the stage loads its inputs from the artifact store. ``wait`` blocks until at
+    least one of ``handles`` is done and returns every done one with its result: a
+    :class:`StageOutcome` ("ran" or "failed"), or the :class:`ArtifactError` of a resource error,
+    which stops the run. ``cancel`` stops stages still running when the run stops.
+    """
+
+    def submit(self, stage: Stage) -> Hashable: ...
+
+    def wait(self, handles: Sequence[Hashable]) -> list[tuple[Hashable, StageOutcome | ArtifactError]]: ...
+
+    def cancel(self, handles: Iterable[Hashable]) -> None: ...
+
+
+def is_concurrent(executor: Any) -> bool:
+    """Whether ``executor`` implements :class:`ConcurrentExecutor`."""
+    return all(callable(getattr(executor, m, None)) for m in ("submit", "wait", "cancel"))
 
 
 class LocalExecutor:
@@ -123,6 +151,7 @@ class LocalExecutor:
         """The stage's outcome: "ran", or "failed" when anything in it raised (an ``Exception``;
         KeyboardInterrupt and SystemExit still stop the run). A resource error raises ArtifactError."""
         t0 = time.perf_counter()
+        started_at = time.time()
         log_path = self._stage_log(stage.name) if self._stage_log else None
         with _logging_to(log_path):
             try:
@@ -133,9 +162,11 @@ class LocalExecutor:
                     raise ArtifactError(f"stage {stage.name!r} ({stage.pass_name}): {os_reason(e)}; nothing of this "
                                         "stage was kept (finished stages are): fix that and run the same command to "
                                         "resume") from None
-                return StageOutcome.failed(stage, e, time.perf_counter() - t0, log_path)
+                failed = StageOutcome.failed(stage, e, time.perf_counter() - t0, log_path)
+                failed.started_at, failed.ended_at = started_at, time.time()
+                return failed
         return StageOutcome(stage.name, stage.pass_name, stage.key, "ran", seconds=time.perf_counter() - t0,
-                            metrics=metrics)
+                            metrics=metrics, started_at=started_at, ended_at=time.time())
 
     def release(self, names: Iterable[str]) -> None:
         for name in names:

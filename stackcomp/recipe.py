@@ -21,7 +21,7 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,12 +38,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class StageResources(Strict):
+    """What one stage asks a cluster for (the pass's ``resources`` fill the rest); not in its key."""
+
+    num_cpus: float | None = Field(default=None, gt=0)
+    num_gpus: float | None = Field(default=None, ge=0)
+    memory: float | None = Field(default=None, gt=0, description="bytes, e.g. 4GiB")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
+
+
+class ExecutorSpec(Strict):
+    """Where stages run: ``local`` (this process, one at a time) or ``ray`` (a Ray cluster, every
+    ready stage at once). Not in any key: both give the same artifacts."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(default=None, description="auto, ray://host:port or host:port; none: a local Ray")
+
+
 class StageSpec(Strict):
     """One stage: which pass, after which stages, with which parameters."""
 
     pass_name: str = Field(alias="pass", min_length=1)
     after: list[str] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
+    resources: StageResources | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -99,6 +121,7 @@ class Recipe(Strict):
     allow_plugins: list[str] = Field(default_factory=list, description="module:Class passes allowed to be imported")
     evaluate_leaves: bool = Field(default=True, description="add an evaluate stage under every leaf that has none")
     goal: Goal | None = None
+    executor: ExecutorSpec | None = None
     stages: dict[str, StageSpec] = Field(min_length=1)
 
     @field_validator("name")
@@ -146,6 +169,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, include, override, sweep and validate a recipe file."""
     path = Path(path)
     raw = _load_with_includes(path, stack=())
+    if isinstance(raw, dict) and "search" in raw:
+        raise RecipeError(f"{path}: a search space (it has `search:`), not a recipe; run `stackcomp search {path}`")
     return recipe_from_dict(raw, overrides, source=str(path))
 
 

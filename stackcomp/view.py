@@ -6,14 +6,15 @@ The view only reads the plan and the outcomes the engine records; it decides not
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stackcomp import __version__
+from stackcomp.version import __version__
 from stackcomp.artifacts import ArtifactStore
 from stackcomp.executor import StageOutcome
 from stackcomp.plan import Plan
@@ -30,6 +31,8 @@ class RunView:
         self.outcomes = outcomes  # shared with the engine, which fills it
         self.console = console
         self.current: str | None = None
+        #: stages running at once (a concurrent executor) -> when the view saw them start
+        self.active: dict[str, float] = {}
         self._live = None
         self._progress = None
         if console is not None:
@@ -70,6 +73,14 @@ class RunView:
 
     def running(self, name: str | None) -> None:
         self.current = name
+        if name is None:
+            self.active = {}
+        self.refresh()
+
+    def running_many(self, names: Iterable[str]) -> None:
+        """The stages a concurrent executor is running now (each shows its elapsed time)."""
+        now = time.time()
+        self.active = {n: self.active.get(n, now) for n in names}
         self.refresh()
 
     def refresh(self) -> None:
@@ -97,9 +108,12 @@ class RunView:
             elif outcome and outcome.status == "skipped":
                 mark = f"[dim]- skipped ({escape(outcome.reason or '')})[/]"
             elif outcome:
-                mark = f"[green]✓[/] {outcome.seconds:.1f}s"
+                where = f" [dim]on {escape(outcome.node[:12])}[/]" if outcome.node else ""
+                mark = f"[green]✓[/] {outcome.seconds:.1f}s{where}"
             elif name == self.current:
                 mark = "[yellow]▶ running[/]"
+            elif name in self.active:
+                mark = f"[yellow]▶ running[/] [dim]{time.time() - self.active[name]:.0f}s[/]"
             else:
                 mark = "[dim]· waiting[/]"
             main = headline(outcome.metrics) if outcome else ""
@@ -148,6 +162,7 @@ def build_summary(plan: Plan, full_plan: Plan, store: ArtifactStore, outcomes: d
             "status": o.status, "seconds": round(o.seconds, 3), "metrics": o.metrics,
             "leaf": not any(c in shown for c in full_plan.graph.successors(name)), "path": full_plan.path_to(name),
             "changes_model": bool(stage.pass_cls.changes_model), "teacher": stage.teacher_stage,
+            **_when_where(o),
         })
     return {
         "recipe": plan.recipe.name, "run_dir": str(run_dir), "artifacts_dir": str(store.root),
@@ -155,7 +170,15 @@ def build_summary(plan: Plan, full_plan: Plan, store: ArtifactStore, outcomes: d
         "ran": list(ran), "stackcomp_version": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device), "stages": stages,
         "failed": [{"stage": o.name, "pass": o.pass_name, "key": o.key, "error": o.error, "log": o.log,
-                    "seconds": round(o.seconds, 3)} for n in plan.order if (o := outcomes.get(n)) and o.status == "failed"],
+                    "seconds": round(o.seconds, 3), **_when_where(o)}
+                   for n in plan.order if (o := outcomes.get(n)) and o.status == "failed"],
         "skipped": [{"stage": o.name, "pass": o.pass_name, "key": o.key, "reason": o.reason}
                     for n in plan.order if (o := outcomes.get(n)) and o.status == "skipped"],
     }
+
+
+def _when_where(o: StageOutcome) -> dict[str, Any]:
+    """When a stage that ran started and ended (epoch seconds) and on which node, if it ran now."""
+    if o.started_at is None:
+        return {}
+    return {"started_at": round(o.started_at, 3), "ended_at": round(o.ended_at or o.started_at, 3), "node": o.node}

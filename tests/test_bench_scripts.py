@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))  # _x.py: helpers they import
+MODULES = sorted(p.name for p in BENCH.glob("*.py"))
 
 
 def test_no_script_shadows_an_installed_module():
     import importlib.util
 
-    for name in SCRIPTS:
+    for name in MODULES:
         module = name[:-3]
         spec = importlib.util.find_spec(module) if module not in sys.modules else None
         assert spec is None or Path(spec.origin or "").parent == BENCH, f"bench/{name} shadows {spec.origin}"

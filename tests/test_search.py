@@ -427,3 +427,9 @@ def test_the_example_space_samples_valid_chains_without_running(tmp_path, monkey
     assert r.exit_code == 0, r.output
     assert "6 of 6 sampled chains valid" in " ".join(r.output.split())
     assert not (tmp_path / "runs").exists()  # nothing written, nothing run
+
+
+def test_validate_of_a_space_file_says_to_search_it():
+    space = Path(__file__).resolve().parents[1] / "recipes" / "search_minilm_sst2.yaml"
+    r = runner.invoke(app, ["validate", str(space)])
+    assert r.exit_code == 2 and "a search space" in r.output and "stackcomp search" in r.output

@@ -179,6 +179,9 @@ class Pass:
     #: False if the pass never reads the task's data (``ctx.data``): its stage key then leaves out
     #: the data files' checksums, so changed data does not recompute it (e.g. ``export``)
     reads_data: ClassVar[bool] = True
+    #: what a stage of this pass asks a cluster for (Ray: num_cpus, num_gpus, memory in bytes);
+    #: a recipe stage's ``resources:`` overrides it. Not in the stage key.
+    resources: ClassVar[dict[str, float]] = {"num_cpus": 1}
 
     def __init__(self, params: PassParams | dict | None = None):
         if isinstance(params, self.Params):

@@ -1,0 +1,221 @@
+"""Running stages on a Ray cluster: every ready stage at once, one Ray task per stage.
+
+A task runs one stage in a worker process exactly as the local executor does (it builds a
+:class:`~stackcomp.executor.LocalExecutor` over the same artifact folder), so keys, artifacts and
+metrics are the local run's. Workers read the parents' models from the artifact store, never
+from the driver's memory: the store must be a folder every node can read and write (a local or
+network folder; object storage is not supported yet). Commits are atomic and safe against two
+writers of one key (``ArtifactStore.commit``), so a retried or duplicated stage never leaves
+two half-artifacts.
+
+Faults: a worker killed in the middle of a stage makes Ray run the stage again
+(``max_retries``); an error raised by the pass itself is not retried but recorded as a failed
+stage, as locally.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stackcomp.artifacts import ArtifactStore
+from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.executor import LocalExecutor, StageOutcome
+from stackcomp.plan import Plan, Stage
+
+__all__ = ["MAX_RETRIES", "RayExecutor", "import_ray", "local_cluster", "stage_resources"]
+
+#: how often Ray runs a stage again whose worker process or node died
+MAX_RETRIES = 3
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise StackcompError("the ray executor needs Ray: pip install 'stackcomp[cluster]'") from None
+    return ray
+
+
+def stage_resources(plan: Plan, stage: Stage) -> dict[str, float]:
+    """What ``stage`` asks the cluster for: its pass's ``resources``, overridden by the recipe
+    stage's ``resources:`` (implicit stages, e.g. a leaf's evaluate, take their pass's)."""
+    out = dict(getattr(stage.pass_cls, "resources", None) or {"num_cpus": 1})
+    spec = plan.recipe.stages.get(stage.name)
+    if spec is not None and spec.resources is not None:
+        out.update(spec.resources.model_dump(exclude_none=True))
+    out.setdefault("num_cpus", 1)
+    return out
+
+
+class RayExecutor:
+    """A :class:`~stackcomp.executor.ConcurrentExecutor` over Ray Core tasks."""
+
+    def __init__(self, plan: Plan, store: ArtifactStore, *, address: str | None = None,
+                 stage_log: Callable[[str], Path] | None = None, runtime_env: dict | None = None):
+        """``address``: the cluster (``auto``, ``ray://host:port``, ``host:port``); none starts a
+        Ray inside this process unless one is running already. ``stage_log``: the log file of a
+        stage, on a folder the workers can write (the run directory)."""
+        ray = import_ray()
+        self._ray = ray
+        self.plan = plan
+        # absolute: a worker's working directory is not the driver's
+        self.store = ArtifactStore(store.root, artifacts_dir=Path(store.root).resolve())
+        self._stage_log = stage_log
+        self._address = address
+        self._runtime_env = runtime_env
+        self._plan_ref = None
+        self._task = ray.remote(_run_stage_task)
+        self._stages: dict[Any, Stage] = {}
+
+    def _connect(self) -> None:
+        """Join (or start) the cluster and ship the plan, once, at the first stage to run."""
+        ray = self._ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self._address, runtime_env=self._runtime_env, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+            except ConnectionError as e:
+                raise StackcompError(f"cannot reach the Ray cluster at {self._address!r}: {e}; start it with "
+                                     "`ray start --head` (docs/cluster.md)") from None
+        self._plan_ref = ray.put(self.plan)  # shipped once, not with every task
+
+    def submit(self, stage: Stage) -> Hashable:
+        if self._plan_ref is None:
+            self._connect()
+        res = stage_resources(self.plan, stage)
+        options: dict[str, Any] = {"num_cpus": res["num_cpus"], "max_retries": MAX_RETRIES,
+                                   "retry_exceptions": False}
+        if res.get("num_gpus"):
+            options["num_gpus"] = res["num_gpus"]
+        if res.get("memory"):
+            options["memory"] = int(res["memory"])
+        log_path = str(Path(self._stage_log(stage.name)).resolve()) if self._stage_log else None
+        ref = self._task.options(**options).remote(self._plan_ref, str(self.store.root), stage.name, log_path,
+                                                   res["num_cpus"])
+        self._stages[ref] = stage
+        return ref
+
+    def wait(self, handles: Sequence[Hashable]) -> list[tuple[Hashable, StageOutcome | ArtifactError]]:
+        ray = self._ray
+        done, _ = ray.wait(list(handles), num_returns=1)
+        more, _ = ray.wait(list(handles), num_returns=len(handles), timeout=0)
+        out = []
+        for ref in dict.fromkeys([*done, *more]):
+            stage = self._stages.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the task itself died (retries spent, node lost...)
+                result = StageOutcome.failed(stage, e)
+            out.append((ref, result))
+        return out
+
+    def cancel(self, handles: Iterable[Hashable]) -> None:
+        for ref in handles:
+            self._stages.pop(ref, None)
+            try:
+                self._ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone: nothing to stop
+                pass
+
+    def run_stage(self, stage: Stage, *, keep_input: bool = False, keep_output: bool = False) -> StageOutcome:
+        """One stage on the cluster, waited for (the sequential interface)."""
+        ((_, result),) = self.wait([self.submit(stage)])
+        if isinstance(result, ArtifactError):
+            raise result
+        return result
+
+    def release(self, names: Iterable[str]) -> None:
+        """Nothing is kept between stages: every task loads its inputs from the store."""
+
+
+def _run_stage_task(plan: Plan, store_root: str, name: str, log_path: str | None,
+                    num_cpus: float) -> StageOutcome | ArtifactError:
+    """Ray task body: run stage ``name`` in this worker with ``num_cpus`` torch threads."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    store = ArtifactStore(store_root, artifacts_dir=store_root)
+    executor = LocalExecutor(plan, store, stage_log=(lambda _name: Path(log_path)) if log_path else None)
+    try:
+        outcome = executor.run_stage(plan.stages[name])
+    except ArtifactError as e:  # a resource error: the driver stops the run
+        return e
+    outcome.node = ray.get_runtime_context().get_node_id()
+    return outcome
+
+
+
+
+@contextmanager
+def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, env: dict[str, str] | None = None,
+                  timeout: float = 90) -> Iterator[str]:
+    """A Ray cluster of ``nodes`` nodes on this machine (a head, then ``ray start --address``),
+    each its own processes and temp dir; yields its address, and stops exactly those processes.
+    For tests and benchmarks: a real multi-node cluster without a second machine."""
+    ray = import_ray()
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus", str(cpus_per_node), "--node-ip-address", "127.0.0.1"]
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(nodes):
+            where = ["--head", "--port", str(port), "--include-dashboard", "false"] if i == 0 else ["--address", address]
+            procs.append(_start_node([*where, *common, "--temp-dir", str(root / f"node{i}")], env, root / f"node{i}.log"))
+            _wait_for_nodes(address, i + 1, procs, root, timeout)
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for proc in reversed(procs):
+            _stop_node(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """One ``ray start --block`` in its own session: killing its process group ends that node only."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for_nodes(address: str, count: int, procs: list[subprocess.Popen], root: Path, timeout: float) -> None:
+    """Until the cluster at ``address`` has ``count`` live nodes (asked from a separate process)."""
+    probe = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+             "print(sum(n['Alive'] for n in ray.nodes()))")
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(root.glob("*.log")))
+    raise StackcompError(f"the local Ray cluster did not come up with {count} node(s):\n{logs}")

@@ -1,0 +1,249 @@
+"""The Ray executor on a real two-node Ray cluster started here (a head and a second node, one CPU
+each, separate processes and temp dirs, sharing only the artifact folder): same keys, metrics
+and weights as the local executor, branches that really overlap, a killed worker retried."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import _ray_passes  # registers _ray_slow_scale in this process (the workers import it too)
+import pytest
+import yaml
+from _scale_pass import make_scale_pass
+from typer.testing import CliRunner
+
+from stackcomp.cli import app
+from stackcomp.engine import Engine
+from stackcomp.errors import ArtifactError, StackcompError
+from stackcomp.executor import LocalExecutor
+from stackcomp.plan import build_plan
+from stackcomp.recipe import recipe_from_dict
+from stackcomp.rundir import CHECKSUMS
+
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="the Ray executor needs ray: pip install 'stackcomp[cluster]'")
+
+TESTS = Path(__file__).resolve().parent
+SLEEP = 1.5
+
+
+def four_branches(model_dir: Path) -> dict:
+    stages = {"root": {"pass": "_ray_slow_scale", "params": {"factor": 2.0}}}
+    for i, factor in enumerate((3.0, 5.0, 7.0, 11.0)):
+        stages[f"b{i}"] = {"pass": "_ray_slow_scale", "after": "root", "params": {"factor": factor, "sleep": SLEEP}}
+    return {"name": "four", "model": str(model_dir), "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a second node on this machine, one CPU each; yields (address, control folder)."""
+    from stackcomp.ray_executor import local_cluster
+
+    with tempfile.TemporaryDirectory(prefix="rtc", dir="/tmp") as control:
+        env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               _ray_passes.CONTROL_ENV: control}
+        cm = local_cluster(nodes=2, cpus_per_node=1, env=env, timeout=60)
+        try:
+            address = cm.__enter__()
+        except StackcompError as e:
+            # an environment that cannot host a cluster (Ray 2.60 binds the head to the first
+            # interface's address whatever --node-ip-address says; some sandboxes refuse it)
+            pytest.skip(f"a local two-node Ray cluster could not start here: {str(e).splitlines()[0]}")
+        try:
+            yield address, Path(control)
+        finally:
+            cm.__exit__(None, None, None)
+
+
+def _results(run_dir: Path, summary: dict) -> dict:
+    """Per stage: key, metrics (no timings) and the checksums of its weight files."""
+    out = {}
+    for s in summary["stages"]:
+        sums = json.loads((run_dir / "artifacts" / s["key"] / CHECKSUMS).read_text())
+        weights = {f: v for f, v in sums.items() if f.startswith("model/")}
+        metrics = {k: v for k, v in s["metrics"].items() if "latency" not in k and "seconds" not in k}
+        out[s["stage"]] = (s["key"], metrics, weights)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_model_dirs):
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    summary = Engine(build_plan(recipe_from_dict(four_branches(tiny_model_dirs["bert"]))), run_dir).run()
+    return run_dir, summary
+
+
+def _ray_run(run_dir: Path, model_dir: Path, address: str) -> tuple[Engine, dict]:
+    raw = {**four_branches(model_dir), "executor": {"kind": "ray", "address": address}}
+    engine = Engine(build_plan(recipe_from_dict(raw)), run_dir)
+    return engine, engine.run()
+
+
+@needs_ray
+def test_ray_matches_local_and_branches_overlap(cluster, local_run, tmp_path, tiny_model_dirs):
+    address, _ = cluster
+    engine, summary = _ray_run(tmp_path / "run", tiny_model_dirs["bert"], address)
+    assert summary["failed"] == [] and summary["skipped"] == []
+    local_dir, local_summary = local_run
+    assert _results(tmp_path / "run", summary) == _results(local_dir, local_summary)
+    assert sorted(engine.stage_runs) == sorted(local_summary["ran"])
+    rows = {s["stage"]: s for s in summary["stages"]}
+    branches = [rows[f"b{i}"] for i in range(4)]
+    assert len({b["node"] for b in branches}) == 2  # both nodes ran branches
+    overlapping = [(a["stage"], b["stage"]) for i, a in enumerate(branches) for b in branches[i + 1:]
+                   if a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]]
+    assert overlapping, {b["stage"]: (b["started_at"], b["ended_at"]) for b in branches}
+    # two at a time on two one-CPU nodes: the branches took less time than one after another
+    span = max(b["ended_at"] for b in branches) - min(b["started_at"] for b in branches)
+    assert span < sum(b["ended_at"] - b["started_at"] for b in branches), span
+
+
+@needs_ray
+def test_killed_worker_is_retried_with_the_same_results(cluster, local_run, tmp_path, tiny_model_dirs):
+    address, control = cluster
+    hold = control / "hold-b2"
+    hold.write_text("")
+    pid_file = control / "b2.pid"
+    pid_file.unlink(missing_ok=True)
+    killed: list[int] = []
+
+    def kill_b2_once() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not pid_file.exists():
+            time.sleep(0.05)
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        hold.unlink(missing_ok=True)  # the retry goes through
+
+    killer = threading.Thread(target=kill_b2_once, daemon=True)
+    killer.start()
+    try:
+        engine, summary = _ray_run(tmp_path / "run", tiny_model_dirs["bert"], address)
+    finally:
+        hold.unlink(missing_ok=True)
+        killer.join(10)
+    assert killed, "stage b2 never started"
+    assert int(pid_file.read_text()) != killed[0]  # b2 ran again in another worker
+    assert summary["failed"] == [] and summary["skipped"] == []
+    local_dir, local_summary = local_run
+    assert _results(tmp_path / "run", summary) == _results(local_dir, local_summary)
+    assert sorted(engine.stage_runs) == sorted(local_summary["ran"])  # each stage recorded once
+    leftovers = [p.name for p in (tmp_path / "run" / "artifacts").iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == [] or all(str(killed[0]) in n for n in leftovers)
+
+
+@needs_ray
+def test_a_failing_branch_does_not_stop_the_others(cluster, tmp_path, tiny_model_dirs):
+    address, _ = cluster
+    raw = four_branches(tiny_model_dirs["bert"])
+    raw["stages"]["b1"]["params"]["sleep"] = -1.0  # time.sleep(-1) raises in the worker
+    raw["executor"] = {"kind": "ray", "address": address}
+    summary = Engine(build_plan(recipe_from_dict(raw)), tmp_path / "run").run()
+    assert [f["stage"] for f in summary["failed"]] == ["b1"]
+    assert summary["failed"][0]["error"].startswith("ValueError")  # recorded, not retried
+    assert [s["stage"] for s in summary["skipped"]] == ["b1.eval"]
+    assert {"b0", "b2", "b3"} <= {s["stage"] for s in summary["stages"]}
+
+
+class ThreadExecutor:
+    """The concurrent interface over threads running the local executor: the engine's side of
+    concurrency (failure isolation, resource errors, the summary) tested without Ray."""
+
+    def __init__(self, plan, store):
+        self.local = LocalExecutor(plan, store)
+        self.pool = concurrent.futures.ThreadPoolExecutor(4)
+
+    def submit(self, stage):
+        return self.pool.submit(self._one, stage)
+
+    def _one(self, stage):
+        try:
+            return self.local.run_stage(stage)
+        except ArtifactError as e:
+            return e
+
+    def wait(self, handles):
+        done, _ = concurrent.futures.wait(handles, return_when=concurrent.futures.FIRST_COMPLETED)
+        return [(f, f.result()) for f in done]
+
+    def cancel(self, handles):
+        for f in handles:
+            f.cancel()
+
+
+SCALE_CALLS: list[str] = []
+SCALE_FAIL: dict[str, BaseException] = {}
+make_scale_pass("_ray_test_scale", SCALE_CALLS, fail=SCALE_FAIL)
+
+
+def _threaded(model_dir: Path, run_dir: Path) -> Engine:
+    stages = {"root": {"pass": "_ray_test_scale"},
+              **{f"b{i}": {"pass": "_ray_test_scale", "after": "root", "params": {"factor": 3.0 + i}} for i in range(4)}}
+    engine = Engine(build_plan(recipe_from_dict({"name": "t", "model": str(model_dir), "stages": stages})), run_dir)
+    engine.executor = ThreadExecutor(engine.plan, engine.store)
+    return engine
+
+
+def test_concurrent_engine_isolates_a_failed_branch(tmp_path, tiny_model_dirs):
+    SCALE_CALLS.clear()
+    SCALE_FAIL.clear()
+    SCALE_FAIL["b1"] = RuntimeError("boom in b1")
+    summary = _threaded(tiny_model_dirs["bert"], tmp_path / "run").run()
+    assert [(f["stage"], f["error"]) for f in summary["failed"]] == [("b1", "RuntimeError: boom in b1")]
+    assert [s["stage"] for s in summary["skipped"]] == ["b1.eval"]
+    assert {s["stage"] for s in summary["stages"]} == {"root", "b0", "b2", "b3", "b0.eval", "b2.eval", "b3.eval"}
+    assert all(s["started_at"] <= s["ended_at"] for s in summary["stages"])
+    SCALE_CALLS.clear()
+    SCALE_FAIL.clear()
+    e = _threaded(tiny_model_dirs["bert"], tmp_path / "run")
+    e.run()  # the re-run retries exactly the failed branch
+    assert SCALE_CALLS == ["b1"] and sorted(e.stage_runs) == ["b1", "b1.eval"]
+
+
+def test_concurrent_engine_stops_at_a_resource_error_and_writes_the_summary(tmp_path, tiny_model_dirs):
+    SCALE_FAIL.clear()
+    SCALE_FAIL["b2"] = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    with pytest.raises(ArtifactError, match="disk full"):
+        _threaded(tiny_model_dirs["bert"], tmp_path / "run").run()
+    SCALE_FAIL.clear()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [f["stage"] for f in summary["failed"]] == ["b2"]
+    assert "b2.eval" in {s["stage"] for s in summary["skipped"]}
+
+
+def test_resources_and_executor_are_not_in_the_keys(tiny_model_dirs):
+    from stackcomp.ray_executor import stage_resources
+
+    raw = four_branches(tiny_model_dirs["bert"])
+    plain = build_plan(recipe_from_dict(raw))
+    raw["stages"]["b0"]["resources"] = {"num_cpus": 2, "memory": "1GiB"}
+    raw["executor"] = {"kind": "ray", "address": "auto"}
+    placed = build_plan(recipe_from_dict(raw))
+    assert {n: s.key for n, s in placed.stages.items()} == {n: s.key for n, s in plain.stages.items()}
+    assert stage_resources(placed, placed.stages["b0"]) == {"num_cpus": 2, "memory": 2**30}
+    assert stage_resources(placed, placed.stages["b1"]) == {"num_cpus": 1}  # the pass's default
+    assert stage_resources(placed, placed.stages["b0.eval"]) == {"num_cpus": 1}
+
+
+def test_without_ray_the_cli_says_what_to_install(tmp_path, tiny_model_dirs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as where it is not installed
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(four_branches(tiny_model_dirs["bert"])))
+    result = CliRunner().invoke(app, ["run", str(recipe), "--executor", "ray", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'stackcomp[cluster]'" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
