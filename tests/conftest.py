@@ -103,3 +103,15 @@ def tiny_glue(tmp_path_factory) -> Path:
 def data_env(tiny_glue, monkeypatch) -> Path:
     monkeypatch.setenv("STACKCOMP_DATA_DIR", str(tiny_glue))
     return tiny_glue
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models and matrices run faster on one thread: more only adds contention on a
+    shared 2-core machine. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

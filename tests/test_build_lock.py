@@ -60,6 +60,19 @@ def _hold_in_child(code: str) -> subprocess.Popen:
     return proc
 
 
+def _hold_build_lock(build_dir, seconds: float) -> subprocess.Popen:
+    """A child that holds stackcomp's build lock for ``seconds``, as a live builder does."""
+    return _hold_in_child(textwrap.dedent(f"""\
+        import time
+        from filelock import FileLock
+        lock = FileLock({str(build_dir / ds_cpu.BUILD_LOCK)!r})
+        lock.acquire()
+        print("ready", flush=True)
+        time.sleep({seconds})
+        lock.release()
+    """))
+
+
 def test_stale_torch_lock_from_a_killed_build_is_removed_with_a_warning(tiny, caplog):
     name, src, build_dir = tiny
     build_dir.mkdir(parents=True)
@@ -85,15 +98,7 @@ def test_stale_torch_lock_from_a_killed_build_is_removed_with_a_warning(tiny, ca
 def test_a_live_builder_is_waited_for_with_a_message(tiny, caplog):
     name, src, build_dir = tiny
     build_dir.mkdir(parents=True)
-    proc = _hold_in_child(textwrap.dedent(f"""\
-        import time
-        from filelock import FileLock
-        lock = FileLock({str(build_dir / ds_cpu.BUILD_LOCK)!r})
-        lock.acquire()
-        print("ready", flush=True)
-        time.sleep(2)
-        lock.release()
-    """))
+    proc = _hold_build_lock(build_dir, seconds=2)
     try:
         with caplog.at_level(logging.WARNING, logger="stackcomp.kernels"):
             module = _load(name, src, wait_s=120)
@@ -106,14 +111,7 @@ def test_a_live_builder_is_waited_for_with_a_message(tiny, caplog):
 def test_waiting_is_bounded(tiny):
     name, src, build_dir = tiny
     build_dir.mkdir(parents=True)
-    proc = _hold_in_child(textwrap.dedent(f"""\
-        import time
-        from filelock import FileLock
-        lock = FileLock({str(build_dir / ds_cpu.BUILD_LOCK)!r})
-        lock.acquire()
-        print("ready", flush=True)
-        time.sleep(600)
-    """))
+    proc = _hold_build_lock(build_dir, seconds=600)
     try:
         with pytest.raises(KernelError, match="held the kernel build lock .* for more than 1 s"):
             _load(name, src, wait_s=1)

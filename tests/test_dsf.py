@@ -10,18 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stackcomp.errors import StackcompError
-from stackcomp.factorize.dsf import admm_sparse_ls, calibration_error, dsf_budget, dsf_factors, refit_rows
+from stackcomp.factorize.dsf import (
+    admm_sparse_ls,
+    calibration_error,
+    dsf_budget,
+    dsf_factors,
+    refit_rows,
+)
 from stackcomp.nn.base import LAYER_TYPES
 from stackcomp.nn.lowrank import DoubleSparseLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _planted(m, n, da, db, seed):

@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader
 
 import stackcomp.train.loop as train_mod
 from stackcomp.errors import DataError, ModelError, NumericalError, StackcompError
-from stackcomp.train import TrainCallback, TrainConfig, default_param_groups, evaluate, train
+from stackcomp.train import (
+    TrainCallback,
+    TrainConfig,
+    default_param_groups,
+    evaluate,
+    train,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _accelerate_script import accuracy, make_data, tiny_bert  # noqa: E402
@@ -25,13 +31,7 @@ from _accelerate_script import accuracy, make_data, tiny_bert  # noqa: E402
 SCRIPT = Path(__file__).parent / "_accelerate_script.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run far faster on one thread on this shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def loader(n=64, batch_size=16, seed=1, shuffle=False):

@@ -17,13 +17,7 @@ from stackcomp.train import EVENTS, TrainCallback, TrainConfig, train
 sys.path.insert(0, str(Path(__file__).parent))
 from _accelerate_script import accuracy, make_data, tiny_bert  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def loader(n=64, batch_size=16, seed=1):
