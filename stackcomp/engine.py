@@ -140,14 +140,18 @@ class Engine:
                 self._stop_at(stage, e)
                 self.view.running(None)
                 raise
-            self.outcomes[stage.name] = outcome
-            if outcome.status == "failed":
-                log.debug("stage %r failed: %s", stage.name, outcome.error)
-                self._skip_dependents(stage.name)
-            else:
-                self.stage_runs.append(stage.name)
+            self._record(stage, outcome)
             self.executor.release(self.scheduler.releasable(stage, self.outcomes))
             self.view.running(None)
+
+    def _record(self, stage: Stage, outcome: StageOutcome) -> None:
+        """Keep a stage's outcome; a failed stage's dependents are skipped."""
+        self.outcomes[stage.name] = outcome
+        if outcome.status == "failed":
+            log.debug("stage %r failed: %s", stage.name, outcome.error)
+            self._skip_dependents(stage.name)
+        else:
+            self.stage_runs.append(stage.name)
 
     def _execute_concurrently(self) -> None:
         """Cached stages first, then every ready stage submitted at once; each outcome is recorded
@@ -172,12 +176,7 @@ class Engine:
                     if isinstance(result, ArtifactError):  # a resource error stops the run
                         stop = stop or (stage, result)
                         continue
-                    self.outcomes[stage.name] = result
-                    if result.status == "failed":
-                        log.debug("stage %r failed: %s", stage.name, result.error)
-                        self._skip_dependents(stage.name)
-                    else:
-                        self.stage_runs.append(stage.name)
+                    self._record(stage, result)
                 if stop is not None:  # after recording the stages that finished with it
                     self._stop_at(*stop)
                     raise stop[1]
