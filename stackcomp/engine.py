@@ -29,7 +29,14 @@ import networkx as nx
 
 from stackcomp.artifacts import ArtifactStore
 from stackcomp.errors import ArtifactError, StackcompError
-from stackcomp.executor import ConcurrentExecutor, Executor, LocalExecutor, StageOutcome, is_concurrent, os_reason
+from stackcomp.executor import (
+    ConcurrentExecutor,
+    Executor,
+    LocalExecutor,
+    StageOutcome,
+    is_concurrent,
+    os_reason,
+)
 from stackcomp.lock import write_lock
 from stackcomp.plan import Plan, Stage
 from stackcomp.rundir import RunDir
@@ -123,10 +130,7 @@ class Engine:
 
     def _execute(self) -> None:
         """Cached stages first, then whatever the scheduler says is ready, one at a time."""
-        for name in self.plan.order:
-            if self.scheduler.is_cached(name):
-                self.outcomes[name] = StageOutcome.cached(self.plan.stages[name], self.store)
-        self.view.refresh()
+        self._mark_cached()
         while ready := self.scheduler.ready(self.outcomes):
             stage = self.plan.stages[ready[0]]
             self.view.running(stage.name)
@@ -144,6 +148,12 @@ class Engine:
             self.executor.release(self.scheduler.releasable(stage, self.outcomes))
             self.view.running(None)
 
+    def _mark_cached(self) -> None:
+        for name in self.plan.order:
+            if self.scheduler.is_cached(name):
+                self.outcomes[name] = StageOutcome.cached(self.plan.stages[name], self.store)
+        self.view.refresh()
+
     def _record(self, stage: Stage, outcome: StageOutcome) -> None:
         """Keep a stage's outcome; a failed stage's dependents are skipped."""
         self.outcomes[stage.name] = outcome
@@ -157,10 +167,7 @@ class Engine:
         """Cached stages first, then every ready stage submitted at once; each outcome is recorded
         as it arrives, which may make more stages ready. The DAG's width is the parallelism."""
         executor: ConcurrentExecutor = self.executor  # type: ignore[assignment]
-        for name in self.plan.order:
-            if self.scheduler.is_cached(name):
-                self.outcomes[name] = StageOutcome.cached(self.plan.stages[name], self.store)
-        self.view.refresh()
+        self._mark_cached()
         running: dict[Any, str] = {}  # handle -> stage name
         try:
             while True:

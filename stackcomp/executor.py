@@ -30,10 +30,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from stackcomp.version import __version__
 from stackcomp.artifacts import ArtifactStore, load_model, load_tokenizer, save_model
 from stackcomp.errors import ArtifactError, NumericalError, StackcompError
-from stackcomp.passes.base import PassContext, as_analysis
+from stackcomp.passes.base import PassContext, run_pass
 from stackcomp.plan import Plan, Stage
 from stackcomp.progress import NULL_PROGRESS
 from stackcomp.rundir import (
@@ -45,6 +44,7 @@ from stackcomp.rundir import (
     read_json,
     write_json,
 )
+from stackcomp.version import __version__
 
 log = logging.getLogger("stackcomp")
 
@@ -192,18 +192,9 @@ class LocalExecutor:
         )
         if self.recipe.task:
             ctx.data = self._get_data(ctx.tokenizer)
-        timings = {}
+        timings: dict[str, float] = {}
         try:
-            t = time.perf_counter()
-            analysis = as_analysis(the_pass.analyze(model, ctx), f"stage {stage.name!r}: {stage.pass_name}.analyze")
-            ctx.analysis = analysis
-            timings["analyze"] = time.perf_counter() - t
-            t = time.perf_counter()
-            model = the_pass.transform(model, ctx)
-            timings["transform"] = time.perf_counter() - t
-            t = time.perf_counter()
-            model = the_pass.finetune(model, ctx)
-            timings["finetune"] = time.perf_counter() - t
+            model = run_pass(the_pass, model, ctx, timings, where=f"stage {stage.name!r}: {stage.pass_name}")
             if model is None:
                 raise StackcompError(f"stage {stage.name!r}: pass {stage.pass_name} returned no model")
             model.eval()
@@ -222,7 +213,7 @@ class LocalExecutor:
                 stage_info["model_from"] = self.plan.stages[stage.parents[0]].key
             write_json(tmp / STAGE, stage_info)
             write_json(tmp / METRICS, ctx.metrics)
-            write_json(tmp / REPORT, {"analyze": analysis.report, **ctx.report})
+            write_json(tmp / REPORT, {"analyze": ctx.analysis.report, **ctx.report})
             write_json(tmp / TIMINGS, timings)
             self.store.commit(stage.key, tmp)
         except BaseException:
@@ -255,10 +246,12 @@ class LocalExecutor:
         return model
 
     def load_stage_model(self, name: str) -> nn.Module:
-        """The model of a finished stage, from its artifact."""
+        """The model of a finished stage, from its artifact. Not verified again: the scheduler
+        checked every cached artifact before the run, and this run's own were checksummed as they
+        were committed (rehashing the weights at every load cost a read of the whole file)."""
         key = self.plan.stages[name].key
         try:
-            return load_model(self.store.path(key), device=self.device)
+            return load_model(self.store.path(key), device=self.device, verify=False)
         except StackcompError as e:
             raise ArtifactError(f"cannot load the model of cached stage {name!r}: {e}") from None
 

@@ -255,6 +255,14 @@ class Inputs:
                 "hub revisions apart" for what in out]
 
 
+def teacher_model(stage: Any) -> str | None:
+    """The model id a stage's teacher param names, when it names no stage (a plan's Stage): an
+    input of the stage as much as the source model is."""
+    param = stage.pass_cls.teacher_param
+    teacher = getattr(stage.params, param, None) if param else None
+    return teacher if isinstance(teacher, str) and teacher and not stage.teacher_stage else None
+
+
 def identify_inputs(recipe: Any, teacher_specs: list[str] = (), cache: HashCache | None = None) -> Inputs:
     """Hash (or look up) the recipe's model, data and the given teacher models; saves the cache."""
     cache = cache if cache is not None else HashCache()

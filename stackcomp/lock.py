@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from stackcomp.fingerprint import HashCache, data_record, model_record
+from stackcomp.fingerprint import HashCache, data_record, model_record, teacher_model
 from stackcomp.rundir import LOCK, atomic_write_json
 
 LOCK_SCHEMA = 1
@@ -65,8 +65,8 @@ def build_lock(plan: Any) -> dict[str, Any]:
         "packages": _packages(plan),
         "passes": _passes(plan),
         "seeds": seeds(plan),
-        "data": data_files(recipe, cache),
-        "model": model_files(recipe.model, cache),
+        "data": data_record(recipe, cache),
+        "model": model_record(recipe.model, cache),
         "teachers": _teachers(plan, cache),
         "hardware": hardware(),
         "env": {k: os.environ.get(k) for k in ENV_VARS},
@@ -155,26 +155,10 @@ def _find_seeds(obj: Any, prefix: str):
 # ----------------------------------------------------------------------------- inputs
 
 
-def data_files(recipe: Any, cache: HashCache | None = None) -> dict[str, Any]:
-    """sha256 of the task's local TSVs (train and the evaluation split), or the hub dataset's identity."""
-    return data_record(recipe, cache if cache is not None else HashCache())
-
-
-def model_files(spec: str, cache: HashCache | None = None) -> dict[str, Any]:
-    """sha256 of a model's weight, config and tokenizer files (local folder, alias, or the hub cache)."""
-    return model_record(spec, cache if cache is not None else HashCache())
-
-
 def _teachers(plan: Any, cache: HashCache) -> dict[str, Any]:
     """Teachers named by model id (not by stage) are inputs too."""
-    out = {}
-    for name in plan.order:
-        stage = plan.stages[name]
-        param = stage.pass_cls.teacher_param
-        teacher = getattr(stage.params, param, None) if param else None
-        if isinstance(teacher, str) and teacher and not stage.teacher_stage:
-            out[name] = model_files(teacher, cache)
-    return out
+    return {name: model_record(spec, cache) for name in plan.order
+            if (spec := teacher_model(plan.stages[name]))}
 
 
 # ----------------------------------------------------------------------------- hardware

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ValidationError
 
 from stackcomp.data.glue import get_task
 from stackcomp.errors import PlanError
-from stackcomp.fingerprint import Inputs, identify_inputs
+from stackcomp.fingerprint import Inputs, identify_inputs, teacher_model
 from stackcomp.passes.base import KEY_INLINE_MARK, KEY_OMIT_DEFAULT_MARK, KNOWN_NEEDS, Pass, PassParams, get_pass
 from stackcomp.recipe import Recipe, _format_validation
 
@@ -162,7 +162,7 @@ def build_plan(recipe: Recipe, inputs: Inputs | None = None) -> Plan:
     _check_needs_and_order(recipe, stages, graph)
     task = get_task(recipe.task).name if recipe.task else None
     if inputs is None:
-        inputs = identify_inputs(recipe, [t for s in stages.values() if (t := _teacher_model(s))])
+        inputs = identify_inputs(recipe, [t for s in stages.values() if (t := teacher_model(s))])
     # where the model and the data lie is no input, what they hold is (inputs.model, inputs.data)
     data_options = recipe.data_options().model_dump(mode="json", exclude={"data_dir"})
     source_key = _hash({
@@ -179,8 +179,8 @@ def build_plan(recipe: Recipe, inputs: Inputs | None = None) -> Plan:
         }
         if task and reads_data(stage.pass_cls):
             key["data_files"] = inputs.data
-        if _teacher_model(stage):
-            key["teacher_model"] = inputs.teachers.get(_teacher_model(stage))
+        if teacher_model(stage):
+            key["teacher_model"] = inputs.teachers.get(teacher_model(stage))
         stage.key = _hash(key)
     return Plan(recipe=recipe, graph=graph, stages=stages, source_key=source_key, order=order, inputs=inputs)
 
@@ -190,13 +190,6 @@ def reads_data(cls: type[Pass]) -> bool:
     ``reads_data = False`` (every stage gets ``ctx.data`` when the recipe has a task)."""
     declared = getattr(cls, "reads_data", None)
     return True if declared is None else bool(declared)
-
-
-def _teacher_model(stage: Stage) -> str | None:
-    """The model id a stage's teacher param names, when it names no stage."""
-    param = stage.pass_cls.teacher_param
-    teacher = getattr(stage.params, param, None) if param else None
-    return teacher if isinstance(teacher, str) and teacher and not stage.teacher_stage else None
 
 
 def check_inputs(plan: Plan) -> None:
@@ -211,8 +204,8 @@ def check_inputs(plan: Plan) -> None:
     recipe = plan.recipe
     check_model_available(recipe.model)
     for stage in plan.stages.values():
-        if _teacher_model(stage):
-            check_model_available(_teacher_model(stage))
+        if teacher_model(stage):
+            check_model_available(teacher_model(stage))
     if recipe.task and any(reads_data(s.pass_cls) for s in plan.stages.values()):
         opts = recipe.data_options()
         check_splits_available(recipe.task, ["train", opts.eval_split or "dev"], opts.data_dir)

@@ -203,12 +203,22 @@ class Pass:
         return (cls.__doc__ or "").strip()
 
 
-def run_pass(the_pass: Pass, model: nn.Module, ctx: PassContext) -> nn.Module:
+def run_pass(the_pass: Pass, model: nn.Module, ctx: PassContext, timings: dict[str, float] | None = None,
+             where: str | None = None) -> nn.Module:
     """``analyze``, then ``transform`` and ``finetune`` with ``ctx.analysis`` set: what the engine
-    does with a pass (without timing or saving), for tests and notebooks."""
-    ctx.analysis = as_analysis(the_pass.analyze(model, ctx), f"{the_pass.name}.analyze")
-    model = the_pass.transform(model, ctx)
-    return the_pass.finetune(model, ctx)
+    does with a pass (it then saves the result), and what tests and notebooks call. ``timings``
+    receives the seconds each method took; ``where`` names the caller in a bad-return error."""
+    import time
+
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    ctx.analysis = as_analysis(the_pass.analyze(model, ctx), f"{where or the_pass.name}.analyze")
+    timings["analyze"] = time.perf_counter() - t
+    for method in ("transform", "finetune"):
+        t = time.perf_counter()
+        model = getattr(the_pass, method)(model, ctx)
+        timings[method] = time.perf_counter() - t
+    return model
 
 
 # ----------------------------------------------------------------------------- registry
