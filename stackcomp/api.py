@@ -54,6 +54,8 @@ class RunResult:
     """What a run did, read from its ``summary.json`` (``raw`` holds that document)."""
 
     recipe: str
+    #: the recipe's task (None for a recipe without one)
+    task: str | None
     run_dir: Path
     artifacts_dir: Path
     seconds: float
@@ -61,7 +63,7 @@ class RunResult:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @classmethod
-    def from_summary(cls, summary: Mapping[str, Any]) -> RunResult:
+    def from_summary(cls, summary: Mapping[str, Any], task: str | None = None) -> RunResult:
         stages = [StageResult(stage=s["stage"], pass_name=s["pass"], key=s["key"], status=s["status"],
                               seconds=float(s.get("seconds", 0.0)), metrics=dict(s.get("metrics") or {}),
                               parents=tuple(s.get("parents") or ()), leaf=bool(s.get("leaf")))
@@ -71,7 +73,7 @@ class RunResult:
                    for f in summary.get("failed", [])]
         stages += [StageResult(stage=s["stage"], pass_name=s["pass"], key=s["key"], status="skipped",
                                error=s.get("reason")) for s in summary.get("skipped", [])]
-        return cls(recipe=summary["recipe"], run_dir=Path(summary["run_dir"]),
+        return cls(recipe=summary["recipe"], task=task, run_dir=Path(summary["run_dir"]),
                    artifacts_dir=Path(summary["artifacts_dir"]), seconds=float(summary.get("seconds", 0.0)),
                    stages=tuple(stages), raw=dict(summary))
 
@@ -104,12 +106,15 @@ class RunResult:
 
 
 def run(recipe: str | Path | Mapping[str, Any], overrides: Iterable[str] = (), out: str | Path | None = None, *,
-        cache: str | Path | None = None, only: Iterable[str] = (), progress: bool = False) -> RunResult:
-    """Run (or resume) a recipe: a YAML path or the recipe as a dict.
+        cache: str | Path | None = None, only: Iterable[str] = (), progress: bool = False, console: Any = None,
+        executor: str | None = None, address: str | None = None) -> RunResult:
+    """Run (or resume) a recipe: a YAML path or the recipe as a dict. ``stackcomp run`` calls this.
 
     ``overrides``: ``key=value`` strings as on the command line (``a,b`` sweeps); ``out``: the run
     directory (default ``runs/<recipe name>``); ``cache``: an artifact folder shared by runs;
-    ``only``: run only these stages and what they need; ``progress``: show the rich live view.
+    ``only``: run only these stages (names, or comma lists) and what they need; ``progress``: show
+    the rich live view (on ``console``, default stderr); ``executor``/``address``: ``local`` or
+    ``ray`` and the Ray cluster (default: the recipe's ``executor:``).
     """
     from rich.console import Console
 
@@ -126,13 +131,15 @@ def run(recipe: str | Path | Mapping[str, Any], overrides: Iterable[str] = (), o
     else:
         r = load_recipe(Path(recipe), overrides)
     full_plan = build_plan(r)
-    names = [n for n in only]
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     plan = full_plan.select(names) if names else full_plan
-    check_inputs(plan)
+    check_inputs(plan)  # a missing model, data file or unknown task stops here, before any stage
     run_dir = Path(out) if out is not None else default_run_dir(r.name)
-    engine = Engine(plan, run_dir, console=Console(stderr=True) if progress else None, show_progress=progress,
-                    cache_dir=cache, full_plan=full_plan)
-    return RunResult.from_summary(engine.run())
+    if progress and console is None:
+        console = Console(stderr=True)
+    engine = Engine(plan, run_dir, console=console if progress else None, show_progress=progress,
+                    cache_dir=cache, full_plan=full_plan, executor=executor, address=address)
+    return RunResult.from_summary(engine.run(), task=r.task)
 
 
 def compare(*targets: str | Path, metric: str | None = None, goal: Any = None, load_sizes: bool = True) -> Any:

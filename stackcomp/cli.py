@@ -130,24 +130,19 @@ def run(
     that do not depend on it still run; the exit code is then 1, and a re-run retries only the
     failed and skipped stages. Exit code 2: the run could not start (or a disk filled up).
     """
-    from stackcomp.engine import Engine
+    from stackcomp.api import run as run_recipe
     from stackcomp.rundir import SUMMARY
 
     _setup_logging(verbose)
-    from stackcomp.plan import check_inputs
-
-    r, full_plan = _load(recipe, overrides)
-    plan = _select(full_plan, only)
-    check_inputs(plan)  # a missing model, data file or unknown task stops here (exit 2), as validate says
-    run_dir = _run_dir(r.name, output)
-    engine = Engine(plan, run_dir, console=err_console if as_json else console,
-                    show_progress=not as_json, cache_dir=cache, full_plan=full_plan, executor=executor, address=address)
-    summary = engine.run()
+    result = run_recipe(recipe, overrides or [], output, cache=cache, only=only or [], progress=not as_json,
+                        console=console, executor=executor, address=address)
+    summary = result.raw
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
-        console.print(summary_table(summary, r.task))
-        console.print(f"[dim]run directory: {run_dir}  ·  summary: {run_dir / SUMMARY}[/]", highlight=False)
+        console.print(summary_table(summary, result.task))
+        console.print(f"[dim]run directory: {result.run_dir}  ·  summary: {result.run_dir / SUMMARY}[/]",
+                      highlight=False)
     if summary["failed"]:
         _report_failures(summary, debug)
         raise typer.Exit(1)
