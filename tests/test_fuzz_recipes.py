@@ -334,7 +334,7 @@ def check_cli(folder, data: bytes, overrides: list[str], command: str, outcomes:
     outcomes["valid"] += 1
 
 
-def test_fuzzed_recipes_give_a_plan_or_one_error_line(tmp_path, pytestconfig):
+def test_fuzzed_recipes_give_a_plan_or_one_error_line(tmp_path, pytestconfig, data_env):  # validate checks the data
     outcomes: Counter = Counter()
 
     @_profile(pytestconfig)
