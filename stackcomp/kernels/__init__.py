@@ -11,7 +11,8 @@ Entry points:
   :func:`ds_forward_torch` -- the fastest uncompiled path on canonical tensors;
 * :func:`semi_structured_24` -- 2:4 sparse weights for plain linears (CUDA, compute >= 8.0).
 
-Importing this package builds nothing: the C++ kernel is built on first use (see ``ds_cpu``).
+Importing this package loads nothing: the C++ kernel, compiled per ISA variant when the package
+is built, is imported on first use, the best variant this CPU runs (see ``ds_cpu``, ``isa``).
 """
 
 from stackcomp.kernels.dispatch import KERNELS, choose_kernel, ds_forward_packed

@@ -2,7 +2,8 @@
 
 Kernels (names used by ``choose_kernel`` and ``ds_forward_packed(kernel=...)``):
 
-* ``"cpu"``       -- the compiled C++ kernel (ds_cpu.cpp), CPU-packed layers, any token count;
+* ``"cpu"``       -- the compiled C++ kernel (ds_cpu.cpp; the prebuilt ISA variant this CPU runs,
+  see ``ds_cpu`` and ``isa``), CPU-packed layers, any token count;
 * ``"torch"``     -- plain torch: embedding_bag below 1024 tokens, rebuild-W + GEMM above;
 * ``"triton"``    -- the Triton kernels (CUDA, or the interpreter in tests), CUDA-packed layers;
 * ``"reference"`` -- the exact float64 oracle (slow; for tests and debugging).
@@ -22,11 +23,11 @@ KERNELS = ("cpu", "torch", "triton", "reference")
 def choose_kernel(target: str = "auto", T_hint: int | None = None, build: bool = True) -> str:
     """The fastest kernel available for ``target`` ("cpu", "cuda" or "auto").
 
-    cpu: the compiled kernel when it builds (``build=False`` only takes an already built one),
-    else torch. It beats the torch paths at every token count measured (1 to 2048), so
-    ``T_hint`` does not change the CPU choice. cuda: Triton when importable, else torch; from
-    ``T_hint >= 4096`` tokens torch's rebuild-W + one cuBLAS GEMM (a guess, not measured here:
-    no GPU was available).
+    cpu: the compiled kernel when one loads (``build=False`` only takes an already loaded one;
+    in a never-built source tree it is compiled first), else torch. It beats the torch paths at
+    every token count measured (1 to 2048), so ``T_hint`` does not change the CPU choice.
+    cuda: Triton when importable, else torch; from ``T_hint >= 4096`` tokens torch's rebuild-W +
+    one cuBLAS GEMM (a guess, not measured here: no GPU was available).
     """
     if target == "auto":
         target = "cuda" if torch.cuda.is_available() else "cpu"

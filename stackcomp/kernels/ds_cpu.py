@@ -1,12 +1,19 @@
-"""The compiled CPU kernel for packed DS layers: lazy JIT build, cache, and a safe fallback.
+"""The compiled CPU kernel for packed DS layers: the prebuilt module for this CPU, a JIT build in
+development trees, and a safe fallback.
 
-The C++ source (``ds_cpu.cpp``) is built on first use with ``torch.utils.cpp_extension.load``
-(gcc + ninja, 25-40 s once, then cached in ``TORCH_EXTENSIONS_DIR``). The extension name holds a
-hash of the source, the flags and the CPU's ISA flags, so a cache shared between machines or
-versions never loads a stale or foreign binary. If the build fails, one warning is logged and
-:func:`get_extension` returns ``None`` from then on: callers fall back to the torch path.
+The C++ source (``ds_cpu.cpp``) is compiled when the package is built (setup.py), once per ISA
+variant (:mod:`stackcomp.kernels.isa`: ``avx512vnni``, ``avx2``, ``generic``), each its own module
+``stackcomp.kernels._ds_cpu_<variant>``. :func:`get_extension` imports the best variant this CPU
+runs (``STACKCOMP_CPU_ISA`` caps it); if that one is not installed or does not load, the next one
+down, with a warning. Nothing compiles at inference.
 
-Builds survive kills and do not depend on the ``ninja`` on PATH (:func:`load_extension`): a
+Only where no variant is installed (a source tree that was never built) the kernel is built here
+with ``torch.utils.cpp_extension.load`` (gcc + ninja, 25-40 s once, cached in
+``TORCH_EXTENSIONS_DIR``), with a warning. Its name holds a hash of the source, the flags and
+torch's version, so a shared cache never loads a stale binary. If the build fails, one warning
+is logged and :func:`get_extension` returns ``None`` from then on: callers use the torch path.
+
+JIT builds survive kills and do not depend on the ``ninja`` on PATH (:func:`load_extension`): a
 build holds a ``filelock`` lock (the OS releases it when its holder dies), so a build killed
 half-way leaves no lock that blocks the next one; torch's own lock file (``lock``, which a killed
 build leaves behind and torch then waits on forever) is removed under that lock, with a warning.
@@ -14,11 +21,11 @@ A finished build is marked by a stamp file and loaded directly from then on, wit
 ninja: ninja 1.11 and 1.13 write incompatible ``.ninja_log`` versions and each discards the
 other's log and rebuilds everything, so switching the ninja on PATH used to cost a full rebuild.
 
-Environment (read at the first build attempt; :func:`reset` makes the next call read it again):
-  ``STACKCOMP_KERNELS=torch``      never build; always use the torch path;
-  ``STACKCOMP_KERNELS_PORTABLE=1`` build without ``-march=native`` (generic x86-64 / scalar code);
+Environment (read at the first call; :func:`reset` makes the next call read it again):
+  ``STACKCOMP_KERNELS=torch``      never load or build the kernel; always use the torch path;
+  ``STACKCOMP_CPU_ISA=<variant>``  run at most this variant (avx512vnni, avx2, generic);
   ``STACKCOMP_KERNEL_BUILD_WAIT``  seconds to wait for another process building the kernel
-                                   (default 1800); then this process uses the torch path.
+                                   (JIT builds only; default 1800); then this process uses the torch path.
 
 The kernels themselves live in ``ds_cpu_kernels.h`` (fp32, the q15 int8 kernel and the few-token
 loop) and ``ds_cpu_vnni8.h`` (the int8 kernel with 8-bit activations, AVX-512 VBMI + VNNI), with no
@@ -28,10 +35,10 @@ torch types (a standalone harness can include them); ``ds_cpu.cpp`` is the torch
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
-import platform
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +46,7 @@ from typing import Any, Callable
 
 import torch
 
+from stackcomp.kernels import isa
 from stackcomp.kernels.packed import CPU_GROUP, PackedDS
 from stackcomp.kernels.reference import KernelError
 from stackcomp.rundir import atomic_write_text
@@ -63,39 +71,26 @@ BUILT_STAMP = "stackcomp_built"
 BUILD_WAIT_S = 1800.0
 
 _lock = threading.Lock()
-#: gen counts resets, so callers that cached a kernel (PackedDS.cache) know to look again
-_state: dict[str, Any] = {"ext": None, "tried": False, "error": None, "gen": 0}
+#: gen counts resets, so callers that cached a kernel (PackedDS.cache) know to look again;
+#: variant: the ISA variant of ext (None: no kernel)
+_state: dict[str, Any] = {"ext": None, "tried": False, "error": None, "gen": 0, "variant": None}
+#: (packed with, runs here) pairs already warned about
+_warned: set[tuple[str, str | None]] = set()
 
 
-def _cpu_isa() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return ",".join(sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "amx"))))
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def build_flags() -> list[str]:
-    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-    if os.environ.get("STACKCOMP_KERNELS_PORTABLE", "") not in ("", "0"):
-        return flags
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append("-march=native")
-    return flags
+def build_flags(variant: str) -> list[str]:
+    """Compiler flags of ``variant`` (the same as setup.py's), for a JIT build."""
+    v = next(v for v in isa.VARIANTS if v.name == variant)
+    return [*isa.COMMON_CFLAGS, *(v.cflags if isa.is_x86() else ())]
 
 
 def extension_name(source: Path = SOURCE, flags: list[str] | None = None) -> str:
-    """Name of the built module: changes when the source, the flags or the CPU's ISA change."""
+    """Name of a JIT-built module: changes when the source, the flags or torch change."""
     h = hashlib.sha256()
     h.update(source.read_bytes())
     for header in HEADERS:
         h.update(header.read_bytes())
-    h.update(" ".join(flags if flags is not None else build_flags()).encode())
-    h.update(_cpu_isa().encode())
+    h.update(" ".join(flags if flags is not None else build_flags(isa.chosen())).encode())
     h.update(torch.__version__.encode())
     return f"stackcomp_ds_cpu_{h.hexdigest()[:12]}"
 
@@ -104,10 +99,24 @@ def disabled() -> bool:
     return os.environ.get("STACKCOMP_KERNELS", "").lower() == "torch"
 
 
-def get_extension(verbose: bool = False):
-    """The compiled module, building it on first call; ``None`` if disabled or the build failed.
+def import_built(variant: str) -> tuple[ModuleType | None, str | None]:
+    """The prebuilt module of ``variant``, or (None, why it cannot be used)."""
+    name = isa.module_name(variant)
+    try:
+        return importlib.import_module(name), None
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None, "not installed"
+        return None, f"{type(e).__name__}: {e}"
+    except ImportError as e:  # e.g. built against another torch
+        return None, f"{type(e).__name__}: {e}"
 
-    The outcome (and ``STACKCOMP_KERNELS``) is read once; :func:`reset` makes the next call look again.
+
+def get_extension(verbose: bool = False):
+    """The kernel module for this CPU (prebuilt; JIT-built only where none is installed); ``None``
+    if disabled or unavailable. A bad ``STACKCOMP_CPU_ISA`` raises KernelError.
+
+    The outcome (and the environment) is read once; :func:`reset` makes the next call look again.
     """
     if _state["tried"]:
         return _state["ext"]
@@ -117,17 +126,55 @@ def get_extension(verbose: bool = False):
         if disabled():
             _state.update(ext=None, tried=True, error="disabled by STACKCOMP_KERNELS=torch")
             return None
+        want = isa.chosen()
+        missing: list[tuple[str, str | None]] = []
+        for variant in isa.down_from(want):
+            ext, why = import_built(variant)
+            if ext is not None:
+                if missing:
+                    log.warning("stackcomp: the %s build of the CPU kernel cannot be used (%s); running the %s "
+                                "build instead", want, missing[0][1], variant)
+                _state.update(ext=ext, variant=variant, tried=True)
+                return ext
+            missing.append((variant, why))
+        log.warning("stackcomp: this install has no prebuilt CPU kernel (%s), as in a source tree that was never "
+                    "built; compiling the %s variant now (`pip install --no-build-isolation -e .` builds them "
+                    "once)", "; ".join(f"{v}: {why}" for v, why in missing), want)
         try:
-            flags = build_flags()
-            _state["ext"] = load_extension(extension_name(SOURCE, flags), [SOURCE], flags, ["-fopenmp"],
-                                           verbose=verbose)
+            flags = build_flags(want)
+            ext = load_extension(extension_name(SOURCE, flags), [SOURCE], flags, list(isa.LDFLAGS), verbose=verbose)
+            _state.update(ext=ext, variant=want)
         except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
-            _state["error"] = f"{type(e).__name__}: {e}"
-            _state["ext"] = None
+            _state.update(ext=None, variant=None, error=f"{type(e).__name__}: {e}")
             log.warning("stackcomp: the DS CPU kernel could not be built (%s); falling back to the torch path. "
                         "Set STACKCOMP_KERNELS=torch to skip the build.", str(e).splitlines()[0] if str(e) else e)
         _state["tried"] = True
         return _state["ext"]
+
+
+def variant() -> str | None:
+    """The ISA variant of the kernel that runs here (loading it); None: the torch path."""
+    get_extension()
+    return _state["variant"]
+
+
+def check_packed_variant(packed_with: str, who: str = "this model") -> None:
+    """Warn (once per pair) when a model packed where the ``packed_with`` kernel ran is loaded where
+    a lesser variant (or none) runs: it still runs, on the next variant down, more slowly, and its
+    int8 layers may round differently (vnni8 rounds activations to 8 bits, q15 to 16)."""
+    if disabled():
+        return
+    running = variant()
+    known = packed_with in isa.NAMES
+    if running is not None and (not known or isa.rank(running) <= isa.rank(packed_with)):
+        return
+    if (packed_with, running) in _warned:
+        return
+    _warned.add((packed_with, running))
+    here = f"the {running} build" if running is not None else f"the torch path ({build_error() or 'no kernel'})"
+    log.warning("stackcomp: %s was packed with the %s CPU kernel; this CPU (or install) runs %s instead: "
+                "slower, and int8 layers may round differently. Re-run the pack stage here to record it.",
+                who, packed_with, here)
 
 
 def load_extension(name: str, sources: list[Path], cflags: list[str], ldflags: list[str], *,
@@ -204,7 +251,8 @@ def build_error() -> str | None:
 def reset() -> None:
     """Forget the build outcome (tests; after changing the environment)."""
     with _lock:
-        _state.update(ext=None, tried=False, error=None, gen=_state["gen"] + 1)
+        _state.update(ext=None, tried=False, error=None, gen=_state["gen"] + 1, variant=None)
+        _warned.clear()
 
 
 def available() -> bool:
