@@ -1,6 +1,9 @@
 """stackcomp: stack transformer compression techniques and compare the stacks."""
 
+from stackcomp.hf_register import install as _install_hf_quantizer
 from stackcomp.version import __version__
+
+_install_hf_quantizer()  # AutoModelFor*.from_pretrained loads stackcomp exports (on transformers' import)
 
 __all__ = ["__version__", "compare", "load", "run", "save"]
 

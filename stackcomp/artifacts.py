@@ -25,12 +25,14 @@ weights come from safetensors. No pickle anywhere.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,14 @@ import torch
 from torch import nn
 
 from stackcomp.errors import ArtifactError, ModelError
+from stackcomp.hf_integration import (
+    FORMAT_VERSION,
+    guard_folder,
+    hook_save_pretrained,
+    manifest_layers,
+    mark_config,
+    quantization_layers,
+)
 from stackcomp.rundir import (
     ARTIFACTS,
     CHECKSUMS,
@@ -54,7 +64,8 @@ from stackcomp.rundir import (
     write_json,
 )
 
-MANIFEST_SCHEMA = 1
+MODEL_CARD = "README.md"
+MANIFEST_SCHEMA = FORMAT_VERSION  # config.json's quantization_config carries the same layer manifest
 
 
 # ----------------------------------------------------------------------------- file hashes
@@ -180,14 +191,9 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
     """Save a (possibly compressed) Hugging Face model as safetensors + config + layer manifest."""
     from safetensors.torch import save_model as st_save_model
 
-    from stackcomp.nn.base import CompressedLayer
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, CompressedLayer):
-            layers[name] = {"type": type(module).__name__, **module.manifest()}
+    layers = manifest_layers(model)
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "producer": "stackcomp",
@@ -197,7 +203,10 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
     config = getattr(model, "config", None)
     if config is None:
         raise ArtifactError(f"cannot save {type(model).__name__}: stackcomp saves Hugging Face models (with .config)")
-    config.save_pretrained(folder)
+    # config.json as transformers reads it: the head class, and for a compressed model the
+    # quantization_config stackcomp's quantizer rebuilds it from (hf_integration)
+    mark_config(copy.deepcopy(config), model, layers).save_pretrained(folder)
+    guard_folder(folder)
     for p in model.parameters():
         if not torch.isfinite(p).all():
             from stackcomp.errors import NumericalError
@@ -231,14 +240,28 @@ def _as_os_error(e: Exception, path: Path) -> Exception:
     return e
 
 
-def export_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
-    """:func:`save_model` into a checksummed folder (an export) that replaces ``folder`` in one step."""
+def export_model(model: nn.Module, folder: str | Path, tokenizer: Any = None, card: str | None = None,
+                 extra_files: Callable[[Path], Any] | None = None) -> Path:
+    """:func:`save_model` into a checksummed folder (an export) that replaces ``folder`` in one step,
+    with a model card (``README.md``: ``card``, else one with the model's sizes and how to load it).
+    ``extra_files(folder)`` adds files before the checksums are taken (a task kind's layout for
+    other tools, e.g. sentence-transformers' ``modules.json``).
+    Its folders and files get the permissions the umask gives (not the 0700 of a temporary folder)."""
     dest = Path(folder).expanduser()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         save_model(model, tmp, tokenizer=tokenizer)
+        if extra_files is not None:
+            extra_files(tmp)
+        if card is None:
+            from stackcomp.evaluate import size_report
+            from stackcomp.model_card import render_card
+
+            card = render_card(model, dest.name, dense=not manifest_layers(model), sizes=size_report(model))
+        (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
         write_checksums(tmp)
+        apply_umask(tmp)  # before the rename: the folder never appears with a temporary folder's 0700
         if dest.exists() or dest.is_symlink():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -252,6 +275,32 @@ def export_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) ->
         raise
     _fsync_dir(dest.parent)
     return dest
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where the kernel reports it (Linux), so it is never
+    changed; elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Folders 0o777 and files 0o666 less the umask under ``root`` (itself included), as a plain
+    ``mkdir``/``open`` would have made them: ``tempfile`` makes folders 0700 and files 0600."""
+    mask = current_umask()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def model_folder(path: str | Path, *, verify: bool = True) -> Path:
@@ -306,25 +355,35 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", *, verify
     from safetensors.torch import load_model as st_load_model
 
     from stackcomp.nn.base import layer_class
+    from stackcomp.nn.pruning import restore_pruned_shapes
     from stackcomp.targets import set_module
 
     folder = model_folder(folder, verify=verify)
-    if not (folder / MANIFEST).exists():
-        raise ModelError(f"{folder} is not a stackcomp model folder (no {MANIFEST}); "
-                         "use transformers' from_pretrained for plain Hugging Face folders")
-    manifest = read_json(folder / MANIFEST)
-    if manifest.get("schema") != MANIFEST_SCHEMA:
-        raise ArtifactError(f"{folder / MANIFEST}: schema {manifest.get('schema')} is not {MANIFEST_SCHEMA}")
+    has_manifest = (folder / MANIFEST).exists()
+    if has_manifest:
+        manifest = read_json(folder / MANIFEST)
+        if manifest.get("schema") != MANIFEST_SCHEMA:
+            raise ArtifactError(f"{folder / MANIFEST}: schema {manifest.get('schema')} is not {MANIFEST_SCHEMA}")
     if not (folder / "config.json").is_file():
+        if not has_manifest:
+            raise ModelError(f"{folder} is not a stackcomp model folder (no {MANIFEST})")
         raise ModelError(f"{folder / 'config.json'} is missing: the model folder is incomplete")
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise ModelError(f"{folder / 'config.json'} cannot be read: {_first_line(e)}") from None
+    if not has_manifest:  # written by save_pretrained: the layer manifest is config.json's quantization_config
+        found = quantization_layers(config)
+        if found is None:
+            raise ModelError(f"{folder} is not a stackcomp model folder (no {MANIFEST}, no stackcomp "
+                             "quantization_config in config.json); use transformers' from_pretrained for plain "
+                             "Hugging Face folders")
+        manifest = {"model_class": found[0], "layers": found[1]}
     model_cls = getattr(transformers, manifest["model_class"], None)
     if model_cls is None:
         raise ArtifactError(f"{folder}: unknown model class {manifest['model_class']!r} in the manifest")
     model = model_cls(config)
+    restore_pruned_shapes(model, folder / WEIGHTS)  # heads and FFN neurons removed by prune_structured
     for name, entry in manifest["layers"].items():
         entry = dict(entry)
         cls = layer_class(entry.pop("type"))
@@ -339,6 +398,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", *, verify
     if missing or unexpected:
         raise ArtifactError(f"{folder / WEIGHTS}: weights do not match the manifest "
                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    mark_config(model.config, model, manifest["layers"])  # so its save_pretrained folder loads again,
+    hook_save_pretrained(model)  # and is refused by transformers without stackcomp
     return model.to(device).eval()
 
 
@@ -398,6 +459,11 @@ class ArtifactStore:
         work): whoever renames first wins, and the other finds that intact artifact, discards its
         own copy and returns the winner's folder; it never replaces an intact artifact."""
         write_checksums(tmp)
+        apply_umask(tmp)  # a cache shared by several users is readable as their umask allows
+        return self.publish(key, tmp)
+
+    def publish(self, key: str, tmp: Path) -> Path:
+        """Rename ``tmp`` (checksummed already) into place, as :meth:`commit` says."""
         final = self.path(key)
         for _ in range(3):
             if (final.exists() or final.is_symlink()) and self._taken_by_another_writer(key, tmp):
@@ -447,6 +513,14 @@ class ArtifactStore:
 
     def read(self, key: str, name: str) -> Any:
         return read_json(self.path(key) / name)
+
+    @property
+    def url(self) -> str:
+        """Where another process (a Ray worker) opens this store (``remote_store.open_store``)."""
+        return str(self.root.resolve())
+
+    def fetch(self, keys: Iterable[str]) -> None:
+        """Nothing to do: the artifacts are local (a remote store downloads them here)."""
 
 
 def _writer_alive(name: str) -> bool:
