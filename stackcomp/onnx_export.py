@@ -1,16 +1,31 @@
-"""ONNX export of a (packed) sequence classifier, ONNX Runtime sessions and the parity check.
+"""ONNX export of a (packed) sequence classifier, ONNX Runtime sessions, parity and latency.
 
 Export goes through ``torch.onnx.export(dynamo=True)`` (optimum's ONNX exporters need
-transformers < 4.58, which this project does not use). Packed DS layers trace as standard ops
-(matmul, gather, mul, sum; see ``PackedDSLinear.forward_standard_ops``) and int8 layers as
-fp32 GEMMs with their dequantized weights, so the graph runs in any ONNX runtime; ONNX
-Runtime's own dynamic int8 (``quantize_dynamic``, per-channel) is applied on request.
+transformers < 4.58, which this project does not use). What each compressed layer records:
+
+* int8 linears: their backend's int8 arithmetic (:mod:`stackcomp.onnx_ops`: ``QuantizeLinear`` +
+  ``MatMulInteger`` + rescale, weights int8 in the file), so ONNX Runtime computes what torch does;
+* packed DS layers (``PackedDSLinear``): by default (``ds_form="weight"``) the dense weight
+  rebuilt from the stored factors by a gather and a sum over initializers only, then one MatMul:
+  ONNX Runtime folds the rebuild into a constant when the session loads, so each layer runs the
+  dense graph's MatMul while the file keeps the factors (MiniLM: 7-8% slower than dense, the
+  fastest DS form measured) (``bench/onnx_ds.py`` measured the
+  forms; ``"codes"`` and ``"gather"`` are kept for it).
+
+ONNX Runtime's own dynamic int8 (``quantize_dynamic``, per-channel) is applied on request.
+:func:`write_onnx_folder` lays the folder out as optimum's ``ORTModel`` classes read it
+(``model.onnx``, ``config.json``, tokenizer files).
 
 The files are saved with IR version 9: ONNX Runtime 1.31/1.32 refuse onnx 1.23's default (14).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,30 +71,80 @@ class _Logits(nn.Module):
         return self.model(input_ids=input_ids, **{k: v for k, v in kw.items() if v is not None}).logits
 
 
-def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Tensor], opset: int = OPSET) -> Path:
+@contextlib.contextmanager
+def ds_export_form(model: nn.Module, form: str) -> Iterator[None]:
+    """Packed DS layers of ``model`` record ``form`` (see ``PackedDSLinear.EXPORT_FORMS``) while exporting."""
+    from stackcomp.nn.packed import PackedDSLinear
+
+    if form not in PackedDSLinear.EXPORT_FORMS:
+        raise OnnxError(f"DS export form must be one of {', '.join(PackedDSLinear.EXPORT_FORMS)}, got {form!r}")
+    layers = [m for m in model.modules() if isinstance(m, PackedDSLinear)]
+    before = [m.export_form for m in layers]
+    for m in layers:
+        m.export_form = form
+    try:
+        yield
+    finally:
+        for m, f in zip(layers, before):
+            m.export_form = f
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Tensor], opset: int = OPSET,
+                ds_form: str = "weight") -> Path:
     """Write ``model`` (a Hugging Face classifier) to ``path``; batch and sequence axes are dynamic."""
     require_onnx()
     import onnx
+
+    from stackcomp.onnx_ops import translations
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     unknown = set(example) - set(INPUT_NAMES) - {"labels"}
     if unknown:
         raise OnnxError(f"ONNX export takes the inputs {INPUT_NAMES}; the batch also has {sorted(unknown)}")
-    example = {k: example[k].cpu() for k in INPUT_NAMES if k in example}
+    example = {k: example[k].cpu().contiguous() for k in INPUT_NAMES if k in example}
     dyn = torch.export.Dim.DYNAMIC
     wrapper = _Logits(model.cpu()).eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), ds_export_form(model, ds_form):
             torch.onnx.export(wrapper, (), str(path), kwargs=example, dynamo=True, opset_version=opset,
                               input_names=list(example), output_names=["logits"], external_data=False,
-                              dynamic_shapes={k: {0: dyn, 1: dyn} for k in example}, verbose=False)
-    except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; report it as one
+                              dynamic_shapes={k: {0: dyn, 1: dyn} for k in example}, verbose=False,
+                              custom_translation_table=translations())
+    except OnnxError:
+        raise
+    except Exception as e:  # the exporter raises many kinds; report it as one
         raise OnnxError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {str(e)[:500]}") from e
     proto = onnx.load(str(path))
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     onnx.save(proto, str(path))
     return path
+
+
+def write_onnx_folder(folder: str | Path, model: nn.Module, tokenizer: Any = None) -> Path:
+    """Put ``config.json`` (a plain one: the graph needs no stackcomp layers) and the tokenizer
+    files beside ``folder/model.onnx``, the layout optimum's ``ORTModelFor*.from_pretrained`` reads."""
+    folder = Path(folder)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config = copy.deepcopy(config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def graph_summary(path: str | Path) -> dict[str, Any]:
+    """What the report says about a graph: its bytes and how many nodes of each integer-GEMM kind."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return {"bytes": Path(path).stat().st_size,
+            "int8_matmuls": sum(1 for o in ops if o in ("MatMulInteger", "QLinearMatMul")),
+            "fp32_matmuls": sum(1 for o in ops if o in ("MatMul", "Gemm"))}
 
 
 def quantize_onnx_int8(src: str | Path, dst: str | Path) -> tuple[Path, list[str]]:
@@ -143,3 +208,44 @@ def parity(model: nn.Module, session: Any, batches: list[dict[str, torch.Tensor]
     if total:
         out["argmax_agreement"] = agree / total
     return out
+
+
+def measure_ort_latency(path: str | Path, batches: list[dict[str, torch.Tensor]], *, threads: int | None = None,
+                        warmup: int = 2, repeats: int = 3) -> dict[str, float]:
+    """ONNX Runtime's median wall time per batch of ``path`` (``threads`` intra-op threads), measured
+    like :func:`stackcomp.evaluate.measure_latency` (same batches, warmup and repeats)."""
+    session = ort_session(path, threads)
+    names = {i.name for i in session.get_inputs()}
+    feeds = [{k: v.cpu().numpy() for k, v in b.items() if k in names} for b in batches]
+    for f in feeds[: max(1, warmup)]:
+        session.run(["logits"], f)
+    per_batch: list[float] = []
+    for _ in range(repeats):
+        for f in feeds:
+            t0 = time.perf_counter()
+            session.run(["logits"], f)
+            per_batch.append(time.perf_counter() - t0)
+    n_seq = sum(int(b["input_ids"].shape[0]) for b in batches) / max(1, len(batches))
+    med = statistics.median(per_batch)
+    return {"ort_latency_ms_per_batch": med * 1e3, "ort_latency_ms_per_sequence": med * 1e3 / n_seq,
+            "ort_latency_threads": session.get_session_options().intra_op_num_threads}
+
+
+def upstream_onnx(parent_reports: dict[str, dict], upstream_dirs: dict[str, Path]) -> Path | None:
+    """The ``model.onnx`` the nearest upstream ``pack target: onnx`` stage wrote, or None."""
+    for name, report in parent_reports.items():
+        onnx = report.get("onnx") if isinstance(report, dict) else None
+        if isinstance(onnx, dict) and isinstance(onnx.get("path"), str) and name in upstream_dirs:
+            path = Path(upstream_dirs[name]) / onnx["path"]
+            return path if path.is_file() else None
+    return None
+
+
+def onnx_latency(ctx: Any, batches: list[dict[str, torch.Tensor]], *, threads: int, repeats: int) -> dict[str, Any]:
+    """ONNX Runtime latency of the graph an upstream ``pack target: onnx`` wrote (``ctx``: a
+    ``PassContext``), on the same batches as the torch timing; {} when there is none."""
+    path = upstream_onnx(ctx.parent_reports, ctx.upstream_dirs)
+    if path is None:
+        return {}
+    ctx.log.info("timing ONNX Runtime on %s (%d threads)", path, threads)
+    return measure_ort_latency(path, batches, threads=threads, repeats=repeats)

@@ -105,6 +105,8 @@ def leaderboard_columns(comparison: Any, compact: bool = False) -> list[tuple[st
     cols.append(("CPU ms", lambda r: ms(r.cpu_latency_ms)))
     if any(r.gpu_latency_ms is not None for r in rows):
         cols.append(("GPU ms", lambda r: ms(r.gpu_latency_ms)))
+    if any(r.ort_latency_ms is not None for r in rows):
+        cols.append(("ORT ms", lambda r: ms(r.ort_latency_ms)))
     cols += [("compress s", lambda r: secs(r.compress_seconds)),
              ("Pareto", (lambda r: pareto_text(r, short=True)) if compact else pareto_text)]
     if comparison.goals_given:

@@ -281,7 +281,7 @@ def test_pack_onnx_parity(tmp_path):
     assert rep["parity"]["max_rel_diff"] < 1e-3 and rep["parity"]["argmax_agreement"] == 1.0
     graph = onnx.load(str(tmp_path / rep["path"])).graph
     ops = {n.op_type for n in graph.node}
-    assert {"MatMul", "Gather", "Mul", "ReduceSum"} <= ops, ops  # DS layers as standard ops
+    assert "MatMul" in ops, ops  # DS layers as standard ops (the weight rebuilt from the factors, one GEMM)
     assert all(n.domain in ("", "ai.onnx") for n in graph.node)
     # ORT's own int8 on top: weights quantized, logits close
     assert rep["int8"]["parity"]["max_rel_diff"] < 0.1

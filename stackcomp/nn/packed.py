@@ -3,7 +3,8 @@
 * :class:`PackedDSLinear` holds a :class:`~stackcomp.kernels.packed.PackedDS` (fp32 or int8) as
   buffers and runs it with :func:`~stackcomp.kernels.dispatch.ds_forward_packed` (compiled CPU
   kernel, Triton on CUDA, torch elsewhere). While ``torch.onnx``/``torch.export`` traces it, it
-  computes with standard ops only (matmul, gather, mul, sum) so the graph runs anywhere.
+  computes with standard ops only (by default the weight rebuilt from its factors, then one GEMM;
+  see :meth:`PackedDSLinear.forward_standard_ops`) so the graph runs anywhere.
 * :class:`Sparse24Linear` stores a 2:4-pruned weight compactly (the 2 kept values of every
   group of 4 input columns and their positions) and runs it through
   ``torch.sparse.to_sparse_semi_structured`` on GPUs that have it, densely elsewhere.
@@ -63,18 +64,25 @@ class PackedDSLinear(_NoDeepcopyCache):
     Buffers are the PackedDS tensors under their own names (``dictionary``, ``values``,
     ``indices``, ``bias``; int8 adds ``dictionary_scale`` and ``values_scale``); the layout meta
     is stored in the layer manifest. ``kernel``: ``"auto"`` (pick per call, see
-    ``ds_forward_packed``) or one of ``KERNELS``.
+    ``ds_forward_packed``) or one of ``KERNELS``. ``cpu_variant``: the ISA variant of the compiled
+    CPU kernel where it was packed (``pack`` sets it; kept in the manifest, and loading it where a
+    lesser variant runs warns).
     """
 
     layout_version: ClassVar[int] = 1
+    #: the standard-ops forms of :meth:`forward_standard_ops`; ``export_form`` is the one exported
+    EXPORT_FORMS: ClassVar[tuple[str, ...]] = ("weight", "codes", "gather")
+    export_form: str = "weight"
 
-    def __init__(self, meta: dict[str, Any], bias: bool = True, kernel: str = "auto"):
+    def __init__(self, meta: dict[str, Any], bias: bool = True, kernel: str = "auto", cpu_variant: str | None = None):
         super().__init__()
         if kernel != "auto" and kernel not in KERNELS:
             raise KernelError(f"PackedDSLinear: kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
+        if cpu_variant is not None and not isinstance(cpu_variant, str):
+            raise KernelError(f"PackedDSLinear: cpu_variant must be a string, got {cpu_variant!r}")
         meta = dict(meta)
         shell = _empty_packed(meta, bias)  # validates the meta
-        self.meta, self.kernel = meta, kernel
+        self.meta, self.kernel, self.cpu_variant = meta, kernel, cpu_variant
         self.in_features, self.out_features = shell.in_features, shell.out_features
         for name, t in shell.tensors.items():
             self.register_buffer(name, t)
@@ -131,25 +139,43 @@ class PackedDSLinear(_NoDeepcopyCache):
         i = self.indices.long().permute(0, 1, 3, 2).reshape(nb, -1, s)[:, :out]
         return d, v, i
 
-    def forward_standard_ops(self, x: torch.Tensor) -> torch.Tensor:
-        """The DS forward as matmul + gather + mul + sum (what ONNX export records).
+    def forward_standard_ops(self, x: torch.Tensor, form: str | None = None) -> torch.Tensor:
+        """The DS forward as standard ops (what ONNX export records), in one of ``EXPORT_FORMS``
+        (default: this layer's ``export_form``):
 
-        Memory: tokens x out x (n_blocks * nnz) gathered numbers at once; fine for export and
-        parity checks, the kernels avoid it.
+        * ``"weight"``: the dense weight rebuilt from the factors (gather of dictionary rows, times
+          the values, summed over the s slots), then one GEMM. The rebuild reads initializers only,
+          so ONNX Runtime folds it into a constant when the session loads: the dense GEMM, factored file.
+        * ``"codes"``: ``z_b = x_b D_b^T`` as one batched MatMul, then the codes scattered into a
+          dense (nb*K, out) matrix (folded the same way) and one MatMul.
+        * ``"gather"``: z, then a gather of z by the indices, a multiply and a sum; tokens x out x
+          (n_blocks * nnz) gathered numbers at once (ONNX Runtime spends most of its time there).
         """
+        form = form or self.export_form
+        if form not in self.EXPORT_FORMS:
+            raise KernelError(f"PackedDSLinear: export form must be one of {self.EXPORT_FORMS}, got {form!r}")
         m = self.meta
         nb, K, B, s, out = (int(m[k]) for k in ("n_blocks", "atoms", "block", "nnz", "out_features"))
         d, v, i = self._canonical()
-        flat = (i + (torch.arange(nb, device=i.device) * K).view(nb, 1, 1)).permute(1, 0, 2).reshape(-1)
-        w = v.permute(1, 0, 2).reshape(out, nb * s)
         lead = x.shape[:-1]
+        bias = None if self.bias is None else self.bias.float()
+        if form == "weight":
+            rows = torch.index_select(d.reshape(nb * K, B), 0,
+                                      (i + (torch.arange(nb, device=i.device) * K).view(nb, 1, 1)).reshape(-1))
+            w = (rows.reshape(nb, out, s, B) * v.unsqueeze(-1)).sum(2).permute(1, 0, 2).reshape(out, nb * B)
+            return F.linear(x.float(), w, bias).to(x.dtype)
         xb = x.reshape(-1, nb, B).float().transpose(0, 1)                  # (nb, T, B)
         z = torch.matmul(xb, d.transpose(1, 2)).transpose(0, 1)            # (T, nb, K)
         z = z.reshape(z.shape[0], nb * K)
-        g = torch.index_select(z, 1, flat).reshape(z.shape[0], out, nb * s)
-        y = (g * w).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias
+        if form == "codes":
+            codes = torch.zeros(nb, out, K, dtype=v.dtype, device=v.device).scatter_add(2, i, v)
+            y = torch.matmul(z, codes.permute(0, 2, 1).reshape(nb * K, out))
+        else:
+            flat = (i + (torch.arange(nb, device=i.device) * K).view(nb, 1, 1)).permute(1, 0, 2).reshape(-1)
+            g = torch.index_select(z, 1, flat).reshape(z.shape[0], out, nb * s)
+            y = (g * v.permute(1, 0, 2).reshape(out, nb * s)).sum(-1)
+        if bias is not None:
+            y = y + bias
         return y.reshape(*lead, out).to(x.dtype)
 
     def to_dense(self) -> torch.Tensor:
@@ -157,8 +183,11 @@ class PackedDSLinear(_NoDeepcopyCache):
         return ds_rebuild_weight(d, v, i)
 
     def manifest(self) -> dict[str, Any]:
-        return {"layout_version": self.layout_version, "kernel": self.kernel, "bias": self.bias is not None,
-                "meta": dict(self.meta)}
+        entry = {"layout_version": self.layout_version, "kernel": self.kernel, "bias": self.bias is not None,
+                 "meta": dict(self.meta)}
+        if self.cpu_variant is not None:
+            entry["cpu_variant"] = self.cpu_variant
+        return entry
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any]) -> PackedDSLinear:
@@ -173,9 +202,15 @@ class PackedDSLinear(_NoDeepcopyCache):
             bias = entry.get("bias", True)
             if not isinstance(bias, bool):
                 raise KernelError(f"field 'bias' must be true/false, got {bias!r}")
-            return cls(entry["meta"], bias=bias, kernel=entry.get("kernel", "auto"))
+            layer = cls(entry["meta"], bias=bias, kernel=entry.get("kernel", "auto"),
+                        cpu_variant=entry.get("cpu_variant"))
         except KernelError as e:
             raise ArtifactError(f"{who}: {e}") from None
+        if layer.cpu_variant is not None and layer.meta.get("target") == "cpu":
+            from stackcomp.kernels import ds_cpu
+
+            ds_cpu.check_packed_variant(layer.cpu_variant, "a packed model")
+        return layer
 
     def storage(self) -> LayerStorage:
         """Every saved tensor at its width (int8 values 1 byte, uint8 indices 1 byte, padding rows

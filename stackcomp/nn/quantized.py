@@ -376,8 +376,13 @@ def _runner(name: str, device: torch.device) -> Int8Backend:
 # ----------------------------------------------------------------------------- layers
 
 
+#: where exported graphs run (ONNX Runtime's CPU provider): int8 layers export the arithmetic their backend has there
+_CPU = torch.device("cpu")
+
+
 def _exporting() -> bool:
-    """True while torch.onnx / torch.export traces: int8 layers then record fp32 standard ops."""
+    """True while torch.onnx / torch.export traces: int8 layers then record their backend's arithmetic
+    as ops with an ONNX form (:mod:`stackcomp.onnx_ops`), packed layers standard ops."""
     if torch.onnx.is_in_onnx_export():
         return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
@@ -465,8 +470,10 @@ class Int8Linear(_Int8Layer):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _exporting():
-            return F.linear(x, self.to_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if _exporting():  # the backend's int8 arithmetic as one recordable op (ONNX: MatMulInteger)
+            from stackcomp.onnx_ops import int8_linear
+
+            return int8_linear(x, self.weight, self.weight_scale, self.bias, _runner(self.backend, _CPU).name)
         x2, lead = _flat(x, self.in_features, "Int8Linear")
         runner, h = self._prepared_for(x2.device, lambda r: r.prepare(self.weight, self.weight_scale, self.bias))
         y = runner.run(x2, h) if x2.shape[0] else x2.new_zeros(0, self.out_features)
@@ -510,9 +517,11 @@ class Int8LowRankLinear(_Int8Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _exporting():
-            h = F.linear(x, dequantize_rows(self.V, self.V_scale).to(x.dtype))
-            return F.linear(h, dequantize_rows(self.U, self.U_scale).to(x.dtype),
-                            None if self.bias is None else self.bias.to(x.dtype))
+            from stackcomp.onnx_ops import int8_linear
+
+            runs = _runner(self.backend, _CPU).name
+            h = int8_linear(x, self.V, self.V_scale, None, runs)
+            return int8_linear(h, self.U, self.U_scale, self.bias, runs)
         x2, lead = _flat(x, self.in_features, "Int8LowRankLinear")
         runner, (hv, hu) = self._prepared_for(x2.device, lambda r: (r.prepare(self.V, self.V_scale, None),
                                                                    r.prepare(self.U, self.U_scale, self.bias)))

@@ -141,6 +141,9 @@ class PassContext:
     progress: Progress = NULL_PROGRESS
     #: reports of the upstream stages, by stage name, nearest parent first
     parent_reports: dict[str, dict] = field(default_factory=dict)
+    #: artifact folders of the upstream stages, by stage name (files a pass wrote beside the model,
+    #: e.g. ``pack``'s ``onnx/``), read-only
+    upstream_dirs: dict[str, Path] = field(default_factory=dict)
     #: loads the teacher model (from an upstream stage's artifact or a model id), once
     load_teacher: Callable[[], nn.Module] | None = None
     #: what the stage measured (task metrics, latency, sizes); saved as metrics.json

@@ -13,9 +13,12 @@ compressed layer without one is kept and listed. ``analyze`` converts (the new l
 ``transform`` in ``Analysis.state``); ``transform`` swaps them in.
 
 ``target``: ``cpu``, ``cuda``, ``auto`` (cuda if this machine has one), or ``onnx``: pack for CPU,
-then export the model through ``torch.onnx`` (DS layers as standard ops) into the artifact's
-``onnx/`` folder, optionally with ONNX Runtime's int8 (``onnx_int8``), and check that ONNX
-Runtime's logits match the torch model's (``onnx_tolerance``, relative to max |logit|).
+then export the model through ``torch.onnx`` into the artifact's ``onnx/`` folder (``model.onnx``,
+``config.json`` and the tokenizer: what optimum's ``ORTModel`` classes load), optionally with
+ONNX Runtime's int8 (``onnx_int8``), and check that ONNX Runtime's logits match the torch model's
+(``onnx_tolerance``, relative to max |logit|). int8 layers export as their backend's integer
+arithmetic (``MatMulInteger``), DS layers as a weight rebuilt from the factors at session load
+(:mod:`stackcomp.onnx_export`); an ``evaluate`` stage after it also times ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class PackPass(Pass):
         layout = self._layout()
         kernel = choose_kernel(layout)
         why = _kernel_reason(layout, kernel)
+        cpu_variant = _cpu_variant(layout, kernel)
         config = PackConfig(layout=layout, dtype=self.params.dtype, kernel=kernel, sparse24=self.params.sparse24)
         plan: dict[str, dict] = {}
         packed: dict[str, nn.Module] = {}
@@ -78,11 +82,14 @@ class PackPass(Pass):
             if isinstance(new, Keep):
                 plan[name] = {"from": type(m).__name__, "to": type(m).__name__, new.key: new.reason}
             elif new is not None:
+                if isinstance(new, PackedDSLinear) and new.meta["target"] == "cpu":
+                    new.cpu_variant = cpu_variant  # in its manifest: loading where less runs warns
                 packed[name] = new
                 plan[name] = {"from": type(m).__name__, "to": type(new).__name__, **_details(new, config)}
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
-                  "layers": plan, "packed_ds": sum(1 for r in plan.values() if r["to"] == "PackedDSLinear"),
+                  "cpu_variant": cpu_variant, "layers": plan,
+                  "packed_ds": sum(1 for r in plan.values() if r["to"] == "PackedDSLinear"),
                   "sparse24": sum(1 for r in plan.values() if r["to"] == "Sparse24Linear"),
                   "sparse24_kept_dense": len(n24_dense)}
         if n24_dense:
@@ -105,18 +112,21 @@ class PackPass(Pass):
         from stackcomp.onnx_export import (
             OnnxError,
             export_onnx,
+            graph_summary,
             ort_session,
             parity,
             quantize_onnx_int8,
+            write_onnx_folder,
         )
 
         p = self.params
         batches = _parity_batches(model, ctx, p.parity_sequences)
         device = next(iter(list(model.parameters()) + list(model.buffers()))).device
         path = export_onnx(model, ctx.work_dir / "onnx" / "model.onnx", batches[0], opset=p.onnx_opset)
+        write_onnx_folder(path.parent, model, ctx.tokenizer)
         check = parity(model, ort_session(path), batches)
         ctx.report["onnx"] = {"path": "onnx/model.onnx", "opset": p.onnx_opset, "parity": check,
-                              "tolerance": p.onnx_tolerance}
+                              "tolerance": p.onnx_tolerance, **graph_summary(path)}
         ctx.log.info("ONNX parity: max |diff| %.3g (%.3g of max |logit|)", check["max_abs_diff"], check["max_rel_diff"])
         if check["max_rel_diff"] > p.onnx_tolerance:
             raise OnnxError(f"stage {ctx.stage!r}: ONNX Runtime's logits differ from the torch model's by "
@@ -131,10 +141,22 @@ class PackPass(Pass):
 def _details(new: nn.Module, config: PackConfig) -> dict:
     """What the report says about a built-in packed form besides from/to."""
     if isinstance(new, PackedDSLinear):
-        return {"dtype": new.meta["dtype"], "layout": new.meta["target"], "kernel": config.kernel}
+        details = {"dtype": new.meta["dtype"], "layout": new.meta["target"], "kernel": config.kernel}
+        if new.cpu_variant is not None:
+            details["cpu_variant"] = new.cpu_variant
+        return details
     if isinstance(new, Sparse24Linear):
         return {"kernel": "semi_structured_24"}
     return {}
+
+
+def _cpu_variant(layout: str, kernel: str) -> str | None:
+    """The ISA variant of the compiled CPU kernel the packed layers run here (None: not that kernel)."""
+    if layout != "cpu" or kernel != "cpu":
+        return None
+    from stackcomp.kernels import ds_cpu
+
+    return ds_cpu.variant()
 
 
 def _kernel_reason(layout: str, kernel: str) -> str:
@@ -144,8 +166,8 @@ def _kernel_reason(layout: str, kernel: str) -> str:
         if kernel == "cpu":
             vnni8 = ds_cpu.build_int8_kernel(ds_cpu.get_extension()) == "vnni8"
             int8 = "vnni8 (8-bit activations, AVX-512 VBMI + VNNI)" if vnni8 else "q15 (16-bit activations)"
-            return (f"compiled C++ kernel (ds_cpu.cpp) built for this CPU; int8 layers above "
-                    f"{ds_cpu.SMALL_MAX_TOKENS} tokens: {int8}")
+            return (f"compiled C++ kernel (ds_cpu.cpp), its {ds_cpu.variant()} build (the best this CPU runs); "
+                    f"int8 layers above {ds_cpu.SMALL_MAX_TOKENS} tokens: {int8}")
 
         return f"torch path: the C++ kernel is unavailable ({ds_cpu.build_error() or 'not built'})"
     if kernel == "triton":
