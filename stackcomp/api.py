@@ -111,7 +111,8 @@ def run(recipe: str | Path | Mapping[str, Any], overrides: Iterable[str] = (), o
     """Run (or resume) a recipe: a YAML path or the recipe as a dict. ``stackcomp run`` calls this.
 
     ``overrides``: ``key=value`` strings as on the command line (``a,b`` sweeps); ``out``: the run
-    directory (default ``runs/<recipe name>``); ``cache``: an artifact folder shared by runs;
+    directory (default ``runs/<recipe name>``); ``cache``: an artifact store shared by runs (a
+    folder, ``file://`` URL or ``s3://bucket/prefix``; see ``stackcomp.artifacts.open_store``);
     ``only``: run only these stages (names, or comma lists) and what they need; ``progress``: show
     the rich live view (on ``console``, default stderr); ``executor``/``address``: ``local`` or
     ``ray`` and the Ray cluster (default: the recipe's ``executor:``).

@@ -3,10 +3,11 @@
 A task runs one stage in a worker process exactly as the local executor does (it builds a
 :class:`~stackcomp.executor.LocalExecutor` over the same artifact folder), so keys, artifacts and
 metrics are the local run's. Workers read the parents' models from the artifact store, never
-from the driver's memory: the store must be a folder every node can read and write (a local or
-network folder; object storage is not supported yet). Commits are atomic and safe against two
-writers of one key (``ArtifactStore.commit``), so a retried or duplicated stage never leaves
-two half-artifacts.
+from the driver's memory: the store is a folder every node can read and write (a local or
+network folder) or object storage (``s3://bucket/prefix``: each worker downloads what it reads
+into a local copy, :mod:`stackcomp.remote_store`). Commits are atomic and safe against two
+writers of one key (``ArtifactStore.commit``, ``RemoteStore.commit``), so a retried or
+duplicated stage never leaves two half-artifacts.
 
 Faults: a worker killed in the middle of a stage makes Ray run the stage again
 (``max_retries``); an error raised by the pass itself is not retried but recorded as a failed
@@ -15,6 +16,7 @@ stage, as locally.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -32,6 +34,7 @@ from stackcomp.artifacts import ArtifactStore
 from stackcomp.errors import ArtifactError, StackcompError
 from stackcomp.executor import LocalExecutor, StageOutcome
 from stackcomp.plan import Plan, Stage
+from stackcomp.remote_store import open_store
 
 __all__ = ["MAX_RETRIES", "RayExecutor", "import_ray", "local_cluster", "stage_resources"]
 
@@ -69,10 +72,13 @@ class RayExecutor:
         ray = import_ray()
         self._ray = ray
         self.plan = plan
-        # absolute: a worker's working directory is not the driver's
-        self.store = ArtifactStore(store.root, artifacts_dir=Path(store.root).resolve())
+        self.store = store
+        self._store_url = store.url  # absolute: a worker's working directory is not the driver's
+        self._mirror = str(Path(store.root).resolve())  # a remote store's local copies, where a worker can write
         self._stage_log = stage_log
         self._address = address
+        if not ray.is_initialized():
+            _check_reachable(address)  # before the run starts: a wrong address is one line, not a hang
         self._runtime_env = runtime_env
         self._plan_ref = None
         self._task = ray.remote(_run_stage_task)
@@ -101,7 +107,7 @@ class RayExecutor:
         if res.get("memory"):
             options["memory"] = int(res["memory"])
         log_path = str(Path(self._stage_log(stage.name)).resolve()) if self._stage_log else None
-        ref = self._task.options(**options).remote(self._plan_ref, str(self.store.root), stage.name, log_path,
+        ref = self._task.options(**options).remote(self._plan_ref, self._store_url, self._mirror, stage.name, log_path,
                                                    res["num_cpus"])
         self._stages[ref] = stage
         return ref
@@ -139,14 +145,14 @@ class RayExecutor:
         """Nothing is kept between stages: every task loads its inputs from the store."""
 
 
-def _run_stage_task(plan: Plan, store_root: str, name: str, log_path: str | None,
+def _run_stage_task(plan: Plan, store_url: str, mirror: str, name: str, log_path: str | None,
                     num_cpus: float) -> StageOutcome | ArtifactError:
     """Ray task body: run stage ``name`` in this worker with ``num_cpus`` torch threads."""
     import ray
     import torch
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    store = ArtifactStore(store_root, artifacts_dir=store_root)
+    store = open_store(store_url, _worker_mirror(store_url, mirror))
     executor = LocalExecutor(plan, store, stage_log=(lambda _name: Path(log_path)) if log_path else None)
     try:
         outcome = executor.run_stage(plan.stages[name])
@@ -154,6 +160,43 @@ def _run_stage_task(plan: Plan, store_root: str, name: str, log_path: str | None
         return e
     outcome.node = ray.get_runtime_context().get_node_id()
     return outcome
+
+
+#: seconds to wait for a TCP connection to the cluster's address before saying it is unreachable
+CONNECT_TIMEOUT = 10.0
+
+
+def _check_reachable(address: str | None) -> None:
+    """StackcompError unless something accepts connections at a ``host:port`` or ``ray://host:port``
+    address: ``ray.init`` has no timeout and retries an unreachable address for minutes. ``auto``
+    and none are Ray's to resolve (it says at once when no cluster runs here)."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep and address.startswith("ray://"):
+        host, sep, port = hostport.rstrip("/"), ":", "10001"  # Ray Client's default port
+    if not sep or not port.isdigit():
+        raise StackcompError(f"Ray address {address!r} is not auto, host:port or ray://host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise StackcompError(f"cannot reach the Ray cluster at {address} ({reason}): check that its head runs "
+                             "(`ray start --head` there; `ray status` on it), the host and port, and that no "
+                             "firewall blocks this machine (docs/cluster.md)") from None
+
+
+def _worker_mirror(store_url: str, mirror: str) -> Path:
+    """Where a worker keeps its local copies of a remote store's artifacts: the driver's folder
+    when this node can write it (same machine, shared filesystem), else one in this node's temp
+    dir shared by the tasks that run here (copies are written atomically)."""
+    path = Path(mirror)
+    if path.is_dir() and os.access(path, os.W_OK):
+        return path
+    digest = hashlib.sha256(store_url.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "stackcomp-store" / digest
 
 
 
