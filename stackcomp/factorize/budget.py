@@ -43,6 +43,9 @@ __all__ = [
     "blocklr_bytes",
     "dsf_bytes",
     "sparse_row_bytes",
+    "TABLE_FORMATS",
+    "embedding_table_bytes",
+    "remap_bytes",
     "FP32_BYTES",
     "tensor_bytes",
     "linear_params",
@@ -128,6 +131,34 @@ def blocklr_bytes(out_features: int, in_features: int, grid: tuple[int, int], ra
 def sparse_row_bytes(in_features: int, out_features: int) -> int:
     """Bytes one kept row of a row-sparse matrix costs: its fp32 values and its row index."""
     return FP32_BYTES * in_features + torch.empty((), dtype=index_dtype(out_features)).element_size()
+
+
+#: the stored forms of an embedding table that :func:`embedding_table_bytes` prices
+TABLE_FORMATS = ("fp32", "int8", "int4")
+
+
+def embedding_table_bytes(rows: int, dim: int, fmt: str = "fp32", group_size: int = 64) -> float:
+    """Bytes of a ``rows`` x ``dim`` embedding table as stored: ``fp32``; ``int8`` (one byte an entry and
+    an fp32 scale per row, ``Int8Embedding``); ``int4`` (two codes a byte and an fp16 scale and offset per
+    group of ``min(group_size, dim)`` entries, ``Int4Embedding``; the group must divide ``dim``)."""
+    _check_pos("embedding table", rows=rows, dim=dim)
+    if fmt == "fp32":
+        return float(rows * dim * FP32_BYTES)
+    if fmt == "int8":
+        return float(rows * dim + rows * FP32_BYTES)
+    if fmt == "int4":
+        group = min(group_size, dim)
+        if group < 1 or dim % group:
+            raise ValueError(f"int4 groups of {group_size} do not tile rows of {dim} entries")
+        return float(rows * ((dim + 1) // 2) + rows * (dim // group) * 2 * 2)
+    raise ValueError(f"table format must be one of {TABLE_FORMATS}, got {fmt!r}")
+
+
+def remap_bytes(vocab_size: int, kept_rows: int) -> float:
+    """Bytes of the id remap of a pruned vocabulary: one row index per vocabulary id, at the width that
+    indexes ``kept_rows`` (:func:`index_dtype`)."""
+    _check_pos("remap", vocab_size=vocab_size, kept_rows=kept_rows)
+    return float(vocab_size * torch.empty((), dtype=index_dtype(kept_rows)).element_size())
 
 
 def dsf_bytes(out_features: int, in_features: int, nnz: int, a_fraction: float | None, bias: bool = True) -> float:
