@@ -6,8 +6,11 @@
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
 artifacts (from the run's artifact folder or the shared cache it used) and times them
-interleaved over the same SST-2 dev batches, with the timing of ``bench/model_latency.py``
-(min over rounds of the per-round median ms per batch). Ratios are against the first stage.
+interleaved over the same dev batches of the run's task (``--task``, any kind: the batches
+``evaluate`` times, e.g. single STS-B sentences for ``embeddings/stsb``), with the timing of
+``bench/model_latency.py`` (min over rounds of the per-round median ms per batch). Ratios are
+against the first stage. ``agree`` (argmax agreement with the first stage) is shown for models
+with logits.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ import torch
 from transformers import AutoTokenizer
 
 from stackcomp.artifacts import load_model
-from stackcomp.data import DataOptions, TaskData, get_task
+from stackcomp.data import DataOptions
 from stackcomp.evaluate import size_report
 from stackcomp.report import Run
+from stackcomp.tasks import get_task
 
 from model_latency import agreement, time_models
 
@@ -61,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory (runs/<recipe name>)")
     ap.add_argument("stages", nargs="+", help="stages whose saved models to time; the first is the reference")
-    ap.add_argument("--task", default="glue/sst2")
+    ap.add_argument("--task", default=None, help="default: the run's task")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=64)
@@ -85,12 +89,9 @@ def main() -> None:
         folder = run.artifact(name) / "model"
         models[name] = load_model(folder, device="cpu").eval()
     tok = AutoTokenizer.from_pretrained(run.artifact(args.stages[0]) / "model")
-    data = TaskData(get_task(args.task), tok, DataOptions(max_length=args.max_length))
-    batches = []
-    for i, b in enumerate(data.eval_loader(args.batch_size, sort_by_length=False)):
-        if i >= args.batches:
-            break
-        batches.append({k: v for k, v in b.items() if k != "labels"})
+    task = get_task(args.task or run.task or "glue/sst2")
+    data = task.build_data(tok, DataOptions(max_length=args.max_length))
+    batches = data.latency_batches(args.batch_size, args.batches)
 
     for name in [n for n in args.onnx.split(",") if n]:
         model = models[name] if name in models else load_model(run.artifact(name) / "model", device="cpu").eval()
@@ -99,9 +100,12 @@ def main() -> None:
     with torch.inference_mode():
         ms = time_models(models, batches, args.rounds)
         ref = args.stages[0]
-        agree = agreement(models, batches, ref_name=ref)
+        try:
+            agree = agreement(models, batches, ref_name=ref)
+        except AttributeError:  # no logits (a bi-encoder's hidden states): nothing to agree on
+            agree = {n: float("nan") for n in models}
     sizes = {n: m.nbytes if isinstance(m, OrtModel) else size_report(m)["model_bytes"] for n, m in models.items()}
-    print(f"\n{args.run}: {len(batches)} SST-2 dev batches x {args.batch_size}, max_length {args.max_length}, "
+    print(f"\n{args.run}: {len(batches)} {task.name} dev batches x {args.batch_size}, max_length {args.max_length}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'stage':<16} {'ms/batch':>9} {'vs ' + ref:>12} {'MB':>8} {'x smaller':>10} {'agree':>6}")
     for n in models:

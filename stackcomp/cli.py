@@ -84,8 +84,9 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
 
 CacheOpt = typer.Option(
     None, "--cache", envvar="STACKCOMP_CACHE",
-    help="artifact folder shared by runs (default: <run dir>/artifacts); recipes with a common prefix "
-         "then compute it once",
+    help="artifact store shared by runs: a folder, file:///path or s3://bucket/prefix (object storage through "
+         "s3fs; AWS_ENDPOINT_URL for MinIO and other S3-compatible servers; docs/cluster.md). Default: <run "
+         "dir>/artifacts. Recipes with a common prefix then compute it once",
 )
 
 
@@ -113,7 +114,7 @@ def run(
     overrides: Optional[list[str]] = OverridesArg,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: runs/<recipe name>)"),
     as_json: bool = typer.Option(False, "--json", help="print the run summary as JSON on stdout"),
-    cache: Optional[Path] = CacheOpt,
+    cache: Optional[str] = CacheOpt,
     only: Optional[list[str]] = OnlyOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     debug: bool = typer.Option(False, "--debug", help="print the traceback of a failed stage (it is always in "
@@ -131,12 +132,16 @@ def run(
     failed and skipped stages. Exit code 2: the run could not start (or a disk filled up).
     """
     from stackcomp.api import run as run_recipe
+    from stackcomp.distributed import is_main_process
     from stackcomp.rundir import SUMMARY
 
     _setup_logging(verbose)
-    result = run_recipe(recipe, overrides or [], output, cache=cache, only=only or [], progress=not as_json,
-                        console=console, executor=executor, address=address)
+    main = is_main_process()  # under accelerate launch only the main process shows and prints
+    result = run_recipe(recipe, overrides or [], output, cache=cache, only=only or [],
+                        progress=main and not as_json, console=console, executor=executor, address=address)
     summary = result.raw
+    if not main:
+        raise typer.Exit(1 if summary["failed"] else 0)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     else:
@@ -191,7 +196,7 @@ def plan_cmd(
     overrides: Optional[list[str]] = OverridesArg,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory to check the cache in"),
     as_json: bool = typer.Option(False, "--json"),
-    cache: Optional[Path] = CacheOpt,
+    cache: Optional[str] = CacheOpt,
     only: Optional[list[str]] = OnlyOpt,
 ) -> None:
     """Draw the stage DAG, marking stages already cached in the run directory."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import networkx as nx
 
-from stackcomp.artifacts import ArtifactStore
+from stackcomp import distributed
 from stackcomp.errors import ArtifactError, StackcompError
 from stackcomp.executor import (
     ConcurrentExecutor,
@@ -39,7 +39,8 @@ from stackcomp.executor import (
 )
 from stackcomp.lock import write_lock
 from stackcomp.plan import Plan, Stage
-from stackcomp.rundir import RunDir
+from stackcomp.remote_store import open_store
+from stackcomp.rundir import ARTIFACTS, RunDir
 from stackcomp.scheduler import Scheduler
 from stackcomp.view import RunView, build_summary
 
@@ -63,8 +64,14 @@ class Engine:
         self.full_plan = full_plan or plan
         self.recipe = plan.recipe
         self.run_dir = Path(run_dir)
-        self.files = RunDir(self.run_dir, artifacts_dir=cache_dir)  # the run directory's file names
-        self.store = ArtifactStore(self.run_dir, artifacts_dir=cache_dir)
+        # a folder, or object storage (s3://...) with local copies in <run>/artifacts
+        self.store = open_store(cache_dir, self.run_dir / ARTIFACTS)
+        self.files = RunDir(self.run_dir, artifacts_dir=self.store.root)  # the run directory's file names
+        # launched as several processes (accelerate launch): the main process runs, the others follow
+        self.processes = distributed.process_count()
+        self.follower = self.processes > 1 and not distributed.is_main_process()
+        if self.follower:
+            console = None
         self.console = console
         self.show_progress = show_progress and console is not None
         self.outcomes: dict[str, StageOutcome] = {}
@@ -83,6 +90,9 @@ class Engine:
                                         stage_log=self.files.stage_log_path)
         elif kind != "local":
             raise StackcompError(f"unknown executor {kind!r}: use local or ray")
+        if self.processes > 1 and kind != "local":
+            raise StackcompError(f"launched as {self.processes} processes with the {kind} executor: use one or the "
+                                 "other (accelerate launch shards training; Ray runs branches side by side)")
 
     def status(self) -> dict[str, str]:
         """'cached', 'corrupt: ...' or 'todo' for every stage, without running anything."""
@@ -91,7 +101,21 @@ class Engine:
     def run(self) -> dict[str, Any]:
         """Run what is not cached; the summary (also written to ``summary.json``) lists the stages
         that finished, failed (``summary["failed"]``) or were skipped because one they need failed.
-        Raises only for the run as a whole: an unwritable run directory, a resource error."""
+        Raises only for the run as a whole: an unwritable run directory, a resource error.
+        Launched as several processes, every process returns the main process's summary."""
+        if self.follower:
+            return self._follow()
+        if self.processes > 1:
+            summary = None
+            try:
+                summary = self._run()
+            finally:  # a follower waits for the next stage: tell it there is none, even after an error
+                distributed.broadcast(distributed.DONE)
+                distributed.broadcast(summary)
+            return summary
+        return self._run()
+
+    def _run(self) -> dict[str, Any]:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.files.write_resolved_recipe(self.recipe.to_yaml())
@@ -114,6 +138,11 @@ class Engine:
                     self._execute()
             except ArtifactError as e:  # a resource error: the summary still says how far the run got
                 stopped = e
+        if stopped is None:
+            try:  # a remote store: local copies of the finished stages, for compare, report and load
+                self.store.fetch(o.key for o in self.outcomes.values() if o.finished)
+            except ArtifactError as e:
+                stopped = e
         summary = build_summary(self.plan, self.full_plan, self.store, self.outcomes, self.stage_runs,
                                 self.run_dir, self.device, time.time() - started)
         try:
@@ -133,6 +162,8 @@ class Engine:
         self._mark_cached()
         while ready := self.scheduler.ready(self.outcomes):
             stage = self.plan.stages[ready[0]]
+            if self.processes > 1:  # the followers join it if it trains
+                distributed.broadcast(stage.name)
             self.view.running(stage.name)
             parent = stage.parents[0] if stage.parents else None
             try:
@@ -147,6 +178,23 @@ class Engine:
             self._record(stage, outcome)
             self.executor.release(self.scheduler.releasable(stage, self.outcomes))
             self.view.running(None)
+
+    def _follow(self) -> dict[str, Any]:
+        """A follower's run: join every stage the main process announces that trains, reading
+        its input from the store and writing nothing; return the main process's summary."""
+        follower = LocalExecutor(self.plan, distributed.FollowerStore(self.store))
+        while (name := distributed.broadcast()) != distributed.DONE:
+            stage = self.plan.stages[name]
+            if distributed.stage_trains(stage):
+                outcome = follower.run_stage(stage)
+                if outcome.status == "failed":
+                    log.warning("process %d: stage %r failed here: %s", distributed.process_index(), name,
+                                outcome.error)
+        summary = distributed.broadcast()
+        if summary is None:
+            raise StackcompError("the main process stopped the run with an error (it printed it); "
+                                 "run the same command again to resume")
+        return summary
 
     def _mark_cached(self) -> None:
         for name in self.plan.order:

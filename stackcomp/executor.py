@@ -188,6 +188,7 @@ class LocalExecutor:
             stage=stage.name, work_dir=tmp, task=self._get_task(), tokenizer=self._get_tokenizer(stage),
             data=None, device=self.device, seed=self.recipe.seed, log=logging.getLogger(f"stackcomp.{stage.name}"),
             progress=self._progress(), parent_reports=self._parent_reports(stage),
+            upstream_dirs={n: self.store.path(self.plan.stages[n].key) for n in self.plan.ancestors(stage.name)},
             load_teacher=self._teacher_loader(stage),
         )
         if self.recipe.task:
@@ -285,7 +286,7 @@ class LocalExecutor:
 
     def _get_task(self):
         if self._task is None and self.recipe.task:
-            from stackcomp.data import get_task
+            from stackcomp.tasks import get_task
 
             self._task = get_task(self.recipe.task)
         return self._task
@@ -307,9 +308,7 @@ class LocalExecutor:
 
     def _get_data(self, tokenizer):
         if self._data is None:
-            from stackcomp.data import TaskData
-
-            self._data = TaskData(self._get_task(), tokenizer, self.recipe.data_options())
+            self._data = self._get_task().build_data(tokenizer, self.recipe.data_options())
         return self._data
 
     def _parent_reports(self, stage: Stage) -> dict[str, dict]:

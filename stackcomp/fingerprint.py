@@ -136,37 +136,34 @@ class HashCache:
 
 
 def data_record(recipe: Any, cache: HashCache) -> dict[str, Any]:
-    """The task's data as lock.json records it: local TSVs (train and the evaluation split) with
-    their hashes, or the hub dataset with its cached revision. No task: ``{"task": None}``."""
+    """The task's data as lock.json records it: local files (train and the evaluation split, as
+    the task kind names them) with their hashes, or the hub dataset with its cached revision.
+    No task: ``{"task": None}``."""
     if not recipe.task:
         return {"task": None}
-    from stackcomp.data.glue import DATA_DIR_ENV, default_data_dir, get_task, hub_dataset_revision, local_path
+    from stackcomp.data.glue import DATA_DIR_ENV, default_data_dir, hub_dataset_revision
     from stackcomp.errors import StackcompError
+    from stackcomp.tasks import get_task
 
+    opts = recipe.data_options()
     try:
         task = get_task(recipe.task)
+        local = task.data_files(["train", opts.eval_split or "dev"], opts.data_dir)
     except StackcompError as e:
         return {"task": recipe.task, "error": str(e)}
-    opts = recipe.data_options()
-    data_dir = opts.data_dir or default_data_dir()
     out: dict[str, Any] = {"task": task.name, "max_train_samples": opts.max_train_samples,
                            "max_eval_samples": opts.max_eval_samples, "max_length": opts.max_length}
-    if data_dir is None:
-        out.update({"source": "hub", "dataset": task.hub[0], "config": task.hub[1],
-                    "revision": hub_dataset_revision(task.hub[0]),
+    if local is None:
+        dataset, config = task.hub_source()
+        out.update({"source": "hub", "dataset": dataset, "config": config,
+                    "revision": hub_dataset_revision(dataset),
                     "note": f"loaded from the hub; set {DATA_DIR_ENV} to lock local files by hash"})
         return out
     out["source"] = "local"
-    out["data_dir"] = str(Path(data_dir).expanduser().resolve())
-    files = {}
-    for split in ("train", opts.eval_split or "dev"):
-        try:
-            path = local_path(task, split, data_dir)
-        except StackcompError as e:
-            files[split] = {"error": str(e)}
-            continue
-        files[split] = cache.record(path)
-    out["files"] = files
+    data_dir = opts.data_dir or default_data_dir()
+    out["data_dir"] = str(Path(data_dir).expanduser().resolve()) if data_dir else None
+    # several splits may live in one file (SQuAD offline: train and dev are articles of one file)
+    out["files"] = {split: cache.record(Path(path)) for split, path in local.items()}
     return out
 
 

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from stackcomp.distributed import process_count
 from stackcomp.fingerprint import HashCache, data_record, model_record, teacher_model
 from stackcomp.rundir import LOCK, atomic_write_json
 
@@ -69,6 +70,7 @@ def build_lock(plan: Any) -> dict[str, Any]:
         "model": model_record(recipe.model, cache),
         "teachers": _teachers(plan, cache),
         "hardware": hardware(),
+        "processes": process_count(),  # > 1 under accelerate launch: training shards over them
         "env": {k: os.environ.get(k) for k in ENV_VARS},
         "stage_keys": {name: plan.stages[name].key for name in plan.order},
     }

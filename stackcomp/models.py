@@ -44,7 +44,8 @@ def resolve_model_path(spec: str) -> str:
 
 def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = False,
                     allow_pickle: bool = False, seed: int | None = 0) -> tuple[nn.Module, Any]:
-    """The model with a sequence-classification head for ``task``, and its tokenizer.
+    """The model with ``task``'s head (a :class:`stackcomp.tasks.Task` or a task name; none: a
+    sequence classifier with the checkpoint's labels), and its tokenizer.
 
     A head the checkpoint lacks is initialised randomly; ``seed`` makes that draw the same in
     every run (None leaves the global RNG as it is).
@@ -61,19 +62,20 @@ def load_base_model(spec: str, task: Any = None, *, trust_remote_code: bool = Fa
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if task is not None:
-        kwargs["num_labels"] = task.num_labels
-        if task.is_regression:
-            kwargs["problem_type"] = "regression"
-        elif task.label_names:
-            kwargs["id2label"] = dict(enumerate(task.label_names))
-            kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+        from stackcomp.tasks import Task, get_task
+
+        if not isinstance(task, Task):  # a name, or a GLUE TaskSpec
+            task = get_task(task if isinstance(task, str) else task.name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     try:
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            if task is not None:
+                model = task.load_model(path, **kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except pickle.UnpicklingError as e:  # allow_pickle: torch's weights_only loading refused the file
         raise ModelError(_refused_pickle_message(spec, path, e)) from None

@@ -40,7 +40,7 @@ from typing import Any
 import networkx as nx
 from pydantic import BaseModel, ValidationError
 
-from stackcomp.data.glue import get_task
+from stackcomp.tasks import get_task
 from stackcomp.errors import PlanError
 from stackcomp.fingerprint import Inputs, identify_inputs, teacher_model
 from stackcomp.passes.base import KEY_INLINE_MARK, KEY_OMIT_DEFAULT_MARK, KNOWN_NEEDS, Pass, PassParams, get_pass
@@ -198,7 +198,6 @@ def check_inputs(plan: Plan) -> None:
     so are the task's splits that stages read, train and the evaluation split (local files,
     or the hub's cache while offline). Then logs a warning for each input known only by its hub
     id (online, not cached): keys cannot tell its revisions apart."""
-    from stackcomp.data.glue import check_splits_available
     from stackcomp.models import check_model_available
 
     recipe = plan.recipe
@@ -208,7 +207,7 @@ def check_inputs(plan: Plan) -> None:
             check_model_available(teacher_model(stage))
     if recipe.task and any(reads_data(s.pass_cls) for s in plan.stages.values()):
         opts = recipe.data_options()
-        check_splits_available(recipe.task, ["train", opts.eval_split or "dev"], opts.data_dir)
+        get_task(recipe.task).check_data(["train", opts.eval_split or "dev"], opts.data_dir)
     for note in plan.inputs.unresolved() if plan.inputs else ():
         log.warning(note)
 

@@ -24,9 +24,9 @@ def metric_label(comparison: Any) -> str:
     metric = (comparison.metric_name or "metric").replace("_", " ")
     task = comparison.task or ""
     try:
-        from stackcomp.data.glue import get_task
+        from stackcomp.tasks import get_task
 
-        task = get_task(task).glue_dir if task else ""
+        task = get_task(task).short_name if task else ""
     except Exception:  # a task this stackcomp does not know: show its name as given
         task = task.split("/")[-1]
     return f"{task} dev {metric} (%)" if task else f"{metric} (%)"

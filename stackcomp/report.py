@@ -364,6 +364,8 @@ class Row:
     path_seconds: float
     pareto_bytes: bool | None = None
     pareto_latency: bool | None = None
+    #: ONNX Runtime's latency of the leaf's ONNX graph (evaluate after ``pack target: onnx``), same batches
+    ort_latency_ms: float | None = None
     goal: dict[str, Any] | None = None
     meets_goal: bool | None = None
     goal_failures: list[str] = field(default_factory=list)
@@ -523,9 +525,17 @@ def compare_runs(runs: list[Run], *, goal: Any = None, load_sizes: bool = True,
     return Comparison(runs=runs, rows=rows, task=tasks[0] if tasks else None,
                       metric_name=ranking, goals_given=goals_given, seed_groups=seed_groups(rows),
                       metrics=sorted(shown, key=lambda m: m != ranking),
-                      notes=_latency_notes(runs, rows) + sizes.notes() + ([
+                      notes=_latency_notes(runs, rows) + _data_notes(runs, rows) + sizes.notes() + ([
                           f"{shared} leaf model(s) shared by several runs (same stage key, one artifact) are "
                           "listed once, under the first run given"] if shared else []))
+
+
+def _data_notes(runs: list[Run], rows: list[Row]) -> list[str]:
+    """What a task kind says about the data behind every number (e.g. SQuAD offline: the
+    dev file split by article), once per distinct note."""
+    by_label = {r.label: r for r in runs}
+    found = (by_label[row.run].merged_metrics(row.leaf).get("data_note") for row in rows)
+    return [f"data: {note}" for note in dict.fromkeys(n for n in found if isinstance(n, str) and n)]
 
 
 def _latency_notes(runs: list[Run], rows: list[Row]) -> list[str]:
@@ -624,11 +634,10 @@ class _SizeCache:
         if key not in self._cache:
             self._cache[key] = None
             try:
-                from stackcomp.data.glue import get_task
                 from stackcomp.evaluate import size_report
                 from stackcomp.models import load_base_model
 
-                model, _ = load_base_model(str(spec), get_task(run.task) if run.task else None,
+                model, _ = load_base_model(str(spec), run.task or None,
                                            trust_remote_code=bool(run.recipe.get("trust_remote_code")),
                                            allow_pickle=bool(run.recipe.get("allow_pickle")))
                 self._cache[key] = size_report(model)
@@ -638,9 +647,9 @@ class _SizeCache:
 
 
 def task_metrics(task: str | None, runs: list[Run] = ()) -> list[str]:
-    """The metrics ``task`` defines (``TaskSpec.metrics``, in its order); for a task stackcomp does
+    """The metrics ``task`` defines (``Task.metrics``, in its order); for a task stackcomp does
     not know, the main metrics the runs' stages recorded. Losses and timings are not task metrics."""
-    from stackcomp.data.glue import get_task
+    from stackcomp.tasks import get_task
 
     try:
         return list(get_task(task).metrics) if task else []
@@ -737,7 +746,7 @@ def _row(run: Run, leaf: str, sizes: _SizeCache, metric: str | None = None, task
         model_ratio=model_ratio, linear_ratio=linear_ratio,
         parent_ratio=_ratio(_num(base_m, "model_bytes"), leaf_n["model_bytes"]),
         cpu_latency_ms=leaf_n["cpu_latency_ms"], latency_batch_size=_num(m, "latency_batch_size"),
-        gpu_latency_ms=_num(m, *GPU_LATENCY_KEYS),
+        gpu_latency_ms=_num(m, *GPU_LATENCY_KEYS), ort_latency_ms=_num(m, "ort_latency_ms_per_batch"),
         compress_seconds=sum(run.stages[n].seconds for n in after_baseline) if compressing else 0.0,
         path_seconds=sum(run.stages[n].seconds for n in path), attribution=attribution,
         metrics=values, metric_deltas=deltas, ratio_reference=reference if model_ratio is not None else None,
@@ -838,7 +847,7 @@ def run_report(target: str | Path, *, load_sizes: bool = True, metric: str | Non
 _LOCK_NOISE = ("created_at", "mtime_ns")
 #: row fields compared by ``diff``
 DIFF_FIELDS = ("method", "metric", "delta_points", "model_bytes", "linear_bytes", "model_ratio", "linear_ratio",
-               "cpu_latency_ms", "gpu_latency_ms", "compress_seconds")
+               "cpu_latency_ms", "gpu_latency_ms", "ort_latency_ms", "compress_seconds")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

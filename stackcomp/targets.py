@@ -13,10 +13,45 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-#: Encoder linears of BERT, ALBERT, DistilBERT, RoBERTa and friends.
-DEFAULT_TARGETS = ("re:.*(encoder|transformer)\\..*",)
-#: Heads and embedding projections stay dense unless a recipe asks otherwise.
+#: Heads and embedding projections stay dense unless a recipe asks otherwise. Without ``targets``
+#: only modules inside the transformer blocks (:func:`block_stacks`) are candidates anyway; these
+#: names matter when a recipe's own ``targets`` reach further.
 DEFAULT_IGNORE = ("re:.*(classifier|pooler|pre_classifier|embeddings|embedding_hidden_mapping_in|predictions).*",)
+
+
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's stacks of transformer blocks, outermost only, in model order.
+
+    Found by structure, not by name: an ``nn.ModuleList`` whose items are modules of one class
+    that hold submodules (BERT's ``encoder.layer``, DistilBERT's ``transformer.layer``,
+    ModernBERT's ``layers``, ALBERT's shared ``albert_layer_groups``). Embeddings, embedding
+    projections, poolers and heads sit outside every such list.
+    """
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or len({type(c) for c in m}) != 1:
+            continue
+        if next(iter(m[0].children()), None) is None:
+            continue  # a list of leaf layers (heads, projections), not of blocks
+        if any(name == p or name.startswith(p + ".") or p == "" for p, _ in found):
+            continue
+        found.append((name, m))
+    return found
+
+
+def why_none_selected(model: nn.Module, targets: Iterable[str] | None, ignore: Iterable[str] | None) -> str:
+    """What a pass says when its selection is empty: the patterns, or that the default found no blocks."""
+    said = (f"targets={None if targets is None else list(targets)} "
+            f"ignore={None if ignore is None else list(ignore)}")
+    if targets is None and not block_stacks(model):
+        return (f"{said}: {type(model).__name__} has no nn.ModuleList of repeated transformer blocks, where the "
+                "default targets are found; name the layers with `targets:` patterns")
+    return said
+
+
+def in_blocks(name: str, stacks: Iterable[str]) -> bool:
+    """True if the module named ``name`` lies inside one of the named block stacks."""
+    return any(s == "" or name.startswith(s + ".") for s in stacks)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -34,13 +69,17 @@ def select_modules(
 ) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for modules of ``types`` matched by targets and not by ignore.
 
-    A module reachable under several names (ALBERT's shared layer) is yielded once, under
-    its first name, so it is compressed once and stays shared.
+    Without ``targets``, the modules inside the transformer blocks (:func:`block_stacks`),
+    whatever the architecture calls them. A module reachable under several names (ALBERT's
+    shared layer) is yielded once, under its first name, so it is compressed once and stays shared.
     """
-    targets = tuple(DEFAULT_TARGETS if targets is None else targets)
+    stacks = [s for s, _ in block_stacks(model)] if targets is None else None
+    targets = tuple(() if targets is None else targets)
     ignore = tuple(DEFAULT_IGNORE if ignore is None else ignore)
     for name, module in model.named_modules():  # named_modules() already skips repeats
         if not isinstance(module, types):
+            continue
+        if stacks is not None and not in_blocks(name, stacks):
             continue
         if targets and not any(matches(name, p) for p in targets):
             continue

@@ -50,7 +50,33 @@ def _tiny_config(kind: str, num_labels: int = 2):
                             intermediate_size=64, **common)
     if kind == "distilbert":
         return DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **common)
+    if kind in ARCHITECTURES:
+        return _tiny_arch_config(kind, common)
     raise ValueError(kind)
+
+
+#: Encoder architectures of the test matrix (tests/test_architectures.py), all readable with the
+#: MiniLM (BERT WordPiece) tokenizer: its 30522-word vocabulary, padding id 0 and, where the
+#: architecture has token types, two of them.
+ARCHITECTURES = ("bert", "roberta", "distilbert", "albert", "deberta-v2", "electra", "xlm-roberta", "modernbert")
+
+
+def _tiny_arch_config(kind: str, common: dict):
+    from transformers import AutoConfig
+
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    extra = {
+        "roberta": {"pad_token_id": 0, "type_vocab_size": 2},
+        "xlm-roberta": {"pad_token_id": 0, "type_vocab_size": 2},
+        "electra": {"embedding_size": 16},  # a separate embeddings_project linear
+        # relative positions: a rel_embeddings table read as .weight, pos_key/pos_query projections
+        "deberta-v2": {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "position_buckets": 16,
+                       "max_relative_positions": -1, "type_vocab_size": 2},
+        # fused Wqkv, a GLU Wi twice as wide as the MLP, local attention in every other layer
+        "modernbert": {"pad_token_id": 0, "cls_token_id": 101, "sep_token_id": 102, "bos_token_id": 101,
+                       "eos_token_id": 102, "global_attn_every_n_layers": 2, "local_attention": 16},
+    }[kind]
+    return AutoConfig.for_model(kind, **size, **extra, **common)
 
 
 def make_tiny_model(kind: str = "bert", num_labels: int = 2, seed: int = 0):
@@ -73,6 +99,25 @@ def tiny_model_dirs(tmp_path_factory, minilm_tokenizer_dir) -> dict[str, Path]:
         tok.save_pretrained(d)
         out[kind] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_dir(tmp_path_factory, minilm_tokenizer_dir):
+    """``tiny_arch_dir(kind)``: a folder holding a tiny ``kind`` classifier (one of ARCHITECTURES)
+    with the MiniLM tokenizer, built on first use and kept for the session."""
+    from transformers import AutoTokenizer
+
+    made: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            d = tmp_path_factory.mktemp(f"arch-{kind}")
+            make_tiny_model(kind).save_pretrained(d)
+            AutoTokenizer.from_pretrained(minilm_tokenizer_dir).save_pretrained(d)
+            made[kind] = d
+        return made[kind]
+
+    return get
 
 
 def _cut_tsv(src: Path, dst: Path, rows: int, header: bool = True) -> None:

@@ -34,6 +34,9 @@ CONTRACTS: list[tuple[list[str], list[str], str]] = [
     (["stackcomp.nn", "stackcomp.nn.*"],
      ["stackcomp.passes", "stackcomp.passes.*", "stackcomp.engine", "stackcomp.plan"],
      "layers know nothing of passes or plans"),
+    (["stackcomp.tasks", "stackcomp.tasks.*", "stackcomp.data", "stackcomp.data.*"],
+     ["stackcomp.passes", "stackcomp.passes.*", *ENGINE, "stackcomp.report", "stackcomp.search", "stackcomp.search.*"],
+     "a task kind serves data, heads and metrics to any pass; it never knows which pass or engine asks"),
 ]
 
 

@@ -246,7 +246,23 @@ class TaskData:
         pick = pick[np.argsort(-lengths[pick], kind="stable")]
         return [self.collator(_rows(ds, pick[i:i + batch_size])) for i in range(0, len(pick), batch_size)]
 
+    def latency_batches(self, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
+        """The first ``n_batches`` eval batches in file order, model inputs only (what latency is timed on)."""
+        batches = []
+        for i, batch in enumerate(self.eval_loader(batch_size, sort_by_length=False)):
+            if i >= n_batches:
+                break
+            batches.append({k: v for k, v in batch.items() if k != "labels"})
+        return batches
+
     # ------------------------------------------------------------------ metrics
+
+    @staticmethod
+    def predict(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What evaluation gathers of a batch: logits, labels and loss (``tasks.default_predict``)."""
+        from stackcomp.tasks.base import default_predict
+
+        return default_predict(model, batch)
 
     def compute_metrics(self, predictions: Any, labels: Any) -> dict[str, float]:
         """The task's metrics for logits (N, C) or regression scores (N,) against labels."""

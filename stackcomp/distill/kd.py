@@ -22,7 +22,6 @@ removes it before the student is saved.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from stackcomp.distill import losses as L
 from stackcomp.errors import ModelError, RecipeError
+from stackcomp.tasks.base import forward_inputs
 
 __all__ = ["KDWeights", "KDLoss", "make_kd_loss_fn", "forward_inputs"]
 
@@ -40,7 +40,7 @@ _LOG = logging.getLogger("stackcomp.distill")
 _PROJECTION = "_kd_projection"
 
 INTERMEDIATE = ("cosine", "attention", "hidden")
-PREDICTION = ("soft", "hard", "pred")
+PREDICTION = ("soft", "hard", "pred", "embedding")
 
 
 class KDWeights(BaseModel):
@@ -55,6 +55,10 @@ class KDWeights(BaseModel):
     attention: float = Field(default=0.0, ge=0, description="TinyBERT attention-map MSE over mapped layers")
     hidden: float = Field(default=0.0, ge=0, description="TinyBERT hidden-state MSE (embeddings + mapped layers) "
                           "through a learned projection")
+    # added later: left out of stage keys at its default (passes.base.KEY_OMIT_DEFAULT)
+    embedding: float = Field(default=0.0, ge=0, json_schema_extra={"key_omit_default": True},
+                             description="MSE between the student's and the teacher's pooled sentence embeddings "
+                             "(a task kind with embeddings, e.g. embeddings/stsb)")
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v > 0}
@@ -62,21 +66,6 @@ class KDWeights(BaseModel):
     def only(self, names: Sequence[str]) -> KDWeights:
         """These weights with every loss outside ``names`` set to 0."""
         return KDWeights(**{k: (v if k in names else 0.0) for k, v in self.model_dump().items()})
-
-
-_SIGNATURES: dict[type, frozenset[str] | None] = {}
-
-
-def forward_inputs(model: nn.Module, batch: Mapping[str, Any], drop: Sequence[str] = ("labels",)) -> dict[str, Any]:
-    """The batch entries that ``model.forward`` names explicitly (``**kwargs`` swallow, not use)."""
-    model = getattr(model, "module", model)  # DDP and similar wrappers
-    cls = type(model)
-    if cls not in _SIGNATURES:
-        params = inspect.signature(model.forward).parameters.values()
-        named = frozenset(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-        _SIGNATURES[cls] = named
-    named = _SIGNATURES[cls]
-    return {k: v for k, v in batch.items() if k in named and k not in drop}
 
 
 def _gold_rows(batch: Mapping[str, Any]) -> torch.Tensor | None:
@@ -104,8 +93,10 @@ class KDLoss(nn.Module):
     def __init__(self, teacher: nn.Module | Callable[[], nn.Module] | None, student: nn.Module,
                  weights: KDWeights | Mapping[str, float] | None = None, *, temperature: float = 2.0,
                  layer_map: Sequence[int] | None = None, cache_teacher_logits: bool = False,
-                 log: logging.Logger | None = None):
+                 log: logging.Logger | None = None, task: Any = None):
         super().__init__()
+        # a task kind other than GLUE says what its outputs are (tasks.base.Task.kd_outputs)
+        self.__dict__["task"] = task if getattr(task, "kind", "glue") != "glue" else None
         self.weights = weights if isinstance(weights, KDWeights) else KDWeights(**(weights or {}))
         if not self.weights.active():
             raise RecipeError("distillation weights are all 0: set at least one of "
@@ -118,7 +109,11 @@ class KDLoss(nn.Module):
         self.need_logits = w.soft > 0 or w.pred > 0
         self.need_hidden = w.hidden > 0 or w.cosine > 0
         self.need_attention = w.attention > 0
-        self.needs_teacher = self.need_logits or self.need_hidden or self.need_attention
+        self.need_embeddings = w.embedding > 0
+        if self.need_embeddings and self.task is None:
+            raise RecipeError("the embedding loss (kd.embedding) needs a task whose model gives sentence embeddings, "
+                              "e.g. embeddings/stsb")
+        self.needs_teacher = self.need_logits or self.need_hidden or self.need_attention or self.need_embeddings
         self.__dict__["teacher"] = None  # not a submodule: its parameters are not ours to train or save
         if self.needs_teacher:
             if teacher is None:
@@ -126,12 +121,16 @@ class KDLoss(nn.Module):
             t = teacher if isinstance(teacher, nn.Module) else teacher()
             t.eval().requires_grad_(False)
             self.__dict__["teacher"] = t
-            if self.need_logits:
+            if self.need_logits and self.task is None:
                 ns, nt = getattr(student.config, "num_labels", None), getattr(t.config, "num_labels", None)
                 if ns != nt:
                     raise ModelError(f"the teacher predicts {nt} label(s) and the student {ns}: the soft-target "
                                      "losses compare their logits, so both need the task's label set")
         self.cache_teacher_logits = bool(cache_teacher_logits)
+        if self.cache_teacher_logits and self.task is not None:
+            self.log.warning("cache_teacher_logits applies to sentence classification only; task %s: not cached",
+                             self.task.name)
+            self.cache_teacher_logits = False
         if self.cache_teacher_logits and (self.need_hidden or self.need_attention):
             self.log.warning("cache_teacher_logits has no effect: the intermediate losses need the teacher's hidden "
                              "states in every batch")
@@ -236,6 +235,10 @@ class KDLoss(nn.Module):
             t.to(device)
         if t.training:
             t.eval()
+        if self.task is not None:
+            self.teacher_calls += 1
+            return self.task.kd_outputs(t, batch, output_hidden_states=self.need_hidden,
+                                        output_attentions=self.need_attention)
         keys = None
         if self.cache_teacher_logits:
             keys = self._row_keys(inputs)
@@ -255,6 +258,8 @@ class KDLoss(nn.Module):
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         w = self.weights
+        if self.task is not None:
+            return self._task_forward(model, batch)
         inputs = forward_inputs(model, batch)
         out = model(**inputs, output_hidden_states=self.need_hidden, output_attentions=self.need_attention)
         logits = _attr(out, "logits")
@@ -275,24 +280,72 @@ class KDLoss(nn.Module):
                 parts["soft"] = L.soft_kl(logits, t["logits"], self.temperature)
             if w.pred > 0:
                 parts["pred"] = L.soft_cross_entropy(logits, t["logits"], self.temperature)
-            if self.need_hidden:
-                sh, th = _attr(out, "hidden_states"), t["hidden_states"]
-                if w.cosine > 0:
-                    parts["cosine"] = L.hidden_cosine(self.projection(sh[-1]), th[-1], mask)
-                if w.hidden > 0:
-                    pairs = [(0, 0), *((m, g) for m, g in enumerate(self.layer_map, start=1))]
-                    parts["hidden"] = sum(L.hidden_mse(self.projection(sh[m]), th[g], mask) for m, g in pairs)
-            if self.need_attention:
-                sa, ta = _attr(out, "attentions"), t["attentions"]
-                if not sa or not ta:
-                    raise ModelError("the attention loss needs attention maps, but a model returned none")
-                parts["attention"] = sum(L.attention_mse(sa[m - 1], ta[g - 1], mask)
-                                         for m, g in enumerate(self.layer_map, start=1))
+            self._intermediate_losses(parts, out, t, mask)
+        return self._total(parts)
+
+    def _task_forward(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The losses for a task kind's outputs (``Task.kd_outputs``): logits rows per token or
+        per start/end position, pooled embeddings, and the kind's own loss as the hard loss."""
+        w, task = self.weights, self.task
+        out = task.kd_outputs(model, batch, output_hidden_states=self.need_hidden,
+                              output_attentions=self.need_attention)
+        parts: dict[str, torch.Tensor] = {}
+        if w.hard > 0:
+            if out.get("loss") is None:
+                raise RecipeError(f"the hard-label loss (kd.hard) needs gold labels, but task {task.name} gave no "
+                                  "loss for this batch; set kd.hard: 0 to distill on unlabeled data")
+            parts["hard"] = out["loss"]
+        if self.needs_teacher:
+            t = self.teacher_outputs(batch)
+            if self.need_logits:
+                if out.get("logits") is None or t.get("logits") is None:
+                    raise RecipeError(f"task {task.name} has no logits to distill: set kd.soft and kd.pred to 0"
+                                      + (" and use kd.embedding" if out.get("embeddings") is not None else ""))
+                _same_rows("logits", out["logits"], t["logits"])
+                if w.soft > 0:
+                    parts["soft"] = L.soft_kl(out["logits"], t["logits"], self.temperature)
+                if w.pred > 0:
+                    parts["pred"] = L.soft_cross_entropy(out["logits"], t["logits"], self.temperature)
+            if self.need_embeddings:
+                se, te = out.get("embeddings"), t.get("embeddings")
+                if se is None or te is None:
+                    raise RecipeError(f"task {task.name} gives no sentence embeddings: set kd.embedding: 0")
+                _same_rows("embeddings", se, te)
+                parts["embedding"] = torch.nn.functional.mse_loss(se.float(), te.float())
+            self._intermediate_losses(parts, out, t, batch.get("attention_mask"))
+        return self._total(parts)
+
+    def _intermediate_losses(self, parts: dict[str, torch.Tensor], out: Any, t: Mapping[str, Any],
+                             mask: torch.Tensor | None) -> None:
+        """The hidden-state and attention-map losses over the mapped layers, added to ``parts``."""
+        w = self.weights
+        if self.need_hidden:
+            sh, th = _attr(out, "hidden_states"), t["hidden_states"]
+            if w.cosine > 0:
+                parts["cosine"] = L.hidden_cosine(self.projection(sh[-1]), th[-1], mask)
+            if w.hidden > 0:
+                pairs = [(0, 0), *((m, g) for m, g in enumerate(self.layer_map, start=1))]
+                parts["hidden"] = sum(L.hidden_mse(self.projection(sh[m]), th[g], mask) for m, g in pairs)
+        if self.need_attention:
+            sa, ta = _attr(out, "attentions"), t["attentions"]
+            if not sa or not ta:
+                raise ModelError("the attention loss needs attention maps, but a model returned none")
+            parts["attention"] = sum(L.attention_mse(sa[m - 1], ta[g - 1], mask)
+                                     for m, g in enumerate(self.layer_map, start=1))
+
+    def _total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = self.weights
         loss = sum(getattr(w, k) * v for k, v in parts.items())
         for k, v in parts.items():
             self._sums[k] = self._sums.get(k, 0.0) + v.detach()
         self._count += 1
         return loss
+
+
+def _same_rows(what: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ModelError(f"distillation {what}: the student gave shape {tuple(student.shape)} and the teacher "
+                         f"{tuple(teacher.shape)}; they must match row for row")
 
 
 def make_kd_loss_fn(teacher: nn.Module | Callable[[], nn.Module] | None, student: nn.Module,

@@ -21,43 +21,74 @@ import torch
 from torch import nn
 
 from stackcomp.errors import ModelError, RecipeError
+from stackcomp.targets import block_stacks
 
 __all__ = ["num_layers", "hidden_width", "layer_list", "cut_student", "default_keep",
            "student_from_config", "student_from_pretrained"]
 
 
+def _arch(model: nn.Module) -> str:
+    """The architecture's name for messages: the config's model_type, else the class name."""
+    return str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+
+
 def num_layers(model: nn.Module) -> int:
-    """Transformer layers the model applies (ALBERT: applications of its shared layers)."""
+    """Transformer layers the model applies (ALBERT: applications of its shared layers).
+
+    Hugging Face configs name it ``num_hidden_layers`` (DistilBERT's ``n_layers`` maps to it);
+    without one, the length of the layer stack.
+    """
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(n, int):
-        raise ModelError(f"{type(model).__name__}: its config has no num_hidden_layers")
-    return n
+    return n if isinstance(n, int) else len(layer_list(model)[1])
 
 
 def hidden_width(model: nn.Module) -> int:
+    """The width of the hidden states between layers (``config.hidden_size``, which every Hugging
+    Face encoder config maps its own name to, e.g. DistilBERT's ``dim``)."""
     n = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(n, int):
-        raise ModelError(f"{type(model).__name__}: its config has no hidden_size")
+        raise ModelError(f"{_arch(model)}: its config has no hidden_size, so its width is unknown")
     return n
-
-
-def _is_albert(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", None) == "albert"
 
 
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` holding the model's transformer layers, with its name.
 
-    Found as the one module list as long as ``config.num_hidden_layers`` (BERT's
-    ``encoder.layer``, DistilBERT's ``transformer.layer``, RoBERTa, ELECTRA, ...).
+    Found by structure: the longest module list of repeated blocks (:func:`stackcomp.targets.block_stacks`),
+    whatever the architecture calls it (BERT's ``encoder.layer``, DistilBERT's ``transformer.layer``,
+    ModernBERT's ``layers``; ALBERT's ``albert_layer_groups``, shorter than its depth as its layers
+    are shared).
     """
-    n = num_layers(model)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    stacks = block_stacks(model)
+    if not stacks:
+        raise ModelError(f"{_arch(model)}: found no nn.ModuleList of repeated transformer blocks, so its layers "
+                         "cannot be told apart; use student.config or student.model instead of a cut student")
+    longest = max(len(m) for _, m in stacks)
+    found = [(name, m) for name, m in stacks if len(m) == longest]
     if len(found) != 1:
-        where = ", ".join(name for name, _ in found) or "none"
-        raise ModelError(f"{type(model).__name__}: cannot tell which module list holds its {n} transformer layers "
-                         f"(candidates: {where}); cut students support BERT-like, DistilBERT and ALBERT models")
+        where = ", ".join(name for name, _ in found)
+        raise ModelError(f"{_arch(model)}: cannot tell which module list holds its transformer layers: {where} are "
+                         f"all {longest} blocks long; use student.config or student.model instead of a cut student")
     return found[0]
+
+
+def _shares_layers(model: nn.Module) -> bool:
+    """True when the model applies fewer distinct layers than its depth (ALBERT's shared groups)."""
+    return len(layer_list(model)[1]) < num_layers(model)
+
+
+def _check_aligned(model: nn.Module, mods: nn.ModuleList, keep: list[int]) -> None:
+    """Refuse a cut whose kept layers differ in structure from the layers a model of the cut
+    depth builds in their places (ModernBERT's first layer has no attention norm): the student
+    would not reload from its own config."""
+    def params(i: int) -> set[str]:
+        return {n for n, _ in mods[i].named_parameters()}
+
+    for j, i in enumerate(keep):
+        if params(i) != params(j):
+            raise ModelError(f"{_arch(model)}: layer {i} differs in structure from layer {j} (parameters "
+                             f"{sorted(params(i) ^ params(j))[:3]}), so it cannot become the student's layer {j}; "
+                             f"keep layers that line up, e.g. start with layer 0")
 
 
 def default_keep(total: int, keep: int | None = None) -> list[int]:
@@ -94,18 +125,29 @@ def cut_student(model: nn.Module, layers: Sequence[int] | None = None, *, count:
     if any(b <= a for a, b in zip(keep, keep[1:])):
         raise RecipeError(f"student.cut.layers must be increasing and distinct, got {keep}")
 
-    student = copy.deepcopy(model)
     note: dict[str, Any] = {"kind": "cut", "from_layers": total, "layers": len(keep), "hidden_size": width}
-    if _is_albert(student):
-        groups = int(getattr(student.config, "num_hidden_groups", 1))
-        if len(keep) < groups:
-            raise ModelError(f"ALBERT with {groups} layer groups cannot be cut to {len(keep)} layers: "
+    if _shares_layers(model):
+        _, groups = layer_list(model)
+        arch = _arch(model)
+        if arch != "albert":
+            raise ModelError(f"{arch}: its {total} layers share the weights of {len(groups)} blocks; a cut student "
+                             "of a model with shared layers is supported for ALBERT only (which reads its depth from "
+                             "its config); use student.config instead")
+        if layers is not None and keep != list(range(len(keep))):
+            raise ModelError(f"albert: student.cut.layers {keep} cannot be picked: ALBERT's layers share one set of "
+                             "weights, so a cut only applies the shared layers fewer times; give "
+                             f"student.cut.num_layers: {len(keep)} instead")
+        if len(keep) < len(groups):
+            raise ModelError(f"albert with {len(groups)} layer groups cannot be cut to {len(keep)} layers: "
                              "every group must still be applied at least once")
+        student = copy.deepcopy(model)
         student.config.num_hidden_layers = len(keep)
         note["kept"] = None
         note["albert"] = ("ALBERT shares its layer weights: the student applies the same shared layer "
-                          f"{len(keep)} times instead of {total}; which layers are named does not matter")
+                          f"{len(keep)} times instead of {total}")
     else:
+        _check_aligned(model, layer_list(model)[1], keep)
+        student = copy.deepcopy(model)
         name, mods = layer_list(student)
         new = nn.ModuleList([mods[i] for i in keep])
         parent_name, _, attr = name.rpartition(".")

@@ -129,7 +129,7 @@ class DistillPass(Pass):
         p = self.params
         config = p.train
         weights = p.weights
-        common = dict(temperature=p.temperature, layer_map=p.layer_map, log=ctx.log)
+        common = dict(temperature=p.temperature, layer_map=p.layer_map, log=ctx.log, task=ctx.task)
         if p.schedule == "two_phase":
             phase1 = config.model_copy(update={
                 "epochs": p.intermediate.epochs, "max_steps": p.intermediate.max_steps,

@@ -166,7 +166,7 @@ class DSFactorizePass(Pass):
         callbacks: list = [STFCallback(model)] if p.stf else []
         kd = None
         if p.teacher:
-            kd = KDLoss(ctx.teacher, model, p.kd, temperature=p.kd_temperature, log=ctx.log)
+            kd = KDLoss(ctx.teacher, model, p.kd, temperature=p.kd_temperature, log=ctx.log, task=ctx.task)
             callbacks.append(kd)
         result = train_on_task(model, ctx, p.train, callbacks=callbacks,
                                optimizer_params=lambda m: _param_groups(m, ds_layers, p))

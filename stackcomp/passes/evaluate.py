@@ -1,4 +1,5 @@
-"""``evaluate``: the task metric on dev, CPU latency, and exact sizes. Changes nothing."""
+"""``evaluate``: the task metric on dev, CPU latency (and ONNX Runtime's after ``pack target: onnx``), and
+exact sizes. Changes nothing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pydantic import Field
 from torch import nn
 
 from stackcomp.evaluate import measure_latency, size_report
+from stackcomp.onnx_export import onnx_latency
 from stackcomp.passes.base import Pass, PassContext, PassParams
 
 
@@ -35,18 +37,20 @@ class EvaluatePass(Pass):
             from stackcomp.train import evaluate
 
             ctx.metrics["main_metric"] = ctx.task.main_metric
-            ctx.metrics.update(evaluate(model, ctx.data.eval_loader(p.batch_size), ctx.data.compute_metrics))
+            if getattr(ctx.data, "split_note", None):  # e.g. SQuAD offline: an article split of dev
+                ctx.metrics["data_note"] = ctx.data.split_note
+            ctx.metrics.update(evaluate(model, ctx.data.eval_loader(p.batch_size), ctx.data.compute_metrics,
+                                        predict=ctx.data.predict))
             if p.latency:
-                batches = []
-                for i, batch in enumerate(ctx.data.eval_loader(p.latency_batch_size, sort_by_length=False)):
-                    if i >= p.latency_batches:
-                        break
-                    batches.append({k: v.to("cpu") for k, v in batch.items()})
+                batches = [{k: v.to("cpu") for k, v in b.items()}
+                           for b in ctx.data.latency_batches(p.latency_batch_size, p.latency_batches)]
                 threads = torch.get_num_threads()
                 if p.threads:
                     torch.set_num_threads(p.threads)
                 try:
                     ctx.metrics.update(measure_latency(model.to("cpu"), batches, repeats=p.latency_repeats))
+                    ctx.metrics.update(onnx_latency(ctx, batches, threads=torch.get_num_threads(),
+                                                    repeats=p.latency_repeats))
                 finally:
                     torch.set_num_threads(threads)
                     model.to(ctx.device)

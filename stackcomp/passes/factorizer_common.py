@@ -42,7 +42,7 @@ from torch import nn
 from stackcomp.errors import PlanError
 from stackcomp.factorize.allocate import Knob, allocate
 from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams
-from stackcomp.targets import select_modules, set_module
+from stackcomp.targets import select_modules, set_module, why_none_selected
 from stackcomp.train import TrainConfig, train, train_on_task
 
 __all__ = [
@@ -127,8 +127,7 @@ def select_targets(model: nn.Module, targets: Iterable[str] | None, ignore: Iter
     """The ``nn.Linear`` layers a pass compresses; PlanError naming the patterns when none match."""
     layers = list(select_modules(model, targets, ignore))
     if not layers:
-        raise PlanError(f"{pass_name}: no linear layer matches targets={None if targets is None else list(targets)} "
-                        f"ignore={None if ignore is None else list(ignore)}")
+        raise PlanError(f"{pass_name}: no linear layer matches {why_none_selected(model, targets, ignore)}")
     return layers
 
 
@@ -274,10 +273,12 @@ def forward_order(model: nn.Module, names: list[str], batch: dict[str, torch.Ten
 
 
 def collect_fisher(model: nn.Module, names: list[str], batches: Iterable[dict[str, torch.Tensor]],
-                   n_batches: int) -> dict[str, torch.Tensor]:
+                   n_batches: int, task: Any = None) -> dict[str, torch.Tensor]:
     """Per output row, the Fisher information ``sum_j E[(dL/dW_ij)^2]`` of each named layer's weight,
     estimated as the mean squared batch gradient over ``n_batches`` (as in the FWSVD authors'
-    script), model in eval mode (no dropout), no optimizer step. Returns (out,) float64 tensors."""
+    script), model in eval mode (no dropout), no optimizer step. Returns (out,) float64 tensors.
+    ``task`` (a stackcomp.tasks.Task) gives the loss of a kind whose model returns none itself
+    (a bi-encoder's CoSENT); default: the model's own ``loss``."""
     device = _model_device(model)
     weights = {n: model.get_submodule(n).weight for n in names}
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -295,8 +296,11 @@ def collect_fisher(model: nn.Module, names: list[str], batches: Iterable[dict[st
                 break
             for w in weights.values():
                 w.grad = None
-            out = model(**_to(batch, device))
-            loss = out["loss"] if isinstance(out, dict) else out.loss
+            if task is not None:
+                loss = task.kd_outputs(model, _to(batch, device))["loss"]
+            else:
+                out = model(**_to(batch, device))
+                loss = out["loss"] if isinstance(out, dict) else out.loss
             if loss is None:
                 raise PlanError("Fisher estimation needs labelled batches (the model returned no loss)")
             loss.backward()
@@ -413,7 +417,7 @@ class FactorizerPass(Pass):
             raise PlanError(f"stage {ctx.stage!r}: {self._method_label()} needs the task's training data for the "
                             "Fisher information; set `task:` in the recipe")
         loader = ctx.data.train_loader(p.fisher_batch_size, seed=ctx.seed)
-        return collect_fisher(model, names, loader, p.fisher_batches)
+        return collect_fisher(model, names, loader, p.fisher_batches, task=ctx.task)
 
     def _method_label(self) -> str:
         method = getattr(self.params, "method", None)
@@ -537,7 +541,9 @@ class FactorizerPass(Pass):
                                                                 for n, b in built.items()}}
             if gi < len(groups) - 1:
                 cfg = p.stage_train.model_copy(update={"seed": (p.stage_train.seed + gi) % 2**32})
+                # the task's loss where its model returns none (a bi-encoder); no evaluation between groups
                 result = train(model, ctx.data.train_loader(cfg.batch_size, seed=cfg.seed), cfg,
+                               callbacks=ctx.task.training_callbacks(model) if ctx.task is not None else None,
                                progress=ctx.progress, log=ctx.log)
                 model = result.model
                 losses = [h["loss"] for h in result.history if "loss" in h]

@@ -42,7 +42,7 @@ from stackcomp.nn.conversions import Int8Config, Keep, convert, convertible_type
 from stackcomp.nn.ds_linear import DSLinear
 from stackcomp.nn.quantized import Int4Embedding, Int8Embedding, QuantizationError, get_backend
 from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams, as_analysis
-from stackcomp.targets import matches, select_modules, set_module
+from stackcomp.targets import matches, select_modules, set_module, why_none_selected
 
 
 class Int8Params(PassParams):
@@ -118,15 +118,18 @@ class Int8Pass(Pass):
         layers = [(n, m) for n, m in chosen if find_conversion("int8", m) is not None]
         skipped = [f"{n} ({type(m).__name__}: no int8 form)" for n, m in chosen if find_conversion("int8", m) is None]
         if not layers:
-            raise PlanError(f"int8: no linear, DS or low-rank layer matches targets={p.targets} ignore={p.ignore}")
+            raise PlanError("int8: no linear, DS or low-rank layer matches "
+                            f"{why_none_selected(model, p.targets, p.ignore)}")
         stf = [n for n, m in layers if getattr(m, "stf", False)]
         if stf:
             raise QuantizationError(f"int8: DS layer {stf[0]} is still in STF training mode; quantize the frozen "
                                     "factors (ds_factorize freezes them at its end)")
         return layers, skipped
 
-    def _embeddings(self, model: nn.Module) -> tuple[list[tuple[str, nn.Embedding]], list[str]]:
-        """The embedding tables to quantize, and those left as they are (tied to another weight)."""
+    def _embeddings(self, model: nn.Module, ctx: PassContext) -> tuple[list[tuple[str, nn.Embedding]], list[str]]:
+        """The embedding tables to quantize, and those left as they are: tied to another weight, or
+        never looked up by token id in a forward (their ``.weight`` is read directly, as DeBERTa's
+        relative position table is, and an int8 table there would be read as raw codes)."""
         if self.params.embedding_format is None:
             return [], []
         ignore = self.params.ignore or ()
@@ -138,14 +141,28 @@ class Int8Pass(Pass):
         owners: dict[int, list[str]] = {}
         for pname, t in model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(t), []).append(pname)
+        looked_up = _tables_looked_up(model, found, self._probe_batch(model, ctx))
         chosen, skipped = [], []
         for n, m in found:
             others = [o for o in owners.get(id(m.weight), []) if o != f"{n}.weight"]
             if others:
                 skipped.append(f"{n} (Embedding: weight tied to {others[0]})")
+            elif n not in looked_up:
+                skipped.append(f"{n} (Embedding: never looked up by id in a forward, its weight is read directly; "
+                               "kept as it is)")
             else:
                 chosen.append((n, m))
         return chosen, skipped
+
+    def _probe_batch(self, model: nn.Module, ctx: PassContext) -> dict[str, torch.Tensor]:
+        """One batch to watch a forward with: the task's calibration sequences, else random token ids."""
+        p = self.params
+        if ctx.data is not None:
+            batch = ctx.data.calibration_batches(p.calibration_sequences, p.calibration_sequences, seed=p.seed)[0]
+            return {k: v for k, v in batch.items() if k != "labels"}
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+        ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(p.seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def _inputs(self, model: nn.Module, layers: list[tuple[str, nn.Module]],
                 ctx: PassContext) -> dict[str, torch.Tensor]:
@@ -181,7 +198,7 @@ class Int8Pass(Pass):
             raise QuantizationError(f"int8: backend bitsandbytes is not usable here: {why}")
         dev_ok, dev_why = backend.available(ctx.device)
         layers, skipped = self._layers(model)
-        embeddings, tied = self._embeddings(model)
+        embeddings, tied = self._embeddings(model, ctx)
         skipped += tied
         inputs = self._inputs(model, layers, ctx)
         gen = torch.Generator().manual_seed(p.seed)
@@ -277,6 +294,21 @@ def _quantize_table(module: nn.Embedding, config: Int8Config, name: str) -> nn.M
     if not isinstance(q, nn.Module):
         raise QuantizationError(f"int8: embedding {name}: {q.reason if q is not None else 'no int8 form'}")
     return q
+
+
+def _tables_looked_up(model: nn.Module, tables: list[tuple[str, nn.Embedding]],
+                      batch: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the ``tables`` whose forward (a lookup by id) runs in one forward of ``model`` on ``batch``."""
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_a, n=n: called.add(n)) for n, m in tables]
+    dev = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(dev) for k, v in batch.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    return called
 
 
 def _is_table(module: nn.Module) -> bool:

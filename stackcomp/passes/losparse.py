@@ -209,7 +209,8 @@ class LoSparsePass(FactorizerPass):
             from stackcomp.train import evaluate
 
             before = {k: v for k, v in ctx.metrics.items() if k not in ("main_metric", "train_steps", "train_seconds")}
-            after = evaluate(model, ctx.data.eval_loader(self.params.train.eval_batch_size), ctx.data.compute_metrics)
+            after = evaluate(model, ctx.data.eval_loader(self.params.train.eval_batch_size), ctx.data.compute_metrics,
+                             predict=ctx.data.predict)
             ctx.report["metrics_before_final_prune"] = before
             ctx.metrics.update(after)
         return model

@@ -41,6 +41,8 @@ __all__ = [
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 #: ``compute_metrics(logits, labels) -> {name: float}``; both CPU tensors holding the whole eval set.
 MetricsFn = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
+#: ``predict(model, batch) -> {"predictions", "labels"?, "loss"?}`` (see :func:`evaluate`)
+PredictFn = Callable[[nn.Module, Mapping[str, Any]], Mapping[str, torch.Tensor]]
 
 _LOG = logging.getLogger("stackcomp.train")
 
@@ -261,43 +263,52 @@ def _is_prepared(loader: Any) -> bool:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, eval_loader: Iterable, compute_metrics: MetricsFn | None = None,
-             accelerator: Any = None) -> dict[str, float]:
-    """``{"eval_loss": ..., **compute_metrics(logits, labels)}`` over the whole eval set.
+             accelerator: Any = None, predict: PredictFn | None = None) -> dict[str, float]:
+    """``{"eval_loss": ..., **compute_metrics(predictions, labels)}`` over the whole eval set.
+
+    ``predict(model, batch)`` turns a batch into ``{"predictions", "labels"?, "loss"?}`` (default:
+    the model's logits, the batch's labels, its loss): how a task kind whose output is not one
+    logits tensor (QA's start/end, a bi-encoder's similarity) is scored. Tensors of different
+    lengths along dim 1 (per-token outputs of batches padded to their own length) are padded to
+    the longest, predictions with 0 and labels with -100, before concatenating.
 
     With an ``accelerator`` each process runs its shard and predictions are gathered
     (``gather_for_metrics`` drops the padding of the last batch), so every process gets the same
-    metrics. ``eval_loss`` is the model's batch loss weighted by batch size (absent if the model
-    returns none). The model's train/eval mode is restored afterwards.
+    metrics. ``eval_loss`` is the batch loss weighted by batch size (absent if there is none).
+    The model's train/eval mode is restored afterwards.
     """
+    from stackcomp.tasks.base import default_predict
+
+    predict = predict or default_predict
     if accelerator is not None and not _is_prepared(eval_loader):
         eval_loader = accelerator.prepare_data_loader(eval_loader)
     device = accelerator.device if accelerator is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    logits_parts, label_parts, loss_parts = [], [], []
+    pred_parts, label_parts, loss_parts = [], [], []
     try:
         for batch in eval_loader:
             if accelerator is None:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = model(**batch)
-            logits = out["logits"] if isinstance(out, Mapping) else out.logits
-            labels = batch.get("labels")
-            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-            parts = {"logits": logits}
-            if labels is not None:
-                parts["labels"] = labels
-            if loss is not None:
-                parts["loss"] = loss.detach().float().reshape(1).expand(logits.shape[0])
+            result = predict(model, batch)
+            preds = result["predictions"]
+            parts = {"predictions": preds}
+            if result.get("labels") is not None:
+                parts["labels"] = result["labels"]
+            if result.get("loss") is not None:
+                parts["loss"] = result["loss"].detach().float().reshape(1).expand(preds.shape[0])
             if accelerator is not None:
+                parts = {k: accelerator.pad_across_processes(v, dim=1, pad_index=-100 if k == "labels" else 0)
+                         if v.dim() > 1 else v for k, v in parts.items()}
                 parts = accelerator.gather_for_metrics(parts)
-            logits_parts.append(parts["logits"].float().cpu())
+            pred_parts.append(parts["predictions"].float().cpu())
             if "labels" in parts:
                 label_parts.append(parts["labels"].cpu())
             if "loss" in parts:
                 loss_parts.append(parts["loss"].cpu())
     finally:
         model.train(was_training)
-    if not logits_parts:
+    if not pred_parts:
         raise DataError("the evaluation loader yielded no batches")
     metrics: dict[str, float] = {}
     if loss_parts:
@@ -305,9 +316,22 @@ def evaluate(model: nn.Module, eval_loader: Iterable, compute_metrics: MetricsFn
     if compute_metrics is not None:
         if not label_parts:
             raise DataError("compute_metrics needs labels: the evaluation batches have no 'labels'")
-        result = compute_metrics(torch.cat(logits_parts), torch.cat(label_parts))
+        result = compute_metrics(_cat_padded(pred_parts, 0), _cat_padded(label_parts, -100))
         metrics.update({k: float(v) for k, v in result.items()})
     return metrics
+
+
+def _cat_padded(parts: list[torch.Tensor], pad: float) -> torch.Tensor:
+    """Concatenate along dim 0, padding dim 1 to the longest part first (per-token outputs)."""
+    if parts[0].dim() < 2 or len({p.shape[1] for p in parts}) == 1:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        extra = list(p.shape)
+        extra[1] = width - p.shape[1]
+        padded.append(torch.cat([p, p.new_full(extra, pad)], dim=1) if extra[1] else p)
+    return torch.cat(padded)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -342,6 +366,7 @@ def train(
     *,
     eval_loader: Iterable | None = None,
     compute_metrics: MetricsFn | None = None,
+    predict: PredictFn | None = None,
     main_metric: str | None = None,
     greater_is_better: bool | None = None,
     loss_fn: LossFn | None = None,
@@ -362,6 +387,7 @@ def train(
       (``on_train_begin``, ``on_step_begin``, ``compute_loss``, ``on_optimizer_step``,
       ``on_step_end``, ``on_evaluate``, ``on_train_end``), called in the given order. A callback
       with ``compute_loss`` replaces ``loss_fn``.
+    - ``predict``: how an evaluation batch becomes predictions (see :func:`evaluate`).
     - A config that does not train (``epochs: 0`` without ``max_steps``) returns the model as it is.
     - ``main_metric`` picks the best evaluation (default ``eval_loss``); ``greater_is_better``
       defaults to False for names containing "loss", else True.
@@ -438,7 +464,7 @@ def train(
     def run_eval(step: int) -> None:
         nonlocal best_value, best_state, best_metrics, last_metrics, last_eval_step
         guard.check()
-        metrics = evaluate(raw_model, eval_dl, compute_metrics, acc)
+        metrics = evaluate(raw_model, eval_dl, compute_metrics, acc, predict=predict)
         last_eval_step = step
         if main_metric not in metrics:
             raise StackcompError(f"main_metric {main_metric!r} is not among the eval metrics {sorted(metrics)}")

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from stackcomp.distributed import process_count
 from stackcomp.train.loop import TrainConfig, TrainResult, train
 
 _EXTRA_CALLBACKS: ContextVar[tuple[Any, ...]] = ContextVar("stackcomp_extra_training_callbacks", default=())
@@ -50,16 +51,21 @@ def train_on_task(model: nn.Module, ctx: Any, config: TrainConfig, *, callbacks:
         from stackcomp.errors import PlanError
 
         raise PlanError(f"stage {ctx.stage!r}: training needs a task; set `task:` in the recipe")
+    callbacks = [*(callbacks or ()), *_EXTRA_CALLBACKS.get()]
+    callbacks += _task_callbacks(ctx.task, model, has_loss=any(callable(getattr(c, "compute_loss", None))
+                                                               for c in callbacks) or "loss_fn" in train_kwargs)
     result = train(
         model,
         data.train_loader(config.batch_size, seed=config.seed, augment=augment),
         config,
         eval_loader=data.eval_loader(config.eval_batch_size),
         compute_metrics=data.compute_metrics,
+        predict=getattr(data, "predict", None),
         main_metric=ctx.task.main_metric,
+        greater_is_better=getattr(ctx.task, "greater_is_better", None),
         progress=ctx.progress,
         log=ctx.log,
-        callbacks=[*(callbacks or ()), *_EXTRA_CALLBACKS.get()],
+        callbacks=callbacks,
         **train_kwargs,
     )
     ctx.metrics.update({
@@ -67,6 +73,19 @@ def train_on_task(model: nn.Module, ctx: Any, config: TrainConfig, *, callbacks:
         **(result.best_metrics or {}),
         "train_steps": result.steps,
         "train_seconds": result.seconds,
+        "train_processes": process_count(),
     })
+    if getattr(data, "split_note", None):  # e.g. SQuAD offline: an article split of dev
+        ctx.metrics["data_note"] = data.split_note
     ctx.report["train_history"] = result.history
     return result
+
+
+def _task_callbacks(task: Any, model: nn.Module, *, has_loss: bool) -> list[Any]:
+    """The task kind's training callbacks (its loss, for a kind whose model returns none). A
+    pass's own loss (a KD loss, a ``loss_fn``) wins: it gets the task's loss through
+    ``task.kd_outputs``, so the kind's ``compute_loss`` callback is left out then."""
+    extra = list(getattr(task, "training_callbacks", lambda m: [])(model))
+    if has_loss:
+        extra = [c for c in extra if not callable(getattr(c, "compute_loss", None))]
+    return extra
