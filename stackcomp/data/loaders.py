@@ -191,19 +191,11 @@ class TaskData:
         same order from the same seed and takes its own shard of the batches. ``augment`` adds
         perturbed copies of every example (:mod:`stackcomp.data.augment`), marked ``augmented``.
         """
-        from torch.utils.data import DataLoader, RandomSampler
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        _check_batch_size(batch_size)
         ds, lengths = self._split("train") if augment is None else self._augmented(augment)
-        generator = torch.Generator().manual_seed(self.options.seed if seed is None else seed)
         group = self.options.group_by_length if group_by_length is None else group_by_length
-        if group:
-            sampler = LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=generator)
-        else:
-            sampler = RandomSampler(ds, generator=generator)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
-                          num_workers=num_workers, drop_last=drop_last)
+        return shuffled_loader(ds, lengths, batch_size, seed=self.options.seed if seed is None else seed,
+                               group_by_length=group, collate_fn=self.collator, num_workers=num_workers,
+                               drop_last=drop_last)
 
     def _augmented(self, options: AugmentOptions) -> tuple[datasets.Dataset, np.ndarray]:
         key = options.model_dump_json()
@@ -271,6 +263,26 @@ class TaskData:
     def __repr__(self) -> str:
         return (f"TaskData({self.task.name}, eval={self.eval_split}, max_length={self.options.max_length}, "
                 f"tokenized={sorted(self._tokenized)})")
+
+
+def shuffled_loader(rows: Any, lengths: np.ndarray, batch_size: int, *, seed: int, group_by_length: bool,
+                    collate_fn: Any, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """Training batches of ``rows`` in a seeded random order, grouped by ``lengths`` (``transformers``'
+    ``LengthGroupedSampler``) unless told otherwise: every task kind's ``train_loader`` is this.
+
+    Each pass over the loader draws a new order from the same seeded generator, so epochs differ and
+    a rerun repeats them; under accelerate every process builds the same order and takes its shard."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    _check_batch_size(batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=np.asarray(lengths).tolist(), generator=generator)
+    else:
+        sampler = RandomSampler(rows, generator=generator)
+    return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                      drop_last=drop_last)
 
 
 def _rows(ds: datasets.Dataset, indices: np.ndarray) -> list[dict[str, Any]]:

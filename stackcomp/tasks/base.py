@@ -180,6 +180,22 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, Any], drop: Sequence[st
     return {k: v for k, v in batch.items() if k in named and k not in drop}
 
 
+def local_data_folder(data_dir: str | Path | None, subdir: str, *,
+                      is_the_folder: Callable[[Path], bool]) -> Path | None:
+    """Where a task's local files are: ``<data dir>/<subdir>`` (the data dir is ``data.data_dir``,
+    else ``$STACKCOMP_DATA_DIR``), or the data dir itself when it is that folder
+    (``is_the_folder(data_dir)``); None when no data dir is set (the hub)."""
+    from stackcomp.data.glue import default_data_dir
+
+    data_dir = data_dir if data_dir is not None else default_data_dir()
+    if data_dir is None:
+        return None
+    root = Path(data_dir).expanduser()
+    if not (root / subdir).is_dir() and is_the_folder(root):
+        return root
+    return root / subdir
+
+
 # ----------------------------------------------------------------------------- registry
 
 TaskFactory = Callable[[str], Task]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from stackcomp.data.loaders import _check_batch_size, shuffled_loader
 from stackcomp.errors import DataError, ModelError
 from stackcomp.tasks.base import Task, register_task_kind
 
@@ -266,7 +267,10 @@ class EmbeddingsTask(Task):
         """The training loss on pair embeddings and gold scores (0-1): sentence-transformers'
         CoSENTLoss (scale 20) or CosineSimilarityLoss (MSE of the cosine), as ``self.loss`` says."""
         if self._loss_fn is None:
-            from sentence_transformers.sentence_transformer.losses import CoSENTLoss, CosineSimilarityLoss
+            from sentence_transformers.sentence_transformer.losses import (
+                CoSENTLoss,
+                CosineSimilarityLoss,
+            )
 
             # no SentenceTransformer behind them: we hand over the embeddings ourselves
             self._loss_fn = CoSENTLoss(None) if self.loss == "cosent" else CosineSimilarityLoss(None)
@@ -567,20 +571,14 @@ class EmbeddingData:
     def train_loader(self, batch_size: int, seed: int | None = None, group_by_length: bool | None = None, *,
                      num_workers: int = 0, drop_last: bool = False, augment: Any = None) -> DataLoader:
         """Shuffled pair batches (seeded; length-grouped unless told otherwise) with gold scores."""
-        from torch.utils.data import DataLoader, RandomSampler
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
         if augment is not None:
             raise DataError(f"{self.task.name}: data augmentation perturbs labelled classification examples; "
                             "it does not apply to sentence pairs with similarity scores (remove `augment`)")
-        _check_batch_size(batch_size)
         rows, lengths = self._pair_features("train")
-        generator = torch.Generator().manual_seed(self.options.seed if seed is None else seed)
         group = self.options.group_by_length if group_by_length is None else group_by_length
-        sampler = (LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=generator) if group
-                   else RandomSampler(rows, generator=generator))
-        return DataLoader(rows, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_pairs,
-                          num_workers=num_workers, drop_last=drop_last)
+        return shuffled_loader(rows, lengths, batch_size, seed=self.options.seed if seed is None else seed,
+                               group_by_length=group, collate_fn=self.collate_pairs, num_workers=num_workers,
+                               drop_last=drop_last)
 
     def unlabeled_loader(self, batch_size: int, seed: int | None = None, *, num_workers: int = 0) -> DataLoader:
         """Shuffled (seeded) single-sentence batches of the train sentences, both columns, deduplicated:
@@ -645,11 +643,6 @@ class EmbeddingData:
 
     def __repr__(self) -> str:
         return f"EmbeddingData({self.task.name}, eval={self.eval_split}, max_length={self.options.max_length})"
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch size must be a positive integer, got {batch_size!r}")
 
 
 # ----------------------------------------------------------------------------- registration

@@ -9,8 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stackcomp.data.glue import TaskSpec, check_splits_available, default_data_dir, get_task as get_spec
-from stackcomp.data.glue import list_tasks as glue_names, local_path, resolve_split
+from stackcomp.data.glue import (
+    TaskSpec,
+    check_splits_available,
+    default_data_dir,
+    local_path,
+    resolve_split,
+)
+from stackcomp.data.glue import get_task as get_spec
+from stackcomp.data.glue import list_tasks as glue_names
 from stackcomp.tasks.base import Task, register_task_kind
 
 

@@ -30,7 +30,7 @@ import torch
 
 from stackcomp.data import conll
 from stackcomp.errors import DataError, NumericalError
-from stackcomp.tasks.base import Task, register_task_kind
+from stackcomp.tasks.base import Task, local_data_folder, register_task_kind
 
 if TYPE_CHECKING:
     import datasets
@@ -88,15 +88,7 @@ class NerTask(Task):
         """The folder holding the split files, or None for the hub."""
         if self.folder is not None:
             return self.folder
-        from stackcomp.data.glue import default_data_dir
-
-        data_dir = data_dir if data_dir is not None else default_data_dir()
-        if data_dir is None:
-            return None
-        root = Path(data_dir).expanduser()
-        if not (root / CONLL_DIR).is_dir() and root.name == CONLL_DIR:
-            return root  # the data dir is the conll2003 folder itself
-        return root / CONLL_DIR
+        return local_data_folder(data_dir, CONLL_DIR, is_the_folder=lambda root: root.name == CONLL_DIR)
 
     def data_files(self, splits: list[str], data_dir: str | Path | None) -> dict[str, Path] | None:
         folder = self.data_folder(data_dir)
@@ -310,22 +302,16 @@ class NerData:
     def train_loader(self, batch_size: int, seed: int | None = None, group_by_length: bool | None = None, *,
                      num_workers: int = 0, drop_last: bool = False, augment: Any = None) -> DataLoader:
         """Shuffled training batches (seeded), length-grouped unless told otherwise."""
-        from torch.utils.data import DataLoader, RandomSampler
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        from stackcomp.data.loaders import _check_batch_size
+        from stackcomp.data.loaders import shuffled_loader
 
         if augment is not None:
             raise DataError(f"{self.task.name}: augment perturbs sentences for sentence classification; "
                             "it does not apply to token classification (remove `augment`)")
-        _check_batch_size(batch_size)
         ds, lengths = self._split("train")
-        generator = torch.Generator().manual_seed(self.options.seed if seed is None else seed)
         group = self.options.group_by_length if group_by_length is None else group_by_length
-        sampler = (LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=generator) if group
-                   else RandomSampler(ds, generator=generator))
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=self.collator,
-                          num_workers=num_workers, drop_last=drop_last)
+        return shuffled_loader(ds, lengths, batch_size, seed=self.options.seed if seed is None else seed,
+                               group_by_length=group, collate_fn=self.collator, num_workers=num_workers,
+                               drop_last=drop_last)
 
     def eval_loader(self, batch_size: int, *, split: str | None = None, sort_by_length: bool = True,
                     num_workers: int = 0) -> DataLoader:

@@ -24,7 +24,7 @@ import torch
 
 from stackcomp.data import squad
 from stackcomp.errors import DataError
-from stackcomp.tasks.base import Task, register_task_kind
+from stackcomp.tasks.base import Task, local_data_folder, register_task_kind
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,15 +70,8 @@ class QATask(Task):
         """The folder holding the JSON files, or None for the hub."""
         if self.folder is not None:
             return self.folder
-        from stackcomp.data.glue import default_data_dir
-
-        data_dir = data_dir if data_dir is not None else default_data_dir()
-        if data_dir is None:
-            return None
-        root = Path(data_dir).expanduser()
-        if not (root / squad.SQUAD_DIR).is_dir() and _first(root, squad.DEV_FILES) is not None:
-            return root  # the data dir is the squad folder itself
-        return root / squad.SQUAD_DIR
+        return local_data_folder(data_dir, squad.SQUAD_DIR,
+                                 is_the_folder=lambda root: _first(root, squad.DEV_FILES) is not None)
 
     def train_file(self, data_dir: str | Path | None) -> Path | None:
         folder = self.data_folder(data_dir)
