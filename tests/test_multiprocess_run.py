@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-import pytest
 import yaml
 
 
@@ -22,7 +18,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("stackcomp") is None, reason="the stackcomp script is not installed")
 def test_two_process_run_writes_once_and_prints_one_document(tmp_path, tiny_model_dirs, tiny_glue):
     recipe = {"name": "mp", "model": str(tiny_model_dirs["bert"]), "task": "glue/sst2",
               "data": {"max_train_samples": 32, "max_eval_samples": 16, "max_length": 32},
@@ -36,7 +31,7 @@ def test_two_process_run_writes_once_and_prints_one_document(tmp_path, tiny_mode
                TOKENIZERS_PARALLELISM="false", STACKCOMP_DATA_DIR=str(tiny_glue), TMPDIR=str(follower_tmp))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), shutil.which("stackcomp"), "run", str(path),
+              "--main_process_port", str(_free_port()), "-m", "stackcomp.cli", "run", str(path),
               "-o", str(tmp_path / "run"), "--json"]
     proc = subprocess.run(launch, env=env, timeout=400, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

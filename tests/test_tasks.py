@@ -14,7 +14,13 @@ import stackcomp
 from stackcomp.data.glue import get_task as glue_spec
 from stackcomp.data.loaders import TaskData
 from stackcomp.errors import DataError
-from stackcomp.tasks import Task, default_predict, get_task, register_task_kind, task_kinds
+from stackcomp.tasks import (
+    Task,
+    default_predict,
+    get_task,
+    register_task_kind,
+    task_kinds,
+)
 from stackcomp.tasks import base as tasks_base
 from stackcomp.train.loop import _cat_padded
 

@@ -132,9 +132,11 @@ class PassContext:
 
     stage: str
     work_dir: Path
-    task: Any = None  # stackcomp.data.TaskSpec
+    #: the recipe's task (stackcomp.tasks.Task: head, metric, KD outputs); a task name or a GLUE
+    #: TaskSpec given here is turned into its Task
+    task: Any = None
     tokenizer: Any = None
-    data: Any = None  # stackcomp.data.TaskData: train/eval loaders, calibration batches
+    data: Any = None  # the task's data (stackcomp.tasks.TaskDataLike): loaders, calibration batches, metrics
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("stackcomp"))
@@ -153,6 +155,12 @@ class PassContext:
     #: what this stage's ``analyze`` returned; set by the engine before ``transform`` runs
     analysis: Analysis = field(default_factory=Analysis)
     _teacher: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is not None and not hasattr(self.task, "kd_outputs"):
+            from stackcomp.tasks import get_task
+
+            self.task = get_task(self.task if isinstance(self.task, str) else self.task.name)
 
     def teacher(self) -> nn.Module:
         if self._teacher is None:
