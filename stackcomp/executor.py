@@ -190,6 +190,7 @@ class LocalExecutor:
             progress=self._progress(), parent_reports=self._parent_reports(stage),
             upstream_dirs={n: self.store.path(self.plan.stages[n].key) for n in self.plan.ancestors(stage.name)},
             load_teacher=self._teacher_loader(stage),
+            recipe_yaml=self.recipe.to_yaml(), load_lock=self._lock,
         )
         if self.recipe.task:
             ctx.data = self._get_data(ctx.tokenizer)
@@ -255,6 +256,12 @@ class LocalExecutor:
             return load_model(self.store.path(key), device=self.device, verify=False)
         except StackcompError as e:
             raise ArtifactError(f"cannot load the model of cached stage {name!r}: {e}") from None
+
+    def _lock(self) -> dict[str, Any]:
+        """The run's lock (versions, seeds, data and model hashes, stage keys), as lock.json holds it."""
+        from stackcomp.lock import build_lock
+
+        return build_lock(self.plan)
 
     def _teacher_loader(self, stage: Stage):
         param = stage.pass_cls.teacher_param

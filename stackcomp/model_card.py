@@ -7,6 +7,7 @@ upstream stages and the export's params. Numbers are printed as measured, with h
 
 from __future__ import annotations
 
+import json
 import platform
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,9 +32,11 @@ def _fmt(v: Any) -> str:
 
 def render_card(model: nn.Module, folder_name: str, *, dense: bool, sizes: Mapping[str, Any],
                 metrics: Mapping[str, Any] | None = None, task: Any = None, stage: str | None = None,
-                upstream: Sequence[str] = (), params: Mapping[str, Any] | None = None) -> str:
+                upstream: Sequence[str] = (), params: Mapping[str, Any] | None = None, recipe: str | None = None,
+                lock: Mapping[str, Any] | None = None) -> str:
     """The model card. ``sizes``: :func:`stackcomp.evaluate.size_report`; ``metrics``: what the
-    evaluate pass measures (task metrics, latency); ``upstream``: the stages before, first first."""
+    evaluate pass measures (task metrics, latency); ``upstream``: the stages before, first first;
+    ``recipe`` (resolved YAML) and ``lock`` (lock.json's content): how to make the model again."""
     import torch
     import transformers
 
@@ -91,4 +94,11 @@ def render_card(model: nn.Module, folder_name: str, *, dense: bool, sizes: Mappi
                    "int8 or factorized weights into dense layers."), ""]
     lines += ["With stackcomp, which first checks every file against `CHECKSUMS.json`:", "", "```python",
               "import stackcomp", "", f'model = stackcomp.load("{folder_name}")', "```", ""]
+    if recipe:
+        lines += ["## Recipe", "", "The recipe that made this model, as it ran (`stackcomp run` on it repeats the "
+                  "work; its cache keys are in the lock below).", "", "```yaml", recipe.rstrip(), "```", ""]
+    if lock:
+        lines += ["## Lock", "", ("Versions, seeds, the hashes of the data and model files, and every stage's key "
+                                  "(`lock.json` of the run)."), "", "```json",
+                  json.dumps(dict(lock), indent=1, sort_keys=True, default=str), "```", ""]
     return "\n".join(lines)

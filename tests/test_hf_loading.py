@@ -350,6 +350,10 @@ def test_export_pass_writes_a_model_card(tmp_path, tiny_model_dirs, data_env):
                      "import stackcomp", "BertForSequenceClassification.from_pretrained", "stackcomp.load",
                      "Int8Linear"):
         assert expected in card, expected
+    # how to make it again: the recipe as it ran and the run's lock, with this stage's key
+    assert "## Recipe" in card and "name: tiny-card" in card
+    lock = json.loads(card.split("## Lock", 1)[1].split("```json", 1)[1].split("```", 1)[0])
+    assert lock["stage_keys"]["out"] == result.stage("out").key and lock["data"]["task"] == "glue/sst2"
     sums = json.loads((export_dir / "CHECKSUMS.json").read_text())
     assert "README.md" in sums
     assert stackcomp.load(export_dir)

@@ -148,6 +148,10 @@ class PassContext:
     upstream_dirs: dict[str, Path] = field(default_factory=dict)
     #: loads the teacher model (from an upstream stage's artifact or a model id), once
     load_teacher: Callable[[], nn.Module] | None = None
+    #: the recipe as it runs (resolved YAML) and its lock (``stackcomp.lock.build_lock``, built
+    #: when asked): what a model card or an export records for reproduction
+    recipe_yaml: str | None = None
+    load_lock: Callable[[], dict[str, Any]] | None = None
     #: what the stage measured (task metrics, latency, sizes); saved as metrics.json
     metrics: dict[str, Any] = field(default_factory=dict)
     #: what the pass reports besides ``analyze`` (choices made, per-layer results); saved in report.json

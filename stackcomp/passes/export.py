@@ -67,7 +67,8 @@ class ExportPass(Pass):
         measured = self._measure(out, ctx) if p.measure and ctx.data is not None else {}
         card = render_card(out, dest.name, dense=p.dense, sizes=size_report(out), metrics=measured, task=ctx.task,
                            stage=ctx.stage, upstream=list(reversed(ctx.parent_reports)),
-                           params=p.model_dump(mode="json", exclude={"path"}))
+                           params=p.model_dump(mode="json", exclude={"path"}), recipe=ctx.recipe_yaml,
+                           lock=ctx.load_lock() if ctx.load_lock is not None else None)
         task = ctx.task
         export_model(out, dest, tokenizer=ctx.tokenizer, card=card,
                      extra_files=(lambda folder: task.write_export_files(out, folder)) if task is not None else None)
