@@ -84,6 +84,32 @@ def _subset(n: int, cap: int | None, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
 
 
+def capped(raw: datasets.Dataset, cap: int | None, seed: int) -> datasets.Dataset:
+    """``raw`` cut to the seeded random subset a sample cap asks for (file order kept), or as it is."""
+    keep = _subset(len(raw), cap, seed)
+    return raw if keep is None else raw.select(keep, keep_in_memory=True)
+
+
+def map_quietly(raw: datasets.Dataset, encode: Any, *, key: str, batch_size: int = 1000) -> datasets.Dataset:
+    """``raw.map(encode)``: batched, in memory, without datasets' progress bars or cache files.
+    ``key`` names what makes the result (task, split, max_length, cap, seed, tokenizer): an explicit
+    fingerprint spares datasets from hashing the tokenizer through the closure."""
+    fingerprint = hashlib.sha256(f"{key}|{raw._fingerprint}".encode()).hexdigest()[:32]
+    with _quiet_datasets():
+        return raw.map(encode, batched=True, batch_size=batch_size, remove_columns=raw.column_names,
+                       keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint)
+
+
+def calibration_order(lengths: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` examples (all if fewer) picked at random (seeded), longest first, so batches
+    of them hold little padding: what every kind's ``calibration_batches`` serves."""
+    if n < 1:
+        raise DataError(f"calibration needs at least one example, got n={n}")
+    pick = _subset(len(lengths), n, seed)
+    pick = np.arange(len(lengths)) if pick is None else pick
+    return pick[np.argsort(-np.asarray(lengths)[pick], kind="stable")]
+
+
 class TaskData:
     """Train/eval loaders, calibration batches and metrics for one task and one tokenizer."""
 
@@ -149,11 +175,8 @@ class TaskData:
 
     def _tokenize(self, split: str) -> tuple[datasets.Dataset, np.ndarray]:
         opts = self.options
-        raw = load_split(self.task, split, opts.data_dir)
         cap = opts.max_train_samples if split == "train" else opts.max_eval_samples
-        keep = _subset(len(raw), cap, opts.seed)
-        if keep is not None:
-            raw = raw.select(keep, keep_in_memory=True)
+        raw = capped(load_split(self.task, split, opts.data_dir), cap, opts.seed)
         tokenizer, fields, max_length = self.tokenizer, self.task.text_fields, opts.max_length
         wanted = {"input_ids", *getattr(tokenizer, "model_input_names", ())}
 
@@ -164,14 +187,9 @@ class TaskData:
             out["length"] = [len(ids) for ids in enc["input_ids"]]
             return out
 
-        # An explicit fingerprint spares datasets from hashing the tokenizer through the closure.
-        fingerprint = hashlib.sha256(
-            f"{self.task.name}|{split}|{max_length}|{cap}|{opts.seed}|{id(tokenizer)}|{raw._fingerprint}".encode()
-        ).hexdigest()[:32]
         start = time.perf_counter()
-        with _quiet_datasets():
-            ds = raw.map(encode, batched=True, batch_size=2000, remove_columns=raw.column_names,
-                         keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint)
+        ds = map_quietly(raw, encode, key=f"{self.task.name}|{split}|{max_length}|{cap}|{opts.seed}|{id(tokenizer)}",
+                         batch_size=2000)
         lengths = ds.data.column("length").to_numpy().astype(np.int64)
         ds = ds.remove_columns("length")
         log.info("tokenized %s %s: %d examples in %.2f s (longest %d tokens, %d at max_length)", self.task.name, split,
@@ -229,13 +247,9 @@ class TaskData:
         Batched in order of length, longest first, so little of each batch is padding; use all
         the batches, since early ones hold the longest sequences.
         """
-        if n < 1:
-            raise DataError(f"calibration needs at least one example, got n={n}")
         _check_batch_size(batch_size)
         ds, lengths = self._split("train")
-        pick = _subset(len(ds), n, self.options.seed if seed is None else seed)
-        pick = np.arange(len(ds)) if pick is None else pick
-        pick = pick[np.argsort(-lengths[pick], kind="stable")]
+        pick = calibration_order(lengths, n, self.options.seed if seed is None else seed)
         return [self.collator(_rows(ds, pick[i:i + batch_size])) for i in range(0, len(pick), batch_size)]
 
     def latency_batches(self, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:

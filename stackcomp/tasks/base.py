@@ -196,6 +196,17 @@ def local_data_folder(data_dir: str | Path | None, subdir: str, *,
     return root / subdir
 
 
+def require_hub_cache(task_name: str, hub_id: str, local_files: str) -> None:
+    """Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), a task with no data dir can only read the
+    hub dataset from the local cache: raise the DataError a load would hit when it is not there,
+    saying which local files would do instead."""
+    from stackcomp.data.glue import _offline, hub_dataset_revision
+
+    if _offline() and hub_dataset_revision(hub_id) is None:
+        raise DataError(f"{task_name}: offline (HF_HUB_OFFLINE) and {hub_id} is not in the local cache; set "
+                        f"STACKCOMP_DATA_DIR (or data.data_dir) to a folder holding {local_files}")
+
+
 # ----------------------------------------------------------------------------- registry
 
 TaskFactory = Callable[[str], Task]

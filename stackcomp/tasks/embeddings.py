@@ -33,7 +33,7 @@ import torch
 
 from stackcomp.data.loaders import _check_batch_size, shuffled_loader
 from stackcomp.errors import DataError, ModelError
-from stackcomp.tasks.base import Task, register_task_kind
+from stackcomp.tasks.base import Task, register_task_kind, require_hub_cache
 
 if TYPE_CHECKING:
     from torch import nn
@@ -312,15 +312,11 @@ class EmbeddingsTask(Task):
         return (self.dataset.hub, None)
 
     def check_data(self, splits: list[str], data_dir: str | Path | None) -> None:
-        from stackcomp.data.glue import default_data_dir, hub_dataset_revision
-        from stackcomp.models import hub_offline
+        from stackcomp.data.glue import default_data_dir
 
         root = data_dir if data_dir is not None else default_data_dir()
         if root is None:
-            if hub_offline() and hub_dataset_revision(self.dataset.hub) is None:
-                raise DataError(f"{self.name}: offline (HF_HUB_OFFLINE) and {self.dataset.hub} is not in the local "
-                                "cache; set STACKCOMP_DATA_DIR (or data.data_dir) to a folder holding "
-                                f"{self._layouts()}")
+            require_hub_cache(self.name, self.dataset.hub, self._layouts())
             return
         for split in splits:
             split = self.resolve_split(split)

@@ -16,7 +16,6 @@ are cut there; their last words are not scored (counted and logged).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import tempfile
@@ -30,7 +29,12 @@ import torch
 
 from stackcomp.data import conll
 from stackcomp.errors import DataError, NumericalError
-from stackcomp.tasks.base import Task, local_data_folder, register_task_kind
+from stackcomp.tasks.base import (
+    Task,
+    local_data_folder,
+    register_task_kind,
+    require_hub_cache,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -102,12 +106,8 @@ class NerTask(Task):
     def check_data(self, splits: list[str], data_dir: str | Path | None) -> None:
         files = self.data_files(splits, data_dir)
         if files is None:
-            from stackcomp.data.glue import _offline, hub_dataset_revision
-
-            if _offline() and hub_dataset_revision(conll.CONLL2003_HUB) is None:
-                raise DataError(f"{self.name}: offline (HF_HUB_OFFLINE) and {conll.CONLL2003_HUB} is not in the local "
-                                f"cache; set STACKCOMP_DATA_DIR (or data.data_dir) to a folder holding "
-                                f"{CONLL_DIR}/train.txt and dev.txt (CoNLL columns, tag last)")
+            require_hub_cache(self.name, conll.CONLL2003_HUB,
+                              f"{CONLL_DIR}/train.txt and dev.txt (CoNLL columns, tag last)")
             return
         for split, path in files.items():
             if not path.is_file():
@@ -256,14 +256,11 @@ class NerData:
         return self._tokenized[split]
 
     def _tokenize(self, split: str) -> tuple[datasets.Dataset, np.ndarray]:
-        from stackcomp.data.loaders import _quiet_datasets, _subset
+        from stackcomp.data.loaders import capped, map_quietly
 
         opts = self.options
-        raw = self.task.load_split(split, opts.data_dir)
         cap = opts.max_train_samples if split == "train" else opts.max_eval_samples
-        keep = _subset(len(raw), cap, opts.seed)
-        if keep is not None:
-            raw = raw.select(keep, keep_in_memory=True)
+        raw = capped(self.task.load_split(split, opts.data_dir), cap, opts.seed)
         tokenizer, max_length = self.tokenizer, opts.max_length
         wanted = {"input_ids", *getattr(tokenizer, "model_input_names", ())}
 
@@ -278,13 +275,8 @@ class NerData:
             out["length"] = [len(ids) for ids in enc["input_ids"]]
             return out
 
-        fingerprint = hashlib.sha256(
-            f"{self.task.name}|{split}|{max_length}|{cap}|{opts.seed}|{id(tokenizer)}|{raw._fingerprint}".encode()
-        ).hexdigest()[:32]
         start = time.perf_counter()
-        with _quiet_datasets():
-            ds = raw.map(encode, batched=True, batch_size=1000, remove_columns=raw.column_names,
-                         keep_in_memory=True, load_from_cache_file=False, new_fingerprint=fingerprint)
+        ds = map_quietly(raw, encode, key=f"{self.task.name}|{split}|{max_length}|{cap}|{opts.seed}|{id(tokenizer)}")
         lengths = ds.data.column("length").to_numpy().astype(np.int64)
         lost = ds.data.column("lost").to_numpy()
         ds = ds.remove_columns(["length", "lost"])
@@ -331,15 +323,11 @@ class NerData:
 
     def calibration_batches(self, n: int, batch_size: int, *, seed: int | None = None) -> list[dict[str, torch.Tensor]]:
         """``n`` training sentences (all if fewer) picked at random (seeded), longest first; model inputs only."""
-        from stackcomp.data.loaders import _check_batch_size, _rows, _subset
+        from stackcomp.data.loaders import _check_batch_size, _rows, calibration_order
 
-        if n < 1:
-            raise DataError(f"calibration needs at least one example, got n={n}")
         _check_batch_size(batch_size)
         ds, lengths = self._split("train")
-        pick = _subset(len(ds), n, self.options.seed if seed is None else seed)
-        pick = np.arange(len(ds)) if pick is None else pick
-        pick = pick[np.argsort(-lengths[pick], kind="stable")]
+        pick = calibration_order(lengths, n, self.options.seed if seed is None else seed)
         return [_inputs(self.collator(_rows(ds, pick[i:i + batch_size]))) for i in range(0, len(pick), batch_size)]
 
     def latency_batches(self, batch_size: int, n_batches: int) -> list[dict[str, torch.Tensor]]:

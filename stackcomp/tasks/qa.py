@@ -24,7 +24,12 @@ import torch
 
 from stackcomp.data import squad
 from stackcomp.errors import DataError
-from stackcomp.tasks.base import Task, local_data_folder, register_task_kind
+from stackcomp.tasks.base import (
+    Task,
+    local_data_folder,
+    register_task_kind,
+    require_hub_cache,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -97,12 +102,7 @@ class QATask(Task):
             resolve_split(s)
         folder = self.data_folder(data_dir)
         if folder is None:
-            from stackcomp.data.glue import _offline, hub_dataset_revision
-
-            if _offline() and hub_dataset_revision(squad.HUB_ID) is None:
-                raise DataError(f"{self.name}: offline (HF_HUB_OFFLINE) and {squad.HUB_ID} is not in the local cache; "
-                                f"set STACKCOMP_DATA_DIR (or data.data_dir) to a folder holding "
-                                f"{squad.SQUAD_DIR}/dev-v1.1.json")
+            require_hub_cache(self.name, squad.HUB_ID, f"{squad.SQUAD_DIR}/dev-v1.1.json")
             return
         if _first(folder, squad.DEV_FILES) is None:
             held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -299,15 +299,11 @@ class QAData:
 
     def calibration_batches(self, n: int, batch_size: int, *, seed: int | None = None) -> list[dict[str, torch.Tensor]]:
         """``n`` training windows picked at random (seeded), model inputs only, longest first."""
-        from stackcomp.data.loaders import _check_batch_size, _subset
+        from stackcomp.data.loaders import _check_batch_size, calibration_order
 
-        if n < 1:
-            raise DataError(f"calibration needs at least one example, got n={n}")
         _check_batch_size(batch_size)
         f = self.features("train", train=True)
-        pick = _subset(len(f), n, self.options.seed if seed is None else seed)
-        pick = np.arange(len(f)) if pick is None else pick
-        pick = pick[np.argsort(-f.lengths[pick], kind="stable")]
+        pick = calibration_order(f.lengths, n, self.options.seed if seed is None else seed)
         return [self.collator([f.row(int(i), with_labels=False) for i in pick[s:s + batch_size]])
                 for s in range(0, len(pick), batch_size)]
 

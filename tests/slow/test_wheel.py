@@ -38,7 +38,7 @@ RUN_PACKED = textwrap.dedent("""
     from stackcomp.kernels import ds_cpu
     t1 = time.perf_counter()
     model = stackcomp.load(sys.argv[1])
-    ids, want = torch.load(sys.argv[2])
+    ids, want = torch.load(sys.argv[2], weights_only=True)
     t2 = time.perf_counter()
     with torch.no_grad():
         got = model(input_ids=ids).logits
