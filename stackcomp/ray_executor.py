@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -209,7 +210,15 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, env: dict[str, str]
     For tests and benchmarks: a real multi-node cluster without a second machine."""
     ray = import_ray()
     root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # Ray 2.60 turns token authentication on for `ray start --head` once ~/.ray/auth_token exists
+    # (any local ray.init() writes it), while a driver joining by address does not read that file
+    # unless told to: one token for this cluster, given to its nodes and to this process, keeps
+    # nodes and driver agreeing whatever this machine has done before.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth, **(env or {})}
+    saved_env = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    _reload_ray_auth()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -228,6 +237,23 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, env: dict[str, str]
         for proc in reversed(procs):
             _stop_node(proc)
         shutil.rmtree(root, ignore_errors=True)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Make this process read RAY_AUTH_MODE/RAY_AUTH_TOKEN again: Ray caches the mode and the
+    token at the first ``ray.init`` (what Ray's own tests do between clusters)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:

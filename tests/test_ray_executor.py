@@ -5,6 +5,7 @@ and weights as the local executor, branches that really overlap, a killed worker
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import _ray_passes  # registers _ray_slow_scale in this process (the workers import it too)
 import pytest
 import yaml
+from _s3_server import s3_server
 from _scale_pass import make_scale_pass
 from typer.testing import CliRunner
 
@@ -33,6 +35,12 @@ try:
     import ray
 except ImportError:
     ray = None
+try:
+    import moto.server  # noqa: F401
+    import s3fs  # noqa: F401
+    HAVE_S3 = True
+except ImportError:
+    HAVE_S3 = False
 needs_ray = pytest.mark.skipif(ray is None, reason="the Ray executor needs ray: pip install 'stackcomp[cluster]'")
 
 TESTS = Path(__file__).resolve().parent
@@ -48,23 +56,44 @@ def four_branches(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a second node on this machine, one CPU each; yields (address, control folder)."""
+    """A head and a second node on this machine, one CPU each, and an S3-compatible server whose
+    settings the nodes have (where moto and s3fs are installed); yields (address, control folder,
+    (s3 url, s3 environment) or None)."""
     from stackcomp.ray_executor import local_cluster
 
-    with tempfile.TemporaryDirectory(prefix="rtc", dir="/tmp") as control:
+    with tempfile.TemporaryDirectory(prefix="rtc", dir="/tmp") as control, contextlib.ExitStack() as stack:
+        s3 = stack.enter_context(s3_server()) if HAVE_S3 else None
         env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               _ray_passes.CONTROL_ENV: control}
+               _ray_passes.CONTROL_ENV: control, **(s3[1] if s3 else {})}
         cm = local_cluster(nodes=2, cpus_per_node=1, env=env, timeout=60)
         try:
             address = cm.__enter__()
         except StackcompError as e:
-            # an environment that cannot host a cluster (Ray 2.60 binds the head to the first
-            # interface's address whatever --node-ip-address says; some sandboxes refuse it)
+            # an environment that cannot host a cluster (a sandbox that refuses connections
+            # to the address Ray binds its head to)
             pytest.skip(f"a local two-node Ray cluster could not start here: {str(e).splitlines()[0]}")
         try:
-            yield address, Path(control)
+            yield address, Path(control), s3
         finally:
             cm.__exit__(None, None, None)
+
+
+@pytest.fixture(params=["folder", "s3"])
+def store(request, cluster, monkeypatch):
+    """Where the Ray runs keep their artifacts: the run directory (a folder every node reads, as a
+    network folder would be) or a prefix in the S3-compatible server (the driver and the workers
+    read and write it over HTTP; the run directory only holds local copies)."""
+    if request.param == "folder":
+        return None
+    s3 = cluster[2]
+    if s3 is None:
+        pytest.skip("the S3 store needs s3fs and moto[server]: pip install 'stackcomp[cluster]' 'moto[server]'")
+    url, env = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    return f"{url}/{request.node.name.replace('[', '-').rstrip(']')}"
 
 
 def _results(run_dir: Path, summary: dict) -> dict:
@@ -85,17 +114,29 @@ def local_run(tmp_path_factory, tiny_model_dirs):
     return run_dir, summary
 
 
-def _ray_run(run_dir: Path, model_dir: Path, address: str) -> tuple[Engine, dict]:
+def _ray_run(run_dir: Path, model_dir: Path, address: str, cache: str | None = None) -> tuple[Engine, dict]:
     raw = {**four_branches(model_dir), "executor": {"kind": "ray", "address": address}}
-    engine = Engine(build_plan(recipe_from_dict(raw)), run_dir)
+    engine = Engine(build_plan(recipe_from_dict(raw)), run_dir, cache_dir=cache)
     return engine, engine.run()
 
 
+def _committed_keys(store_url: str) -> set[str]:
+    """Keys with a commit marker under an s3:// prefix: what the store says is finished."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    base = store_url.removeprefix("s3://")
+    return {p.split("/")[-2] for p in fs.find(base) if p.endswith(f"/{CHECKSUMS}")
+            and p.count("/") == base.count("/") + 2}
+
+
 @needs_ray
-def test_ray_matches_local_and_branches_overlap(cluster, local_run, tmp_path, tiny_model_dirs):
-    address, _ = cluster
-    engine, summary = _ray_run(tmp_path / "run", tiny_model_dirs["bert"], address)
+def test_ray_matches_local_and_branches_overlap(cluster, store, local_run, tmp_path, tiny_model_dirs):
+    address = cluster[0]
+    engine, summary = _ray_run(tmp_path / "run", tiny_model_dirs["bert"], address, cache=store)
     assert summary["failed"] == [] and summary["skipped"] == []
+    if store:
+        assert _committed_keys(store) == {s["key"] for s in summary["stages"]}
     local_dir, local_summary = local_run
     assert _results(tmp_path / "run", summary) == _results(local_dir, local_summary)
     assert sorted(engine.stage_runs) == sorted(local_summary["ran"])
@@ -111,8 +152,8 @@ def test_ray_matches_local_and_branches_overlap(cluster, local_run, tmp_path, ti
 
 
 @needs_ray
-def test_killed_worker_is_retried_with_the_same_results(cluster, local_run, tmp_path, tiny_model_dirs):
-    address, control = cluster
+def test_killed_worker_is_retried_with_the_same_results(cluster, store, local_run, tmp_path, tiny_model_dirs):
+    address, control, _ = cluster
     hold = control / "hold-b2"
     hold.write_text("")
     pid_file = control / "b2.pid"
@@ -132,7 +173,7 @@ def test_killed_worker_is_retried_with_the_same_results(cluster, local_run, tmp_
     killer = threading.Thread(target=kill_b2_once, daemon=True)
     killer.start()
     try:
-        engine, summary = _ray_run(tmp_path / "run", tiny_model_dirs["bert"], address)
+        engine, summary = _ray_run(tmp_path / "run", tiny_model_dirs["bert"], address, cache=store)
     finally:
         hold.unlink(missing_ok=True)
         killer.join(10)
@@ -144,11 +185,13 @@ def test_killed_worker_is_retried_with_the_same_results(cluster, local_run, tmp_
     assert sorted(engine.stage_runs) == sorted(local_summary["ran"])  # each stage recorded once
     leftovers = [p.name for p in (tmp_path / "run" / "artifacts").iterdir() if p.name.startswith(".tmp")]
     assert leftovers == [] or all(str(killed[0]) in n for n in leftovers)
+    if store:  # the killed attempt left no committed half-artifact in the bucket either
+        assert _committed_keys(store) == {s["key"] for s in summary["stages"]}
 
 
 @needs_ray
 def test_a_failing_branch_does_not_stop_the_others(cluster, tmp_path, tiny_model_dirs):
-    address, _ = cluster
+    address = cluster[0]
     raw = four_branches(tiny_model_dirs["bert"])
     raw["stages"]["b1"]["params"]["sleep"] = -1.0  # time.sleep(-1) raises in the worker
     raw["executor"] = {"kind": "ray", "address": address}

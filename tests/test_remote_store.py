@@ -7,15 +7,14 @@ of one key end with one intact artifact. Also: an unreachable Ray address is one
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 import threading
 from pathlib import Path
 
 import _ray_passes  # noqa: F401 - registers _ray_slow_scale (Ray workers import it by module)
 import pytest
 import yaml
+from _s3_server import free_port, s3_server
 from typer.testing import CliRunner
 
 from stackcomp.artifacts import ArtifactStore
@@ -28,37 +27,20 @@ from stackcomp.remote_store import open_store
 from stackcomp.rundir import CHECKSUMS, write_json
 
 s3fs = pytest.importorskip("s3fs", reason="the S3 store needs s3fs: pip install 'stackcomp[cluster]'")
-moto_server = pytest.importorskip("moto.server", reason="the tests start moto's S3 server: pip install 'moto[server]'")
+pytest.importorskip("moto.server", reason="the tests start moto's S3 server: pip install 'moto[server]'")
 
 TESTS = Path(__file__).resolve().parent
-BUCKET = "stackcomp-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3():
     """An S3-compatible server on 127.0.0.1 with one bucket; s3fs finds it through AWS_ENDPOINT_URL."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    with pytest.MonkeyPatch.context() as mp:
+    with s3_server() as (url, env), pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             mp.delenv(k, raising=False)
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
-        try:
-            yield f"s3://{BUCKET}"
-        finally:
-            server.stop()
+        yield url
 
 
 def _fs():
@@ -231,7 +213,7 @@ def test_a_missing_bucket_is_one_line(s3, tmp_path, tiny_model_dirs):
 
 def test_an_unreachable_ray_address_is_one_line(tmp_path, tiny_model_dirs):
     pytest.importorskip("ray")
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     recipe = tmp_path / "three.yaml"
     recipe.write_text(yaml.safe_dump(three_branches(tiny_model_dirs["bert"])))
     out = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "run"), "--executor", "ray",
