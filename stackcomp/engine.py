@@ -46,6 +46,9 @@ from stackcomp.view import RunView, build_summary
 
 log = logging.getLogger("stackcomp")
 
+#: seconds between redraws of remote stages' progress while none of them finishes
+PROGRESS_EVERY = 1.0
+
 __all__ = ["Engine", "StageOutcome"]
 
 
@@ -226,7 +229,7 @@ class Engine:
                 if not running:
                     return
                 stop: tuple[Stage, ArtifactError] | None = None
-                for handle, result in executor.wait(list(running)):
+                for handle, result in self._wait(executor, list(running)):
                     stage = self.plan.stages[running.pop(handle)]
                     if isinstance(result, ArtifactError):  # a resource error stops the run
                         stop = stop or (stage, result)
@@ -239,6 +242,18 @@ class Engine:
             if running:
                 executor.cancel(list(running))
             self.view.running(None)
+
+    def _wait(self, executor: ConcurrentExecutor, handles: list[Any]) -> list[tuple[Any, Any]]:
+        """The stages of ``handles`` that finished. With an executor that reports its stages'
+        progress (the Ray executor: node, step counts) and a live view, the view is redrawn every
+        ``PROGRESS_EVERY`` seconds while none finishes."""
+        progress = getattr(executor, "progress", None)
+        if not callable(progress) or self.view.console is None:
+            return executor.wait(handles)
+        while not (done := executor.wait(handles, timeout=PROGRESS_EVERY)):
+            self.view.remote_progress(progress())
+        self.view.remote_progress(progress())
+        return done
 
     def _stop_at(self, stage: Stage, error: ArtifactError) -> None:
         """Record a resource error of ``stage``: it failed, everything not done is skipped."""

@@ -54,3 +54,43 @@ class RichProgress:
             yield _Bar()
         finally:
             progress.remove_task(task)
+
+
+class ReportingProgress:
+    """Bars reported to a callback as ``[(description, done, total, info), ...]`` (the stage's
+    open bars), at most every ``every`` seconds and whenever a bar opens or closes: how a stage
+    running elsewhere (a Ray worker) shows its step counts in the driver's view."""
+
+    def __init__(self, report: Any, every: float = 1.0):
+        self._report = report
+        self._every = every
+        self._bars: dict[int, list[Any]] = {}
+        self._last = 0.0
+
+    def _send(self, force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if force or now - self._last >= self._every:
+            self._last = now
+            self._report([tuple(b) for b in self._bars.values()])
+
+    @contextmanager
+    def bar(self, description: str, total: int | None) -> Iterator[Bar]:
+        row = [description, 0, total, ""]
+        self._bars[id(row)] = row
+        owner = self
+
+        class _Bar:
+            def advance(self, n: int = 1, **fields: Any) -> None:
+                row[1] += n
+                if fields:
+                    row[3] = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+                owner._send()
+
+        self._send(force=True)
+        try:
+            yield _Bar()
+        finally:
+            self._bars.pop(id(row), None)
+            self._send(force=True)

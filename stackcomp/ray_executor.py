@@ -82,6 +82,7 @@ class RayExecutor:
             _check_reachable(address)  # before the run starts: a wrong address is one line, not a hang
         self._runtime_env = runtime_env
         self._plan_ref = None
+        self._board = None
         self._task = ray.remote(_run_stage_task)
         self._stages: dict[Any, Stage] = {}
 
@@ -96,6 +97,9 @@ class RayExecutor:
                 raise StackcompError(f"cannot reach the Ray cluster at {self._address!r}: {e}; start it with "
                                      "`ray start --head` (docs/cluster.md)") from None
         self._plan_ref = ray.put(self.plan)  # shipped once, not with every task
+        # where running stages report their node and step counts; on this node, no CPU asked
+        self._board = ray.remote(num_cpus=0)(ProgressBoard).options(
+            scheduling_strategy=_this_node_strategy(ray)).remote()
 
     def submit(self, stage: Stage) -> Hashable:
         if self._plan_ref is None:
@@ -109,13 +113,18 @@ class RayExecutor:
             options["memory"] = int(res["memory"])
         log_path = str(Path(self._stage_log(stage.name)).resolve()) if self._stage_log else None
         ref = self._task.options(**options).remote(self._plan_ref, self._store_url, self._mirror, stage.name, log_path,
-                                                   res["num_cpus"])
+                                                   res["num_cpus"], self._board)
         self._stages[ref] = stage
         return ref
 
-    def wait(self, handles: Sequence[Hashable]) -> list[tuple[Hashable, StageOutcome | ArtifactError]]:
+    def wait(self, handles: Sequence[Hashable], timeout: float | None = None
+             ) -> list[tuple[Hashable, StageOutcome | ArtifactError]]:
+        """The stages of ``handles`` that are done, once at least one is (or ``timeout`` seconds
+        passed: then maybe none, so the driver can redraw the running stages' progress)."""
         ray = self._ray
-        done, _ = ray.wait(list(handles), num_returns=1)
+        done, _ = ray.wait(list(handles), num_returns=1, timeout=timeout)
+        if not done:
+            return []
         more, _ = ray.wait(list(handles), num_returns=len(handles), timeout=0)
         out = []
         for ref in dict.fromkeys([*done, *more]):
@@ -126,6 +135,16 @@ class RayExecutor:
                 result = StageOutcome.failed(stage, e)
             out.append((ref, result))
         return out
+
+    def progress(self) -> dict[str, dict[str, Any]]:
+        """Per running stage: the ``node`` it runs on and its open ``bars`` ``(description, done,
+        total, info)``, as its worker last reported them (none before the first report)."""
+        if self._board is None:
+            return {}
+        try:
+            return self._ray.get(self._board.snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - progress is best effort: never stop a run for it
+            return {}
 
     def cancel(self, handles: Iterable[Hashable]) -> None:
         for ref in handles:
@@ -146,20 +165,65 @@ class RayExecutor:
         """Nothing is kept between stages: every task loads its inputs from the store."""
 
 
+class ProgressBoard:
+    """A Ray actor on the driver's node: what each running stage last reported (its node and its
+    open progress bars). Workers tell it, the driver reads it to draw its live view."""
+
+    def __init__(self) -> None:
+        self._stages: dict[str, dict[str, Any]] = {}
+
+    def report(self, stage: str, node: str, bars: list[tuple]) -> None:
+        self._stages[stage] = {"node": node, "bars": bars}
+
+    def done(self, stage: str) -> None:
+        self._stages.pop(stage, None)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return self._stages
+
+
+def _this_node_strategy(ray: Any) -> Any:
+    """Keep the board on the driver's node (it dies with the driver, and reads stay local)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
 def _run_stage_task(plan: Plan, store_url: str, mirror: str, name: str, log_path: str | None,
-                    num_cpus: float) -> StageOutcome | ArtifactError:
-    """Ray task body: run stage ``name`` in this worker with ``num_cpus`` torch threads."""
+                    num_cpus: float, board: Any = None) -> StageOutcome | ArtifactError:
+    """Ray task body: run stage ``name`` in this worker with ``num_cpus`` torch threads,
+    reporting its node and step counts to ``board``."""
     import ray
     import torch
 
+    from stackcomp.progress import NULL_PROGRESS, ReportingProgress
+
     torch.set_num_threads(max(1, int(num_cpus)))
+    node = ray.get_runtime_context().get_node_id()
+
+    def report(bars: list[tuple]) -> None:
+        try:
+            board.report.remote(name, node, bars)  # fire and forget: a lost report costs nothing
+        except Exception:  # noqa: BLE001 - the driver went away; the stage goes on
+            pass
+
+    if board is not None:
+        report([])
+    progress = (lambda: ReportingProgress(report)) if board is not None else (lambda: NULL_PROGRESS)
     store = open_store(store_url, _worker_mirror(store_url, mirror))
-    executor = LocalExecutor(plan, store, stage_log=(lambda _name: Path(log_path)) if log_path else None)
+    executor = LocalExecutor(plan, store, progress=progress,
+                             stage_log=(lambda _name: Path(log_path)) if log_path else None)
     try:
         outcome = executor.run_stage(plan.stages[name])
     except ArtifactError as e:  # a resource error: the driver stops the run
         return e
-    outcome.node = ray.get_runtime_context().get_node_id()
+    finally:
+        if board is not None:
+            try:
+                board.done.remote(name)
+            except Exception:  # noqa: BLE001
+                pass
+    outcome.node = node
     return outcome
 
 

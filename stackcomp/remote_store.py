@@ -59,6 +59,8 @@ __all__ = ["STALE_UPLOAD_SECONDS", "RemoteStore", "open_store"]
 #: an upload without its marker this old is a dead writer's and is removed at the next run's start
 STALE_UPLOAD_SECONDS = 3600
 DATA_PREFIX = "data-"
+#: how many times a marker write that S3 answered with a write conflict (409) is tried
+MARKER_RETRIES = 5
 #: fsspec protocols whose first path component is a bucket that must exist
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs"})
 
@@ -163,11 +165,7 @@ class RemoteStore:
                     files = sorted(f for f in tmp.rglob("*") if f.is_file() and f != tmp / CHECKSUMS)
                     self.fs.put([str(f) for f in files], [f"{data}/{f.relative_to(tmp).as_posix()}" for f in files])
                     uploaded = True
-                    try:
-                        self.fs.pipe_file(self._marker_path(key), marker, mode="create")
-                        current = marker
-                    except FileExistsError:  # another writer published first
-                        current = self._marker(key)
+                    current = self._create_marker(key, marker)
                 if current != marker and uploaded and (current is None or self._data_path(key, current) != data):
                     self.fs.rm(data, recursive=True)  # nobody reads this upload: the marker names another
         except BaseException:
@@ -181,6 +179,25 @@ class RemoteStore:
         self.mirror.publish(key, tmp)
         self._fresh.add(key)
         return self.mirror.path(key)
+
+    def _create_marker(self, key: str, marker: bytes) -> bytes | None:
+        """Write ``key``'s marker unless it exists; return the marker that stands (ours, or the
+        writer's who published first). S3 answers ``409 ConditionalRequestConflict`` while another
+        conditional write of the same object is in flight: then look again and retry, as AWS
+        advises, instead of failing the stage."""
+        for attempt in range(MARKER_RETRIES):
+            try:
+                self.fs.pipe_file(self._marker_path(key), marker, mode="create")
+                return marker
+            except FileExistsError:  # another writer published first
+                return self._marker(key)
+            except Exception as e:  # noqa: BLE001 - the conflict arrives as the backend's own error type
+                if not _is_write_conflict(e) or attempt == MARKER_RETRIES - 1:
+                    raise
+            time.sleep(0.1 * 2 ** attempt)
+            if (current := self._marker(key)) is not None:  # the other write went through
+                return current
+        return None  # not reached
 
     def discard(self, key: str) -> None:
         """Remove ``key``'s artifact: the marker first (it stops being an artifact), then its files."""
@@ -311,6 +328,12 @@ class RemoteStore:
             raise ArtifactError(f"artifact store {self.url}: {what} failed: {_first_line(e)}; check the URL, "
                                 "the credentials and AWS_ENDPOINT_URL for an S3-compatible server "
                                 "(docs/cluster.md)") from None
+
+
+def _is_write_conflict(error: BaseException) -> bool:
+    """S3's 409 for two conditional writes of one object in flight at once."""
+    text = f"{type(error).__name__}: {error}"
+    return "ConditionalRequestConflict" in text or ("409" in text and "onflict" in text)
 
 
 def _filesystem(url: str) -> tuple[Any, str]:

@@ -33,6 +33,8 @@ class RunView:
         self.current: str | None = None
         #: stages running at once (a concurrent executor) -> when the view saw them start
         self.active: dict[str, float] = {}
+        #: what those stages last reported: stage -> {"node": ..., "bars": [(desc, done, total, info)]}
+        self.remote: dict[str, dict[str, Any]] = {}
         self._live = None
         self._progress = None
         if console is not None:
@@ -75,12 +77,18 @@ class RunView:
         self.current = name
         if name is None:
             self.active = {}
+            self.remote = {}
         self.refresh()
 
     def running_many(self, names: Iterable[str]) -> None:
         """The stages a concurrent executor is running now (each shows its elapsed time)."""
         now = time.time()
         self.active = {n: self.active.get(n, now) for n in names}
+        self.refresh()
+
+    def remote_progress(self, snapshot: dict[str, dict[str, Any]]) -> None:
+        """Where the running stages run and how far their bars are (from a concurrent executor)."""
+        self.remote = snapshot
         self.refresh()
 
     def refresh(self) -> None:
@@ -113,7 +121,7 @@ class RunView:
             elif name == self.current:
                 mark = "[yellow]▶ running[/]"
             elif name in self.active:
-                mark = f"[yellow]▶ running[/] [dim]{time.time() - self.active[name]:.0f}s[/]"
+                mark = f"[yellow]▶ running[/] [dim]{time.time() - self.active[name]:.0f}s[/]{_remote_mark(self.remote.get(name))}"
             else:
                 mark = "[dim]· waiting[/]"
             main = headline(outcome.metrics) if outcome else ""
@@ -121,6 +129,19 @@ class RunView:
             parent = nodes.get(stage.parents[0]) if stage.parents else None
             nodes[name] = (parent or tree).add(label)
         return tree
+
+
+def _remote_mark(report: dict[str, Any] | None) -> str:
+    """`` on NODE · train 120/439 loss=0.31`` for a stage running elsewhere, from its last report."""
+    if not report:
+        return ""
+    from rich.markup import escape
+
+    out = f" [dim]on {escape(str(report.get('node') or '')[:12])}[/]" if report.get("node") else ""
+    for desc, done, total, info in report.get("bars") or []:
+        count = f"{done}/{total}" if total else f"{done}"
+        out += f" [dim]·[/] {escape(str(desc).strip())} {count}" + (f" [dim]{escape(info)}[/]" if info else "")
+    return out
 
 
 def headline(metrics: dict[str, Any]) -> str:
@@ -165,7 +186,9 @@ def build_summary(plan: Plan, full_plan: Plan, store: ArtifactStore, outcomes: d
             **_when_where(o),
         })
     return {
-        "recipe": plan.recipe.name, "run_dir": str(run_dir), "artifacts_dir": str(store.root),
+        # artifacts_dir: the folder the artifacts are read from here (a remote store's local
+        # copies); store: where they are kept (the same folder, or an s3:// URL)
+        "recipe": plan.recipe.name, "run_dir": str(run_dir), "artifacts_dir": str(store.root), "store": store.url,
         "seconds": round(seconds, 3),
         "ran": list(ran), "stackcomp_version": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "device": str(device), "stages": stages,

@@ -37,7 +37,13 @@ class SlowScalePass(Pass):
             hold = Path(control) / f"hold-{ctx.stage}"
             while hold.exists():
                 time.sleep(0.05)
-        time.sleep(self.params.sleep)
+        if self.params.sleep > 0:  # in ten steps, reported as a bar (the driver's view shows them)
+            with ctx.progress.bar("sleep", total=10) as bar:
+                for _ in range(10):
+                    time.sleep(self.params.sleep / 10)
+                    bar.advance()
+        else:
+            time.sleep(self.params.sleep)  # negative: raises (the failing-branch test)
         with torch.no_grad():
             model.classifier.weight.mul_(self.params.factor)
         ctx.metrics["classifier_norm"] = float(model.classifier.weight.detach().norm())

@@ -133,7 +133,7 @@ def test_recipes_sharing_a_cache_compute_their_common_prefix_once(tmp_path, tiny
     e = Engine(make_plan(tiny_model_dirs["bert"], {**other}, name="other"), tmp_path / "run2", cache_dir=cache)
     summary = e.run()
     assert CALLS == ["d"]  # `a` came from the first recipe's run
-    assert summary["artifacts_dir"] == str(cache)
+    assert summary["artifacts_dir"] == str(cache) and summary["store"] == str(cache.resolve())
     assert not (tmp_path / "run2" / "artifacts").exists()
 
 

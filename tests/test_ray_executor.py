@@ -290,3 +290,41 @@ def test_without_ray_the_cli_says_what_to_install(tmp_path, tiny_model_dirs, mon
     assert result.exit_code == 2, result.output
     assert "pip install 'stackcomp[cluster]'" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@needs_ray
+def test_the_live_view_shows_where_remote_stages_run_and_their_steps(cluster, tmp_path, tiny_model_dirs,
+                                                                     monkeypatch):
+    """While branches run on the cluster the driver's tree shows each one's node and its bar's
+    step count, as its worker reports them."""
+    import io
+
+    from rich.console import Console
+
+    from stackcomp.view import RunView
+
+    seen: list[dict] = []
+    original = RunView.remote_progress
+
+    def record(self, snapshot):
+        seen.append(snapshot)
+        original(self, snapshot)
+
+    monkeypatch.setattr(RunView, "remote_progress", record)
+    raw = {**four_branches(tiny_model_dirs["bert"]), "executor": {"kind": "ray", "address": cluster[0]}}
+    engine = Engine(build_plan(recipe_from_dict(raw)), tmp_path / "run", console=Console(file=io.StringIO()))
+    summary = engine.run()
+    assert summary["failed"] == []
+    nodes = {s["stage"]: s["node"] for s in summary["stages"]}
+    reports = [(stage, r) for snap in seen for stage, r in snap.items() if stage.startswith("b")]
+    assert reports, "no progress reached the driver"
+    assert {r["node"] for stage, r in reports} <= set(nodes.values())
+    assert all(r["node"] == nodes[stage] for stage, r in reports)  # the node the stage finished on
+    counts = [done for _, r in reports for desc, done, total, _ in r["bars"] if desc == "sleep" and total == 10]
+    assert counts and 0 < max(counts) <= 10  # steps counted while running
+    stage, report = next((s, r) for s, r in reports if r["bars"])
+    view = RunView(engine.plan, tmp_path / "run", {})
+    view.active, view.remote = {stage: time.time()}, {stage: report}
+    Console(file=(out := io.StringIO()), width=200).print(view._tree())
+    desc, done, total, _ = report["bars"][0]
+    assert f"on {report['node'][:12]}" in out.getvalue() and f"sleep {done}/10" in out.getvalue()

@@ -90,6 +90,7 @@ def test_s3_store_gives_the_local_results_and_a_second_run_recomputes_nothing(s3
     summary = engine.run()
     assert summary["failed"] == [] and sorted(engine.stage_runs) == sorted(local_summary["ran"])
     assert _results(tmp_path / "run", summary) == _results(local_dir, local_summary)
+    assert summary["store"] == prefix and summary["artifacts_dir"] == str(tmp_path / "run" / "artifacts")
     # the store holds every stage, each marker being the CHECKSUMS.json of the run directory's copy
     markers = _markers(prefix)
     assert set(markers) == {s["key"] for s in summary["stages"]}
@@ -192,6 +193,37 @@ def test_two_writers_of_one_key_end_with_one_intact_artifact(s3, tmp_path, same_
     assert reader.verify(key) is None
     assert reader.read(key, "metrics.json")["note"] in ("same", "writer 0", "writer 1")
     assert not any(p.name.startswith(".tmp") for s in stores for p in s.root.iterdir())
+
+
+@pytest.mark.parametrize("other_published", [False, True], ids=["retried", "other-writer-won"])
+def test_a_marker_write_conflict_is_retried_not_failed(s3, tmp_path, other_published):
+    """S3 answers 409 ConditionalRequestConflict while another conditional write of the object is
+    in flight: the commit looks again and retries instead of failing the stage. The conflict is
+    raised in front of the real server's write (moto never races), the writes themselves are real."""
+    prefix = f"{s3}/conflict-{other_published}"
+    store = open_store(prefix, tmp_path / "mirror")
+    other = open_store(prefix, tmp_path / "other")
+    if other_published:
+        other_tmp = _write_artifact(other, "k1", "other writer")
+    tmp = _write_artifact(store, "k1", "this writer")
+    publish = store.fs.pipe_file
+    calls: list[str] = []
+
+    def conflict_once(path, value, mode="overwrite", **kw):
+        if path.endswith(CHECKSUMS) and not calls:
+            calls.append(path)
+            if other_published:  # the write in flight was the other writer's, and it went through
+                other.commit("k1", other_tmp)
+            raise OSError("An error occurred (ConditionalRequestConflict) when calling the PutObject operation: "
+                          "A conflicting conditional operation is currently in progress against this resource.")
+        return publish(path, value, mode=mode, **kw)
+
+    store.fs.pipe_file = conflict_once
+    path = store.commit("k1", tmp)
+    assert calls  # the conflict happened
+    want = "other writer" if other_published else "this writer"
+    assert json.loads((path / "metrics.json").read_text())["note"] == want
+    assert open_store(prefix, tmp_path / "reader").read("k1", "metrics.json")["note"] == want
 
 
 def test_a_folder_and_a_file_url_are_folder_stores(tmp_path):
