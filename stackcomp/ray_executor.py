@@ -268,10 +268,12 @@ def _worker_mirror(store_url: str, mirror: str) -> Path:
 
 @contextmanager
 def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, env: dict[str, str] | None = None,
-                  timeout: float = 90) -> Iterator[str]:
+                  timeout: float = 90, gpus_per_node: Sequence[int] | None = None) -> Iterator[str]:
     """A Ray cluster of ``nodes`` nodes on this machine (a head, then ``ray start --address``),
     each its own processes and temp dir; yields its address, and stops exactly those processes.
-    For tests and benchmarks: a real multi-node cluster without a second machine."""
+    For tests and benchmarks: a real multi-node cluster without a second machine.
+    ``gpus_per_node``: the GPUs each node declares (Ray takes ``--num-gpus`` as given, so a test
+    can check where a GPU stage lands on a machine without one)."""
     ray = import_ray()
     root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
     # Ray 2.60 turns token authentication on for `ray start --head` once ~/.ray/auth_token exists
@@ -292,7 +294,9 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, env: dict[str, str]
     try:
         for i in range(nodes):
             where = ["--head", "--port", str(port), "--include-dashboard", "false"] if i == 0 else ["--address", address]
-            procs.append(_start_node([*where, *common, "--temp-dir", str(root / f"node{i}")], env, root / f"node{i}.log"))
+            gpus = ["--num-gpus", str(gpus_per_node[i])] if gpus_per_node else []
+            procs.append(_start_node([*where, *common, *gpus, "--temp-dir", str(root / f"node{i}")], env,
+                                     root / f"node{i}.log"))
             _wait_for_nodes(address, i + 1, procs, root, timeout)
         yield address
     finally:

@@ -56,7 +56,8 @@ def four_branches(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a second node on this machine, one CPU each, and an S3-compatible server whose
+    """A head and a second node on this machine, one CPU each (the second declares one GPU, so
+    GPU stages have somewhere to land), and an S3-compatible server whose
     settings the nodes have (where moto and s3fs are installed); yields (address, control folder,
     (s3 url, s3 environment) or None)."""
     from stackcomp.ray_executor import local_cluster
@@ -65,7 +66,7 @@ def cluster():
         s3 = stack.enter_context(s3_server()) if HAVE_S3 else None
         env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                _ray_passes.CONTROL_ENV: control, **(s3[1] if s3 else {})}
-        cm = local_cluster(nodes=2, cpus_per_node=1, env=env, timeout=60)
+        cm = local_cluster(nodes=2, cpus_per_node=1, env=env, timeout=60, gpus_per_node=[0, 1])
         try:
             address = cm.__enter__()
         except StackcompError as e:
@@ -312,6 +313,8 @@ def test_the_live_view_shows_where_remote_stages_run_and_their_steps(cluster, tm
 
     monkeypatch.setattr(RunView, "remote_progress", record)
     raw = {**four_branches(tiny_model_dirs["bert"]), "executor": {"kind": "ray", "address": cluster[0]}}
+    for i in range(4):  # steps of 0.4 s: several of the worker's (1 s) and the driver's (1 s) ticks each
+        raw["stages"][f"b{i}"]["params"]["sleep"] = 4.0
     engine = Engine(build_plan(recipe_from_dict(raw)), tmp_path / "run", console=Console(file=io.StringIO()))
     summary = engine.run()
     assert summary["failed"] == []
@@ -328,3 +331,68 @@ def test_the_live_view_shows_where_remote_stages_run_and_their_steps(cluster, tm
     Console(file=(out := io.StringIO()), width=200).print(view._tree())
     desc, done, total, _ = report["bars"][0]
     assert f"on {report['node'][:12]}" in out.getvalue() and f"sleep {done}/10" in out.getvalue()
+
+
+@needs_ray
+def test_a_gpu_stage_lands_on_the_gpu_node(cluster, tmp_path, tiny_model_dirs):
+    """A stage whose ``resources`` ask for a GPU runs on the node that has one (here the second
+    node declares one; the stage's torch sees no CUDA and runs on the CPU)."""
+    raw = {**four_branches(tiny_model_dirs["bert"]), "executor": {"kind": "ray", "address": cluster[0]}}
+    for name in ("b0", "b2"):
+        raw["stages"][name]["resources"] = {"num_gpus": 1}
+    ray.init(address=cluster[0], log_to_driver=False, ignore_reinit_error=True)  # the executor joins it too
+    gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
+    summary = Engine(build_plan(recipe_from_dict(raw)), tmp_path / "run").run()
+    assert summary["failed"] == [] and len(gpu_nodes) == 1
+    nodes = {s["stage"]: s["node"] for s in summary["stages"]}
+    assert {nodes["b0"], nodes["b2"]} == gpu_nodes
+
+
+@needs_ray
+def test_a_killed_driver_resumes_from_the_store(cluster, store, tmp_path, tiny_model_dirs):
+    """SIGKILL the driver (``stackcomp run --executor ray``) while one branch is held and the rest
+    are done; run the same command again: only the held branch runs, and the results equal an
+    uninterrupted local run's."""
+    import subprocess
+
+    address, control, _ = cluster
+    raw = four_branches(tiny_model_dirs["bert"])
+    for spec in raw["stages"].values():  # by module: the CLI's process imports it from PYTHONPATH
+        spec["pass"] = "_ray_passes:SlowScalePass"
+    raw["allow_plugins"] = ["_ray_passes:SlowScalePass"]
+    local_summary = Engine(build_plan(recipe_from_dict(raw)), tmp_path / "local").run()
+    keys = {s["stage"]: s["key"] for s in local_summary["stages"]}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**raw, "executor": {"kind": "ray", "address": address}}))
+    cmd = [sys.executable, "-m", "stackcomp.cli", "run", str(recipe), "-o", str(tmp_path / "run"), "--json",
+           *(["--cache", store] if store else [])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+
+    def committed() -> set[str]:
+        if store:
+            return _committed_keys(store)
+        return {k for k in keys.values() if (tmp_path / "run" / "artifacts" / k / CHECKSUMS).exists()}
+
+    hold = control / "hold-b3"
+    hold.write_text("")
+    (control / "b3.pid").unlink(missing_ok=True)
+    others = {keys[n] for n in keys if not n.startswith("b3")}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (others <= committed() and (control / "b3.pid").exists()):
+            assert driver.poll() is None, "the driver stopped before it was killed"
+            time.sleep(0.2)
+        assert others <= committed(), "the other stages did not finish in time"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        hold.unlink(missing_ok=True)
+    assert keys["b3"] not in committed()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert sorted(summary["ran"]) == ["b3", "b3.eval"]  # the rest came from the store
+    assert _results(tmp_path / "run", summary) == _results(tmp_path / "local", local_summary)
