@@ -123,6 +123,35 @@ def test_student_from_config_other_architectures(spec):
     assert student(**_inputs()).logits.shape == (2, 2)
 
 
+def test_student_from_config_has_the_task_head():
+    """A config-built student gets the recipe task's head: per-token tags for NER, start/end for
+    QA, a bare encoder that pools as the teacher does for embeddings (not a sequence classifier)."""
+    from transformers import AutoModel, AutoModelForQuestionAnswering, AutoModelForTokenClassification
+
+    from stackcomp.tasks import get_task
+    from stackcomp.tasks.embeddings import POOLING_ATTR
+    from tests.conftest import _tiny_config
+
+    spec = {"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 24, "intermediate_size": 40,
+            "num_attention_heads": 3}
+    labels = ["O", "B-PER", "I-PER"]
+    config = _tiny_config("bert")
+    config.id2label, config.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
+    tagger = AutoModelForTokenClassification.from_config(config)
+    student, _ = student_from_config(spec, tagger, task=get_task("ner/conll2003"))
+    assert type(student).__name__ == "BertForTokenClassification"
+    assert student.config.id2label == tagger.config.id2label
+    assert student(**_inputs()).logits.shape == (2, 9, 3)
+    reader = AutoModelForQuestionAnswering.from_config(_tiny_config("bert"))
+    student, _ = student_from_config(spec, reader, task=get_task("qa/squad"))
+    assert student(**_inputs()).start_logits.shape == (2, 9)
+    encoder = AutoModel.from_config(_tiny_config("bert"))
+    setattr(encoder.config, POOLING_ATTR, {"mode": "cls", "normalize": True})
+    student, _ = student_from_config(spec, encoder, task=get_task("embeddings/stsb"))
+    assert type(student).__name__ == "BertModel"
+    assert getattr(student.config, POOLING_ATTR) == {"mode": "cls", "normalize": True}
+
+
 def test_student_from_config_errors_name_the_field():
     ref = make_tiny_model("bert")
     with pytest.raises(RecipeError, match="model_type"):

@@ -170,14 +170,17 @@ def cut_student(model: nn.Module, layers: Sequence[int] | None = None, *, count:
 _INHERITED = ("vocab_size", "max_position_embeddings", "type_vocab_size", "pad_token_id", "problem_type")
 
 
-def student_from_config(spec: dict[str, Any], reference: nn.Module, *, seed: int = 0) -> tuple[nn.Module, dict]:
-    """A randomly initialised sequence classifier from ``spec`` (``model_type`` + config fields).
+def student_from_config(spec: dict[str, Any], reference: nn.Module, *, seed: int = 0,
+                        task: Any = None) -> tuple[nn.Module, dict]:
+    """A randomly initialised model from ``spec`` (``model_type`` + config fields) with the head
+    of ``task`` (a :class:`~stackcomp.tasks.Task`; none: a sequence classifier).
 
-    Vocabulary size, positions, token types, padding id and the label set come from
-    ``reference`` (the model whose tokenizer and task the data were prepared for) unless given.
-    Unknown fields are errors, not silently stored, as Hugging Face configs would.
+    Vocabulary size, positions, token types, padding id and the task settings (label set, an
+    embedding model's pooling) come from ``reference`` (the model whose tokenizer and task the
+    data were prepared for) unless given. Unknown fields are errors, not silently stored, as
+    Hugging Face configs would.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     spec = dict(spec)
     model_type = spec.pop("model_type", None)
@@ -200,16 +203,18 @@ def student_from_config(spec: dict[str, Any], reference: nn.Module, *, seed: int
         config = AutoConfig.for_model(model_type, **spec)
     except (ValueError, TypeError) as e:
         raise RecipeError(f"student.config: {e}") from None
-    config.num_labels = ref.num_labels
-    config.id2label, config.label2id = dict(ref.id2label), dict(ref.label2id)
     width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     if isinstance(width, int) and isinstance(heads, int) and width % heads:
         raise RecipeError(f"student.config: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    if task is None:
+        from stackcomp.tasks import get_task
+
+        task = get_task("glue/sst2")  # any sequence-classification kind: the labels come from reference
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = task.model_from_config(config, reference)
     except (ValueError, TypeError) as e:
-        raise ModelError(f"student.config: cannot build a {model_type} sequence classifier: {e}") from None
+        raise ModelError(f"student.config: cannot build a {model_type} model for {task.name}: {e}") from None
     device = next(reference.parameters()).device
     note = {"kind": "config", "model_type": model_type, "layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size}

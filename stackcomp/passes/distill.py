@@ -115,7 +115,7 @@ class DistillPass(Pass):
             student, note = student_from_pretrained(spec.model, ctx.task, ctx.tokenizer)
             student = student.to(next(model.parameters()).device)
         elif spec.config is not None:
-            student, note = student_from_config(spec.config, model, seed=self.params.train.seed)
+            student, note = student_from_config(spec.config, model, seed=self.params.train.seed, task=ctx.task)
         else:
             cut = spec.cut or CutSpec()
             student, note = cut_student(model, cut.layers, count=cut.num_layers, hidden_size=cut.hidden_size)

@@ -118,6 +118,17 @@ class Task(ABC):
         cls = getattr(transformers, self.auto_class)
         return cls.from_pretrained(path, **self.model_kwargs(), **kwargs)
 
+    def model_from_config(self, config: Any, reference: nn.Module) -> nn.Module:
+        """A randomly initialised model of ``config`` with this task's head, taking the task
+        settings ``reference`` carries (its label set): a distillation student built from a config."""
+        import transformers
+
+        ref = reference.config
+        if getattr(ref, "id2label", None) and self.auto_class != "AutoModel":
+            config.num_labels = ref.num_labels
+            config.id2label, config.label2id = dict(ref.id2label), dict(ref.label2id)
+        return getattr(transformers, self.auto_class).from_config(config)
+
     # ------------------------------------------------------------------ data
 
     @abstractmethod

@@ -259,6 +259,13 @@ class EmbeddingsTask(Task):
         pooling_of(model)  # a malformed carried pooling fails here, not in the first batch
         return model
 
+    def model_from_config(self, config: Any, reference: nn.Module) -> nn.Module:
+        """A fresh bare encoder that pools as ``reference`` does (a config-built student)."""
+        from transformers import AutoModel
+
+        setattr(config, POOLING_ATTR, pooling_of(reference))
+        return AutoModel.from_config(config)
+
     def encode(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Pooled sentence embeddings (N, D) of a batch of single sentences."""
         return encode(model, inputs)[0]
