@@ -455,8 +455,12 @@ def search(
                                "failed), counting those of an earlier call in the same folder; 0: check the space only"),
     timeout: Optional[str] = typer.Option(None, "--timeout", help="stop starting trials after this long, e.g. 2h, "
                                           "90m (a running trial finishes)"),
-    executor: str = typer.Option("local", "--executor", help="where trials run: only `local` (one at a time, in "
-                                 "this process) for now; `ray` is not available yet"),
+    executor: str = typer.Option("local", "--executor", help="where trials run: local (in this process) or ray "
+                                 "(each trial's stages on a Ray cluster, trials side by side; docs/cluster.md)"),
+    address: Optional[str] = typer.Option(None, "--address", help="with --executor ray: auto, ray://host:port or "
+                                          "host:port (default: a Ray started in this process)"),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-j", min=1, help="trials at once (default: 1 "
+                                           "locally, the cluster's CPUs on Ray)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="search folder (default: runs/search-<name>)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="sample --trials chains and check them with the planner; "
                                  "run nothing, write nothing"),
@@ -474,8 +478,10 @@ def search(
     from stackcomp.search import dry_run as sample_only
     from stackcomp.search.output import rich_table, write_outputs
 
-    if executor != "local":
-        raise StackcompError(f"--executor {executor!r}: only `local` is available for now (Ray comes later)")
+    if executor not in ("local", "ray"):
+        raise StackcompError(f"--executor {executor!r}: expected local or ray")
+    if address is not None and executor != "ray":
+        raise StackcompError("--address is the Ray cluster's: give it with --executor ray")
     try:
         import optuna  # noqa: F401
     except ImportError:
@@ -505,7 +511,8 @@ def search(
         return
     out = _run_dir(f"search-{space.name}", output)
     run = run_search(space, out, trials=trials, timeout_s=timeout_s, console=console,  # search.json after each trial
-                     on_trial=lambda study: write_outputs(space, study, SearchPaths(out), leaderboard=False))
+                     on_trial=lambda study: write_outputs(space, study, SearchPaths(out), leaderboard=False),
+                     executor={"kind": "ray", "address": address} if executor == "ray" else None, parallel=parallel)
     result = write_outputs(space, run.study, run.paths)
     console.print(rich_table(result, space))
     if run.stopped:

@@ -195,8 +195,11 @@ class LocalExecutor:
         if self.recipe.task:
             ctx.data = self._get_data(ctx.tokenizer)
         timings: dict[str, float] = {}
+        from stackcomp.train.task import extra_training_callbacks
+
         try:
-            model = run_pass(the_pass, model, ctx, timings, where=f"stage {stage.name!r}: {stage.pass_name}")
+            with extra_training_callbacks(self.plan.training_callbacks):
+                model = run_pass(the_pass, model, ctx, timings, where=f"stage {stage.name!r}: {stage.pass_name}")
             if model is None:
                 raise StackcompError(f"stage {stage.name!r}: pass {stage.pass_name} returned no model")
             model.eval()

@@ -78,6 +78,9 @@ class Plan:
     order: list[str] = field(default_factory=list)
     #: the identities of the model and data the keys were made from
     inputs: Inputs | None = None
+    #: training callbacks every stage's training also gets (the search's pruner), in whatever
+    #: process runs the stage: they travel with the plan to Ray workers. Not part of any key.
+    training_callbacks: list[Any] = field(default_factory=list)
 
     def leaves(self) -> list[str]:
         return [n for n in self.order if self.graph.out_degree(n) == 0]
@@ -101,7 +104,8 @@ class Plan:
                      and set(self.stages[c].parents) <= keep}
         return Plan(recipe=self.recipe, graph=self.graph.subgraph(keep).copy(),
                     stages={n: s for n, s in self.stages.items() if n in keep}, source_key=self.source_key,
-                    order=[n for n in self.order if n in keep], inputs=self.inputs)
+                    order=[n for n in self.order if n in keep], inputs=self.inputs,
+                    training_callbacks=self.training_callbacks)
 
     def path_to(self, name: str) -> list[str]:
         """The chain of first parents from the root to ``name`` (the model's lineage)."""

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from stackcomp.executor import LocalExecutor, StageOutcome
 from stackcomp.plan import Plan, Stage
 from stackcomp.remote_store import open_store
 
-__all__ = ["MAX_RETRIES", "RayExecutor", "import_ray", "local_cluster", "stage_resources"]
+__all__ = ["MAX_RETRIES", "RayExecutor", "connect", "import_ray", "local_cluster", "stage_resources"]
 
 #: how often Ray runs a stage again whose worker process or node died
 MAX_RETRIES = 3
@@ -89,13 +90,7 @@ class RayExecutor:
     def _connect(self) -> None:
         """Join (or start) the cluster and ship the plan, once, at the first stage to run."""
         ray = self._ray
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self._address, runtime_env=self._runtime_env, include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
-            except ConnectionError as e:
-                raise StackcompError(f"cannot reach the Ray cluster at {self._address!r}: {e}; start it with "
-                                     "`ray start --head` (docs/cluster.md)") from None
+        connect(self._address, self._runtime_env)
         self._plan_ref = ray.put(self.plan)  # shipped once, not with every task
         # where running stages report their node and step counts; on this node, no CPU asked
         self._board = ray.remote(num_cpus=0)(ProgressBoard).options(
@@ -225,6 +220,26 @@ def _run_stage_task(plan: Plan, store_url: str, mirror: str, name: str, log_path
                 pass
     outcome.node = node
     return outcome
+
+
+_connecting = threading.Lock()
+
+
+def connect(address: str | None = None, runtime_env: dict | None = None) -> float:
+    """Join the cluster at ``address`` (none: start a Ray in this process) unless this process
+    is connected already; return the cluster's CPU count. Safe from several threads (a search
+    runs trials side by side, each with its own executor)."""
+    ray = import_ray()
+    with _connecting:
+        if not ray.is_initialized():
+            _check_reachable(address)
+            try:
+                ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+            except ConnectionError as e:
+                raise StackcompError(f"cannot reach the Ray cluster at {address!r}: {e}; start it with "
+                                     "`ray start --head` (docs/cluster.md)") from None
+    return float(ray.cluster_resources().get("CPU", 1))
 
 
 #: seconds to wait for a TCP connection to the cluster's address before saying it is unreachable

@@ -405,11 +405,13 @@ def test_timeouts_are_durations():
         parse_duration("2 hours")
 
 
-def test_only_the_local_executor_is_accepted(tmp_path, tiny_model_dirs):
+def test_an_unknown_executor_is_one_line(tmp_path, tiny_model_dirs):
     space = tmp_path / "space.yaml"
     space.write_text(planted_space(tiny_model_dirs["bert"], 1e6))
-    r = runner.invoke(app, ["search", str(space), "--executor", "ray", "-o", str(tmp_path / "s")])
-    assert r.exit_code == 2 and "only `local`" in r.output
+    r = runner.invoke(app, ["search", str(space), "--executor", "slurm", "-o", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "expected local or ray" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["search", str(space), "--address", "auto", "-o", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "--executor ray" in r.output
 
 
 def test_the_example_space_samples_valid_chains_without_running(tmp_path, monkeypatch):
@@ -433,3 +435,82 @@ def test_validate_of_a_space_file_says_to_search_it():
     space = Path(__file__).resolve().parents[1] / "recipes" / "search_minilm_sst2.yaml"
     r = runner.invoke(app, ["validate", str(space)])
     assert r.exit_code == 2 and "a search space" in r.output and "stackcomp search" in r.output
+
+
+@pytest.fixture
+def in_process_ray(monkeypatch, data_env):
+    """A Ray started in this process for one test (its workers inherit this environment: the
+    tests folder on PYTHONPATH so they import these planted passes, the tiny GLUE data)."""
+    ray = pytest.importorskip("ray", reason="the Ray executor needs ray: pip install 'stackcomp[cluster]'")
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    yield ray
+    ray.shutdown()
+
+
+def test_trials_run_side_by_side_on_ray(tmp_path, tiny_model_dirs, in_process_ray):
+    """--executor ray: the prefix first, alone; then two trials at a time, each trial's stages in
+    Ray workers; the outcomes are the constructed ones and the best is the best of what ran."""
+    from stackcomp.search import load_space, run_search
+    from stackcomp.search.output import write_outputs
+
+    model = tiny_model_dirs["bert"]
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(planted_space(model, _budget(model)))
+    space = load_space(space_file)
+    out = tmp_path / "search"
+    run = run_search(space, out, trials=6, executor={"kind": "ray"}, parallel=2)
+    data = write_outputs(space, run.study, run.paths).to_json()
+    complete = [t for t in data["trials"] if t["outcome"] == "complete"]
+    assert len([t for t in data["trials"] if t["outcome"] in ("complete", "pruned", "failed")]) == 6
+    for t in complete:  # the scores the planted passes construct, computed in the workers
+        want = 1.0
+        for stage in t["stages"]:
+            want *= 0.8 if stage["pass"] == "_test_quant" else 1 - 0.5 * (1 - stage["params"]["keep"]) ** 2
+        assert t["objectives"]["metric"] == pytest.approx(want)
+    meeting = [t for t in complete if t["meets_goal"]]
+    if meeting:
+        assert data["best"] == max(meeting, key=lambda t: t["objectives"]["metric"])["number"]
+    summaries = {t["number"]: json.loads((out / "runs" / str(t["number"]) / "summary.json").read_text())
+                 for t in complete}
+    ran = [s for summary in summaries.values() for s in summary["stages"] if s["status"] == "ran"]
+    assert ran and all(s["node"] for s in ran)  # in Ray workers
+    assert sum("base" in s["ran"] for s in summaries.values()) == 1  # the prefix trained once
+    spans = sorted((min(s["started_at"] for s in st), max(s["ended_at"] for s in st))
+                   for st in ([s for s in summary["stages"] if s["status"] == "ran" and s["stage"] != "base"]
+                              for summary in summaries.values()) if st)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two trials ran at the same time
+
+
+def test_a_trial_pruned_in_a_ray_worker_is_pruned(tmp_path, tiny_model_dirs, in_process_ray):
+    """The pruner travels with the plan to the worker that trains; its verdict comes back."""
+    from stackcomp.search import load_space, run_search
+    from stackcomp.search.output import write_outputs
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(textwrap.dedent(f"""\
+        name: prune-ray
+        model: {tiny_model_dirs['bert']}
+        task: glue/sst2
+        data: {{max_length: 32}}
+        stages:
+          ft: {{pass: finetune, params: {{train: {{max_steps: 2, batch_size: 16, eval_every: 1}}}}}}
+        search:
+          after: ft
+          pruning: {{min_metric: 0.99, warmup_evals: 1}}
+          evaluate: {{latency: false}}
+          slots:
+            - name: tune
+              choices:
+                finetune: {{params: {{train: {{max_steps: 4, batch_size: 16, eval_every: 1,
+                                               lr: [1.0e-3, 2.0e-3]}}}}}}
+        """))
+    space = load_space(space_file)
+    run = run_search(space, tmp_path / "search", trials=1, executor={"kind": "ray"})
+    [trial] = write_outputs(space, run.study, run.paths).to_json()["trials"]
+    assert trial["outcome"] == "pruned" and trial["state"] == "PRUNED"
+    assert "below the floor 0.9900 (min_metric 0.99)" in trial["reason"]
+    summary = json.loads((tmp_path / "search" / "runs" / "0" / "summary.json").read_text())
+    assert summary["failed"][0]["node"]  # it was stopped in a Ray worker

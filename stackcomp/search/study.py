@@ -27,10 +27,12 @@ pruned or failed): rejected and interrupted ones cost no training and do not cou
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import json
 import logging
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,7 +44,8 @@ from typing import Any
 import yaml
 
 from stackcomp.errors import StackcompError
-from stackcomp.search.pruning import FloorPruner
+from stackcomp.rundir import CHECKSUMS
+from stackcomp.search.pruning import FloorPruner, PrunedByRule
 from stackcomp.search.space import SearchSpace, sample_chain
 
 log = logging.getLogger("stackcomp.search")
@@ -202,13 +205,16 @@ def recover_interrupted(study: Any) -> list[int]:
 # ----------------------------------------------------------------------------- trials
 
 
-def check_trial(space: SearchSpace, number: int, chain: list[tuple[str, str, dict[str, Any]]]):
-    """(raw recipe, plan), or raise the planner's StackcompError for an invalid chain."""
+def check_trial(space: SearchSpace, number: int, chain: list[tuple[str, str, dict[str, Any]]],
+                executor: dict[str, Any] | None = None):
+    """(raw recipe, plan), or raise the planner's StackcompError for an invalid chain. ``executor``
+    (``{"kind": "ray", ...}``) goes into the plan's recipe, not into the raw recipe the trial's
+    file is written from: a Pareto recipe runs wherever its user runs it."""
     from stackcomp.plan import build_plan
     from stackcomp.recipe import recipe_from_dict
 
     raw = space.trial_recipe(number, chain)
-    recipe = recipe_from_dict(raw, source=f"trial {number}")
+    recipe = recipe_from_dict({**raw, "executor": executor} if executor else raw, source=f"trial {number}")
     return raw, build_plan(recipe)
 
 
@@ -246,13 +252,27 @@ def dry_run(space: SearchSpace, n: int) -> list[SampledTrial]:
 
 
 def run_search(space: SearchSpace, out_dir: str | Path, *, trials: int, timeout_s: float | None = None,
-               console: Any = None, on_trial: Callable[[Any], None] | None = None) -> SearchRun:
+               console: Any = None, on_trial: Callable[[Any], None] | None = None,
+               executor: dict[str, Any] | None = None, parallel: int | None = None) -> SearchRun:
     """Run trials until ``trials`` have an outcome (counting those of earlier calls) or time is up.
-    Time is checked between trials: a trial that started runs to its end."""
+    Time is checked between trials: a trial that started runs to its end.
+
+    ``executor``: where each trial's stages run (``{"kind": "ray", "address": ...}``: on a Ray
+    cluster); ``parallel``: how many trials run at once (default 1 locally, the cluster's CPUs
+    on Ray). Trials run one at a time until the shared prefix is in the cache, so it is trained
+    once, never by two trials side by side."""
     from stackcomp.plan import check_inputs
 
     paths = SearchPaths(Path(out_dir))
-    check_inputs(_prefix_plan(space))
+    prefix = _prefix_plan(space)
+    check_inputs(prefix)
+    if executor and executor.get("kind") == "ray":
+        from stackcomp.ray_executor import connect
+
+        cpus = connect(executor.get("address"))
+        parallel = parallel or max(1, int(cpus))
+    parallel = max(1, parallel or 1)
+    prefix_key = prefix.stages[space.spec.after].key
     with _exclusive(paths):
         study = open_study(space, paths)
         retried = recover_interrupted(study)
@@ -261,23 +281,46 @@ def run_search(space: SearchSpace, out_dir: str | Path, *, trials: int, timeout_
         result = SearchRun(study, paths)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         rejected_here, max_rejected = 0, 20 * max(trials, 1) + 100
-        while counted(study) < trials:
-            if deadline is not None and time.monotonic() >= deadline:
-                result.stopped = f"--timeout reached after {counted(study)} of {trials} trials"
-                break
-            if rejected_here >= max_rejected:
-                result.stopped = (f"{rejected_here} sampled chains in a row were rejected by the planner; "
-                                  "the space allows almost no valid chain (see search.json for the reasons)")
-                break
-            trial = study.ask()
-            state = _run_trial(space, paths, study, trial, console)
-            if state == REJECTED:
-                rejected_here += 1
-            else:
-                rejected_here = 0
-                result.ran.append(trial.number)
-            if on_trial is not None:
-                on_trial(study)
+        asking = threading.Lock()
+
+        def one(trial: Any, shown: Any) -> str:
+            return _run_trial(space, paths, study, trial, shown, executor=executor)
+
+        with concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="trial") as pool:
+            running: dict[concurrent.futures.Future, int] = {}
+            try:
+                while True:
+                    prefix_done = (paths.artifacts / prefix_key / CHECKSUMS).exists()
+                    width = parallel if prefix_done else 1
+                    while len(running) < width and counted(study) + len(running) < trials and not result.stopped:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            result.stopped = f"--timeout reached after {counted(study)} of {trials} trials"
+                        elif rejected_here >= max_rejected:
+                            result.stopped = (f"{rejected_here} sampled chains in a row were rejected by the planner; "
+                                              "the space allows almost no valid chain (see search.json for the "
+                                              "reasons)")
+                        else:
+                            with asking:
+                                trial = study.ask()
+                            # one trial at a time draws its live view; side by side they log lines
+                            running[pool.submit(one, trial, console if parallel == 1 else None)] = trial.number
+                    if not running:
+                        break
+                    done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        number = running.pop(future)
+                        state = future.result()
+                        if state == REJECTED:
+                            rejected_here += 1
+                        else:
+                            rejected_here = 0
+                            result.ran.append(number)
+                        if on_trial is not None:
+                            on_trial(study)
+            except BaseException:
+                for future in running:
+                    future.cancel()
+                raise
         return result
 
 
@@ -287,12 +330,12 @@ def _prefix_plan(space: SearchSpace) -> Any:
     return build_plan(space.recipe).select([space.spec.after])
 
 
-def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, console: Any) -> str:
+def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, console: Any,
+               executor: dict[str, Any] | None = None) -> str:
     import optuna
 
     from stackcomp.artifacts import ArtifactStore
     from stackcomp.engine import Engine
-    from stackcomp.train.task import extra_training_callbacks
 
     n = trial.number
     chain = sample_chain(space, trial)
@@ -302,7 +345,7 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
     else:
         console.rule(f"trial {n}: {' -> '.join(p for _, p, _ in chain) or 'prefix only'}")
     try:
-        raw, plan = check_trial(space, n, chain)
+        raw, plan = check_trial(space, n, chain, executor)
     except StackcompError as e:
         trial.set_user_attr("outcome", REJECTED)
         trial.set_user_attr("reason", _one_line(e))
@@ -319,21 +362,23 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
     run_dir = paths.run_dir(n)
     store = ArtifactStore(run_dir, artifacts_dir=paths.artifacts)
     pruner = _pruner(space, plan, store)
+    # with the plan, the pruner reaches the training loop wherever the stage runs (a Ray worker too)
+    plan.training_callbacks = [pruner]
     leaf = chain[-1][0] if chain else space.spec.after
     try:
         engine = Engine(plan, run_dir, console=console, show_progress=console is not None,
                         cache_dir=paths.artifacts)
-        with extra_training_callbacks([pruner]):
-            summary = engine.run()
+        summary = engine.run()
     except BaseException as e:  # a kill (Ctrl-C) or a resource error: the trial is retried on resume
         trial.set_user_attr("outcome", INTERRUPTED)
         trial.set_user_attr("reason", f"{type(e).__name__}: {_one_line(e)}")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": n})
         raise
-    if pruner.verdict is not None:
+    verdict = pruner.verdict or _pruned_remotely(summary)
+    if verdict is not None:
         trial.set_user_attr("outcome", PRUNED)
-        trial.set_user_attr("reason", pruner.verdict)
+        trial.set_user_attr("reason", verdict)
         for name in goal_constraints(space.goal, None):
             trial.set_constraint(name, 1.0)  # a pruned trial counts as missing the goal
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -353,6 +398,16 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
         trial.set_constraint(name, v)  # the sampler ranks trials that miss the goal behind
     study.tell(trial, values)
     return COMPLETE
+
+
+def _pruned_remotely(summary: dict[str, Any]) -> str | None:
+    """The pruner's verdict when it stopped a stage in another process (a Ray worker): there it
+    failed the stage with :class:`PrunedByRule`, whose message is the verdict."""
+    prefix = f"{PrunedByRule.__name__}: "
+    for failed in summary.get("failed") or []:
+        if str(failed.get("error") or "").startswith(prefix):
+            return failed["error"][len(prefix):]
+    return None
 
 
 def _fail(study: Any, trial: Any, why: str) -> str:
