@@ -187,13 +187,18 @@ def _this_node_strategy(ray: Any) -> Any:
 def _run_stage_task(plan: Plan, store_url: str, mirror: str, name: str, log_path: str | None,
                     num_cpus: float, board: Any = None) -> StageOutcome | ArtifactError:
     """Ray task body: run stage ``name`` in this worker with ``num_cpus`` torch threads,
-    reporting its node and step counts to ``board``."""
+    reporting its node and step counts to ``board``. A training stage that asks for several
+    processes (``resources: processes`` or ``num_gpus``) runs as that many accelerate processes
+    sharing the threads, started from here (:mod:`stackcomp.ray_stage`)."""
     import ray
     import torch
 
     from stackcomp.progress import NULL_PROGRESS, ReportingProgress
+    from stackcomp.ray_stage import run_stage_processes, stage_processes
 
-    torch.set_num_threads(max(1, int(num_cpus)))
+    processes = stage_processes(plan, plan.stages[name])
+    if processes == 1:
+        torch.set_num_threads(max(1, int(num_cpus)))
     node = ray.get_runtime_context().get_node_id()
 
     def report(bars: list[tuple]) -> None:
@@ -205,11 +210,17 @@ def _run_stage_task(plan: Plan, store_url: str, mirror: str, name: str, log_path
     if board is not None:
         report([])
     progress = (lambda: ReportingProgress(report)) if board is not None else (lambda: NULL_PROGRESS)
-    store = open_store(store_url, _worker_mirror(store_url, mirror))
-    executor = LocalExecutor(plan, store, progress=progress,
-                             stage_log=(lambda _name: Path(log_path)) if log_path else None)
     try:
-        outcome = executor.run_stage(plan.stages[name])
+        if processes > 1:
+            outcome = run_stage_processes(plan, store_url, _worker_mirror(store_url, mirror), name, log_path,
+                                          num_cpus, processes, report if board is not None else None)
+            if isinstance(outcome, ArtifactError):
+                return outcome
+        else:
+            store = open_store(store_url, _worker_mirror(store_url, mirror))
+            executor = LocalExecutor(plan, store, progress=progress,
+                                     stage_log=(lambda _name: Path(log_path)) if log_path else None)
+            outcome = executor.run_stage(plan.stages[name])
     except ArtifactError as e:  # a resource error: the driver stops the run
         return e
     finally:

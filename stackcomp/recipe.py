@@ -44,11 +44,20 @@ class StageResources(Strict):
     num_cpus: float | None = Field(default=None, gt=0)
     num_gpus: float | None = Field(default=None, ge=0)
     memory: float | None = Field(default=None, gt=0, description="bytes, e.g. 4GiB")
+    processes: int | None = Field(default=None, ge=1, description="processes a training stage runs as "
+                                  "(accelerate, DDP); default: one per GPU asked (num_gpus), else 1")
 
     @field_validator("memory", mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> Any:
         return parse_bytes(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_gpu_each(self) -> StageResources:
+        if (self.processes or 1) > 1 and self.num_gpus and self.processes > self.num_gpus:
+            raise ValueError(f"processes ({self.processes}) is more than num_gpus ({self.num_gpus:g}): "
+                             "each process trains on a GPU of its own")
+        return self
 
 
 class ExecutorSpec(Strict):
