@@ -288,3 +288,14 @@ def _omit_defaults(params: BaseModel, dumped: dict[str, Any]) -> None:
 def _hash(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def stage_resources(plan: Plan, stage: Stage) -> dict[str, float]:
+    """What ``stage`` asks the cluster for: its pass's ``resources``, overridden by the recipe
+    stage's ``resources:`` (implicit stages, e.g. a leaf's evaluate, take their pass's)."""
+    out = dict(getattr(stage.pass_cls, "resources", None) or {"num_cpus": 1})
+    spec = plan.recipe.stages.get(stage.name)
+    if spec is not None and spec.resources is not None:
+        out.update(spec.resources.model_dump(exclude_none=True))
+    out.setdefault("num_cpus", 1)
+    return out

@@ -35,7 +35,7 @@ from typing import Any
 from stackcomp.artifacts import ArtifactStore
 from stackcomp.errors import ArtifactError, StackcompError
 from stackcomp.executor import LocalExecutor, StageOutcome
-from stackcomp.plan import Plan, Stage
+from stackcomp.plan import Plan, Stage, stage_resources
 from stackcomp.remote_store import open_store
 
 __all__ = ["MAX_RETRIES", "RayExecutor", "connect", "import_ray", "local_cluster", "stage_resources"]
@@ -50,17 +50,6 @@ def import_ray() -> Any:
     except ImportError:
         raise StackcompError("the ray executor needs Ray: pip install 'stackcomp[cluster]'") from None
     return ray
-
-
-def stage_resources(plan: Plan, stage: Stage) -> dict[str, float]:
-    """What ``stage`` asks the cluster for: its pass's ``resources``, overridden by the recipe
-    stage's ``resources:`` (implicit stages, e.g. a leaf's evaluate, take their pass's)."""
-    out = dict(getattr(stage.pass_cls, "resources", None) or {"num_cpus": 1})
-    spec = plan.recipe.stages.get(stage.name)
-    if spec is not None and spec.resources is not None:
-        out.update(spec.resources.model_dump(exclude_none=True))
-    out.setdefault("num_cpus", 1)
-    return out
 
 
 class RayExecutor:

@@ -29,7 +29,7 @@ from pathlib import Path
 from stackcomp import distributed
 from stackcomp.errors import ArtifactError
 from stackcomp.executor import LocalExecutor, StageOutcome
-from stackcomp.plan import Plan, Stage
+from stackcomp.plan import Plan, Stage, stage_resources
 from stackcomp.rundir import atomic_write_json
 
 PLAN = "plan.pkl"
@@ -45,8 +45,6 @@ LOG_TAIL = 20_000
 def stage_processes(plan: Plan, stage: Stage) -> int:
     """How many processes ``stage`` runs as on the cluster: its ``resources.processes``, else one
     per GPU it asks for; 1 for a stage that does not train (nothing to shard)."""
-    from stackcomp.ray_executor import stage_resources
-
     if not distributed.stage_trains(stage):
         return 1
     res = stage_resources(plan, stage)
