@@ -5,7 +5,7 @@ from stackcomp.nn.base import LAYER_TYPES, CompressedLayer, LayerStorage, dense_
 __all__ = ["LAYER_TYPES", "CompressedLayer", "LayerStorage", "dense_storage", "layer_class", "register_layer"]
 
 # Built-in layers register themselves on import.
-for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped"):
+for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused"):
     try:
         __import__(f"stackcomp.nn.{_mod}")
     except ModuleNotFoundError as _e:  # a layer module not written yet

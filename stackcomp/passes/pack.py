@@ -6,6 +6,11 @@
 * Linears whose weight is 2:4 sparse along the input (N:M-pruned) -> ``Sparse24Linear`` on a
   CUDA device with 2:4 support; on CPU they stay dense nn.Linear and the report says so.
 * int8 layers, low-rank and other factorized layers already are GEMM forms: kept, listed.
+* ``fuse_ffn: true`` (CPU, off by default): each transformer block's FFN whose two linears are
+  ``nn.Linear`` or ``Int8Linear`` and whose activation is a GELU becomes one fused int8 op
+  (:class:`~stackcomp.nn.fused.FusedInt8FFN`, per-row 8-bit activations); other FFNs stay and the
+  report says why. The fused model's logits are checked against the unfused one's
+  (``fuse_ffn_tolerance``).
 
 What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
 the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
@@ -29,11 +34,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from stackcomp.errors import PassError
 from stackcomp.kernels.dispatch import choose_kernel
 from stackcomp.nn.base import CompressedLayer
 from stackcomp.nn.conversions import Keep, PackConfig, find_conversion
 from stackcomp.nn.packed import PackedDSLinear, Sparse24Linear
-from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams, as_analysis
+from stackcomp.passes.base import KEY_OMIT_DEFAULT, Analysis, Pass, PassContext, PassParams, as_analysis
 from stackcomp.targets import set_module
 
 
@@ -45,7 +51,12 @@ class PackParams(PassParams):
     onnx_int8: bool = Field(default=False, description="target onnx: also write ONNX Runtime's dynamic int8 model")
     onnx_tolerance: float = Field(default=1e-3, gt=0, description="target onnx: max |torch - ORT| / max|logit| (fp32)")
     onnx_opset: int = Field(default=18, ge=13)
-    parity_sequences: int = Field(default=8, ge=1, description="target onnx: dev sequences in the parity check")
+    parity_sequences: int = Field(default=8, ge=1, description="dev sequences in the parity checks (onnx, fuse_ffn)")
+    fuse_ffn: bool = Field(default=False, description="CPU: fuse each FFN (linear, GELU, linear; nn.Linear or "
+                           "Int8Linear) into one int8 kernel call with per-row activation scales",
+                           json_schema_extra=KEY_OMIT_DEFAULT)
+    fuse_ffn_tolerance: float = Field(default=5e-2, gt=0, description="fuse_ffn: max |fused - unfused logits| / "
+                                      "max |logit| on the parity batches", json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 class PackPass(Pass):
@@ -86,6 +97,7 @@ class PackPass(Pass):
                     new.cpu_variant = cpu_variant  # in its manifest: loading where less runs warns
                 packed[name] = new
                 plan[name] = {"from": type(m).__name__, "to": type(new).__name__, **_details(new, config)}
+        ffn = self._plan_ffn(model, layout, plan) if self.params.fuse_ffn else None
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "cpu_variant": cpu_variant, "layers": plan,
@@ -95,7 +107,50 @@ class PackPass(Pass):
         if n24_dense:
             report["sparse24_note"] = f"{len(n24_dense)} 2:4-sparse linear(s) kept dense: {n24_dense[0]}"
             ctx.log.info("%s", report["sparse24_note"])
-        return Analysis(report=report, state={"packed": packed})
+        state = {"packed": packed}
+        if ffn is not None:
+            report["fuse_ffn"] = ffn["report"]
+            report["ffn_fused"] = len(ffn["modules"])
+            state["ffn"] = ffn["modules"]
+            ctx.log.info("fuse_ffn: %d FFN(s) fused, %d left unfused", report["ffn_fused"],
+                         len(ffn["report"]["unfused"]))
+        return Analysis(report=report, state=state)
+
+    def _plan_ffn(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
+        """The FFNs to fuse (their new modules by site) and the report: fused sites, the rest with why."""
+        from stackcomp.kernels import ds_cpu
+        from stackcomp.kernels.ffn import ffn_kernel
+        from stackcomp.nn.fused import find_ffns, fused_modules
+
+        sites = find_ffns(model)
+        why_not = None
+        if layout != "cpu":
+            why_not = f"the fused FFN kernel runs on CPU; this pack's layout is {layout}"
+        elif self.params.target == "onnx":
+            why_not = "target onnx: the graph keeps the int8 linears (MatMulInteger); the fused op is a torch-side kernel"
+        elif not ffn_kernel(ds_cpu.get_extension()):
+            why_not = ("the loaded C++ kernel has no fused FFN (" + (ds_cpu.build_error() or "built before it existed; "
+                       "rebuild: python setup.py build_ext --inplace") + ")")
+        elif not ds_cpu.get_extension().ffn_has_vnni():
+            why_not = (f"this CPU runs the {ds_cpu.variant()} build: the fused FFN has no AVX-512 VNNI path there "
+                       "(its portable loop is slower than the int8 backend)")
+        modules: dict[str, dict[str, nn.Module]] = {}
+        unfused: dict[str, str] = {}
+        for site in sites:
+            reason = site.reason or why_not
+            if reason is not None:
+                unfused[site.second] = reason
+                continue
+            new = fused_modules(model, site)
+            modules[site.second] = new
+            for name, m in new.items():
+                old = model.get_submodule(name)
+                plan[name] = {"from": type(old).__name__, "to": type(m).__name__,
+                              **({"activation": m.activation, "kernel": "fused_ffn"} if name == site.second else {})}
+        report = {"fused": sorted(modules), "unfused": unfused}
+        if not sites:
+            report["note"] = "no FFN of a known structure (BERT intermediate/output, DistilBERT ffn, ALBERT ffn)"
+        return {"modules": modules, "report": report}
 
     def transform(self, model: nn.Module, ctx: PassContext) -> nn.Module:
         state = ctx.analysis.state
@@ -104,9 +159,31 @@ class PackPass(Pass):
         for name, new in state["packed"].items():
             set_module(model, name, new)
         model.eval()
+        if state.get("ffn"):
+            self._fuse_ffn(model, ctx, state["ffn"])
         if self.params.target == "onnx":
             self._export(model, ctx)
         return model
+
+    def _fuse_ffn(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> None:
+        """Swap the fused FFNs in, checking the model's logits against the unfused model's on the parity batches."""
+        p = self.params
+        batches = _parity_batches(model, ctx, p.parity_sequences)
+        before = [_logits(model, b) for b in batches]
+        for modules in sites.values():
+            for name, new in modules.items():
+                set_module(model, name, new)
+        model.eval()
+        after = [_logits(model, b) for b in batches]
+        diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
+        scale = max(float(b.abs().max()) for b in before)
+        rel = diff / scale if scale > 0 else diff
+        ctx.report["fuse_ffn_parity"] = {"max_abs_diff": diff, "max_rel_diff": rel, "tolerance": p.fuse_ffn_tolerance,
+                                         "batches": len(batches), "ffn_fused": len(sites)}
+        ctx.log.info("fuse_ffn parity: max |diff| %.3g (%.3g of max |logit|)", diff, rel)
+        if not rel <= p.fuse_ffn_tolerance:
+            raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused FFN(s) the logits differ from the unfused "
+                            f"model's by {rel:.3g} of max |logit| (fuse_ffn_tolerance {p.fuse_ffn_tolerance})")
 
     def _export(self, model: nn.Module, ctx: PassContext) -> None:
         from stackcomp.onnx_export import (
@@ -173,6 +250,14 @@ def _kernel_reason(layout: str, kernel: str) -> str:
     if kernel == "triton":
         return "Triton kernels (CUDA)"
     return "torch path: Triton is not available here (no CUDA device or triton not installed)"
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(iter(list(model.parameters()) + list(model.buffers()))).device
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float().cpu()
 
 
 def _parity_batches(model: nn.Module, ctx: PassContext, n: int) -> list[dict[str, torch.Tensor]]:
