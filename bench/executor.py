@@ -1,7 +1,7 @@
 """The local executor against a local two-node Ray cluster on one recipe, side by side in one run.
 
-    python bench/executor.py                       # 4 independent branches, 2 nodes x 1 CPU
-    python bench/executor.py --branches 4 --matmuls 8000 --nodes 2
+    python bench/executor.py                       # 4 independent branches of ~40 s, 2 nodes x 1 CPU
+    python bench/executor.py --branches 4 --matmuls 4000 --nodes 2   # ~10 s branches: worker start-up shows
 
 The recipe has ``--branches`` independent stages (no shared parent), each a fixed amount of
 single-thread CPU work (``_busy_pass.BusyPass``: ``--matmuls`` 512x512 matmuls) on the tiny or
@@ -66,7 +66,9 @@ def timed_run(raw: dict, run_dir: Path) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--branches", type=int, default=4, help="independent stages (default 4)")
-    ap.add_argument("--matmuls", type=int, default=4000, help="512x512 matmuls per stage (default 4000: about 10 s on one core)")
+    ap.add_argument("--matmuls", type=int, default=16000,
+                    help="512x512 matmuls per stage (default 16000: about 40 s on one core; with short stages "
+                         "the ratio mostly measures Ray's worker start-up, about 4 s per worker)")
     ap.add_argument("--nodes", type=int, default=2, help="Ray nodes of one CPU each (default 2)")
     ap.add_argument("--model", default=None, help="model of the recipe (default: a tiny BERT built here)")
     args = ap.parse_args()
