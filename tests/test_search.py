@@ -212,16 +212,11 @@ def test_planted_search_finds_the_best_stack_and_rejects_forbidden_orders(tmp_pa
     assert all(s["stages"][0]["key"] == base_key for s in runs)
 
 
-def test_a_hopeless_trial_is_pruned_and_leaves_nothing_in_the_cache(tmp_path, tiny_model_dirs, data_env):
-    from stackcomp.plan import build_plan
-    from stackcomp.recipe import load_recipe
-    from stackcomp.search import load_space, run_search
-    from stackcomp.search.output import write_outputs
-
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(textwrap.dedent(f"""\
-        name: prune
-        model: {tiny_model_dirs['bert']}
+def hopeless_space(model_dir: Path, name: str) -> str:
+    """A space whose one trial fine-tunes the tiny model further under a floor (0.99) it cannot reach."""
+    return textwrap.dedent(f"""\
+        name: {name}
+        model: {model_dir}
         task: glue/sst2
         data: {{max_length: 32}}
         stages:
@@ -235,7 +230,17 @@ def test_a_hopeless_trial_is_pruned_and_leaves_nothing_in_the_cache(tmp_path, ti
               choices:
                 finetune: {{params: {{train: {{max_steps: 4, batch_size: 16, eval_every: 1,
                                                lr: [1.0e-3, 2.0e-3]}}}}}}
-        """))
+        """)
+
+
+def test_a_hopeless_trial_is_pruned_and_leaves_nothing_in_the_cache(tmp_path, tiny_model_dirs, data_env):
+    from stackcomp.plan import build_plan
+    from stackcomp.recipe import load_recipe
+    from stackcomp.search import load_space, run_search
+    from stackcomp.search.output import write_outputs
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(hopeless_space(tiny_model_dirs["bert"], "prune"))
     space = load_space(space_file)
     out = tmp_path / "search"
     run = run_search(space, out, trials=1)
@@ -490,23 +495,7 @@ def test_a_trial_pruned_in_a_ray_worker_is_pruned(tmp_path, tiny_model_dirs, in_
     from stackcomp.search.output import write_outputs
 
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(textwrap.dedent(f"""\
-        name: prune-ray
-        model: {tiny_model_dirs['bert']}
-        task: glue/sst2
-        data: {{max_length: 32}}
-        stages:
-          ft: {{pass: finetune, params: {{train: {{max_steps: 2, batch_size: 16, eval_every: 1}}}}}}
-        search:
-          after: ft
-          pruning: {{min_metric: 0.99, warmup_evals: 1}}
-          evaluate: {{latency: false}}
-          slots:
-            - name: tune
-              choices:
-                finetune: {{params: {{train: {{max_steps: 4, batch_size: 16, eval_every: 1,
-                                               lr: [1.0e-3, 2.0e-3]}}}}}}
-        """))
+    space_file.write_text(hopeless_space(tiny_model_dirs["bert"], "prune-ray"))
     space = load_space(space_file)
     run = run_search(space, tmp_path / "search", trials=1, executor={"kind": "ray"})
     [trial] = write_outputs(space, run.study, run.paths).to_json()["trials"]
