@@ -41,6 +41,8 @@ REPO = TESTS.parent
 LOG_ENV = "STACKCOMP_TEST_SEARCH_LOG"
 #: env: the planted shrink pass hangs (until killed) at its N-th call in the process
 HANG_ENV = "STACKCOMP_TEST_SEARCH_HANG_AT"
+#: env: seconds each planted shrink/quant stage takes (so that trials side by side visibly overlap)
+SLEEP_ENV = "STACKCOMP_TEST_SEARCH_SLEEP"
 _calls = {"n": 0}
 
 
@@ -69,6 +71,7 @@ def _keep_rows(model, keep: float) -> None:
 
 
 def _record(ctx, score: float) -> None:
+    time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
     ctx.metrics.update({"main_metric": "score", "score": score})
     ctx.report["score"] = score
     if os.environ.get(LOG_ENV):
@@ -455,7 +458,7 @@ def in_process_ray(monkeypatch, data_env):
     ray.shutdown()
 
 
-def test_trials_run_side_by_side_on_ray(tmp_path, tiny_model_dirs, in_process_ray):
+def test_trials_run_side_by_side_on_ray(tmp_path, tiny_model_dirs, in_process_ray, monkeypatch):
     """--executor ray: the prefix first, alone; then two trials at a time, each trial's stages in
     Ray workers; the outcomes are the constructed ones and the best is the best of what ran."""
     from stackcomp.search import load_space, run_search
@@ -466,6 +469,13 @@ def test_trials_run_side_by_side_on_ray(tmp_path, tiny_model_dirs, in_process_ra
     space_file.write_text(planted_space(model, _budget(model)))
     space = load_space(space_file)
     out = tmp_path / "search"
+    monkeypatch.setenv(SLEEP_ENV, "2")  # before Ray starts: its workers copy the environment
+    ray = in_process_ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # two warm workers first: on a loaded machine a second cold worker can take longer to start
+    # than a planted stage takes, and Ray would give every stage to the one warm worker
+    warm = ray.remote(num_cpus=1)(lambda: __import__("stackcomp.executor") and __import__("time").sleep(1))
+    ray.get([warm.remote(), warm.remote()])
     run = run_search(space, out, trials=6, executor={"kind": "ray"}, parallel=2)
     data = write_outputs(space, run.study, run.paths).to_json()
     complete = [t for t in data["trials"] if t["outcome"] == "complete"]
