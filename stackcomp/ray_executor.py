@@ -233,6 +233,8 @@ def connect(address: str | None = None, runtime_env: dict | None = None) -> floa
     with _connecting:
         if not ray.is_initialized():
             _check_reachable(address)
+            if address not in (None, "local") and _use_token_file():
+                _reload_ray_auth()
             try:
                 ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
                          log_to_driver=False, configure_logging=False)
@@ -326,6 +328,16 @@ def local_cluster(nodes: int = 2, cpus_per_node: int = 1, *, env: dict[str, str]
             else:
                 os.environ[k] = v
         _reload_ray_auth()
+
+
+def _use_token_file() -> bool:
+    """Send this machine's Ray token when joining a cluster, as ``ray start`` does: where
+    ``~/.ray/auth_token`` exists and RAY_AUTH_MODE is not set, ``ray start`` turns token
+    authentication on, but a driver joining by address (Ray 2.60) does not read the file."""
+    if os.environ.get("RAY_AUTH_MODE") or not (Path.home() / ".ray" / "auth_token").is_file():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return True
 
 
 def _reload_ray_auth() -> None:

@@ -398,3 +398,50 @@ def test_a_killed_driver_resumes_from_the_store(cluster, tmp_path, tiny_model_di
     summary = json.loads(again.stdout)
     assert sorted(summary["ran"]) == ["b3", "b3.eval"]  # the rest came from the store
     assert _results(tmp_path / "run", summary) == _results(tmp_path / "local", local_summary)
+
+
+@needs_ray
+def test_a_driver_joins_a_cluster_that_ray_start_made_with_the_machines_token(tmp_path, monkeypatch):
+    """Where ~/.ray/auth_token exists, `ray start --head` turns token authentication on; the
+    driver must then send that token although RAY_AUTH_MODE is not set (Ray 2.60 does not)."""
+    import secrets
+    import socket as _socket
+    import subprocess
+
+    from stackcomp.ray_executor import _stop_node, connect
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="rth", dir="/tmp")
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--head", "--port", str(port),
+                             "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+                             "--temp-dir", temp], env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+        deadline = time.time() + 60
+        while True:  # the head takes a few seconds to listen
+            try:
+                assert connect(f"127.0.0.1:{port}") == 1.0
+                break
+            except StackcompError:
+                if time.time() > deadline or head.poll() is not None:
+                    raise
+                time.sleep(1)
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+    finally:
+        ray.shutdown()
+        _stop_node(head)
+        os.environ.pop("RAY_AUTH_MODE", None)
+        from stackcomp.ray_executor import _reload_ray_auth
+
+        _reload_ray_auth()
