@@ -214,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == LAUNCH:
         return _launcher(int(argv[1]), argv[2:])
     work = Path(argv[0])
+    # the plan is a pickle (pass classes, the search's pruner): load it only from the private
+    # folder the task made for it (mkdtemp: this user's, mode 0700), never from a shared one
+    st = work.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise SystemExit(f"stackcomp.ray_stage: {work} is not a private folder of this user; refusing to load its plan")
     job = json.loads((work / JOB).read_text())
     with open(work / PLAN, "rb") as f:
-        plan = pickle.load(f)  # written by the task that started this process
+        plan = pickle.load(f)  # written by the task that started this process, into the folder above
     torch.set_num_threads(job["threads"])
     store = open_store(job["store_url"], Path(job["mirror"]))
     rank = distributed.process_index()
