@@ -153,6 +153,13 @@ def data_record(recipe: Any, cache: HashCache) -> dict[str, Any]:
         return {"task": recipe.task, "error": str(e)}
     out: dict[str, Any] = {"task": task.name, "max_train_samples": opts.max_train_samples,
                            "max_eval_samples": opts.max_eval_samples, "max_length": opts.max_length}
+    if opts.unlabeled:  # distillation's extra text: always local files, hashed like the task's
+        from stackcomp.data.unlabeled import unlabeled_files
+
+        try:
+            out["unlabeled"] = [cache.record(path) for path in unlabeled_files(opts.unlabeled, opts.data_dir)]
+        except StackcompError as e:
+            return {"task": recipe.task, "error": str(e)}
     if local is None:
         dataset, config = task.hub_source()
         out.update({"source": "hub", "dataset": dataset, "config": config,
@@ -175,10 +182,14 @@ def data_identity(record: dict[str, Any]) -> dict[str, Any] | None:
     if "error" in record:
         return {"task": record["task"], "error": MISSING}
     if record["source"] == "hub":
-        return {"task": record["task"], "source": "hub", "dataset": record["dataset"], "config": record["config"],
-                "revision": record["revision"] or UNRESOLVED}
-    return {"task": record["task"], "source": "local",
-            "files": {split: f.get("sha256") or MISSING for split, f in record["files"].items()}}
+        out = {"task": record["task"], "source": "hub", "dataset": record["dataset"], "config": record["config"],
+               "revision": record["revision"] or UNRESOLVED}
+    else:
+        out = {"task": record["task"], "source": "local",
+               "files": {split: f.get("sha256") or MISSING for split, f in record["files"].items()}}
+    if record.get("unlabeled"):  # in order: the corpus is their concatenation
+        out["unlabeled"] = [f.get("sha256") or MISSING for f in record["unlabeled"]]
+    return out
 
 
 # ----------------------------------------------------------------------------- models

@@ -168,7 +168,10 @@ def build_plan(recipe: Recipe, inputs: Inputs | None = None) -> Plan:
     if inputs is None:
         inputs = identify_inputs(recipe, [t for s in stages.values() if (t := teacher_model(s))])
     # where the model and the data lie is no input, what they hold is (inputs.model, inputs.data)
-    data_options = recipe.data_options().model_dump(mode="json", exclude={"data_dir"})
+    opts = recipe.data_options()
+    data_options = opts.model_dump(mode="json", exclude={"data_dir", "unlabeled"})
+    if opts.unlabeled:  # how each file is read; what it holds is in inputs.data (absent: keys as before)
+        data_options["unlabeled"] = [source.key() for source in opts.unlabeled]
     source_key = _hash({
         "schema": KEY_SCHEMA, "model": inputs.model, "task": task,
         "data": data_options, "seed": recipe.seed, "trust_remote_code": recipe.trust_remote_code,
@@ -212,6 +215,10 @@ def check_inputs(plan: Plan) -> None:
     if recipe.task and any(reads_data(s.pass_cls) for s in plan.stages.values()):
         opts = recipe.data_options()
         get_task(recipe.task).check_data(["train", opts.eval_split or "dev"], opts.data_dir)
+        if opts.unlabeled:
+            from stackcomp.data.unlabeled import unlabeled_files
+
+            unlabeled_files(opts.unlabeled, opts.data_dir)
     for note in plan.inputs.unresolved() if plan.inputs else ():
         log.warning(note)
 

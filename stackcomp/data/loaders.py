@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stackcomp.data.augment import AugmentOptions, augment_dataset
 from stackcomp.data.glue import TaskSpec, get_task, load_split, resolve_split
 from stackcomp.data.metrics import compute_metrics as _compute_metrics
+from stackcomp.data.unlabeled import UnlabeledSource
 from stackcomp.errors import DataError
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class DataOptions(BaseModel):
                                  "default $STACKCOMP_DATA_DIR, else the hub")
     eval_split: str | None = Field(default=None, description="evaluation split, default the task's dev split "
                                    "(MNLI: dev_matched; dev_mismatched also works)")
+    unlabeled: list[UnlabeledSource] = Field(default_factory=list, description="text files of unlabeled "
+                                             "sentences that distillation learns from next to the train split's "
+                                             "(stages with train.batches: unlabeled; stackcomp.data.unlabeled)")
 
 
 class _Collate:

@@ -23,7 +23,7 @@ from stackcomp.data.augment import AugmentOptions
 from stackcomp.distill.kd import INTERMEDIATE, PREDICTION, KDLoss, KDWeights
 from stackcomp.distill.students import cut_student, student_from_config, student_from_pretrained
 from stackcomp.passes.base import KEY_INLINE, KEY_OMIT_DEFAULT, Pass, PassContext, PassParams
-from stackcomp.train import TrainConfig, train, train_on_task
+from stackcomp.train import TrainConfig, train, train_on_task, training_batches
 
 
 class CutSpec(PassParams):
@@ -136,7 +136,7 @@ class DistillPass(Pass):
                 "lr": p.intermediate.lr or config.lr, "eval_every": None, "keep_best": False})
             kd1 = KDLoss(ctx.teacher, model, weights.only(INTERMEDIATE), **common)
             ctx.log.info("phase 1: intermediate-layer distillation (%s)", ", ".join(weights.only(INTERMEDIATE).active()))
-            loader = ctx.data.train_loader(config.batch_size, seed=config.seed, augment=p.augment)
+            loader = training_batches(ctx, config, augment=p.augment, has_loss=True)
             r1 = train(model, loader, phase1, callbacks=[kd1], progress=ctx.progress, log=ctx.log)
             model = r1.model
             ctx.report["intermediate"] = {"steps": r1.steps, "seconds": r1.seconds, "history": r1.history,

@@ -45,7 +45,7 @@ from stackcomp.passes.factorizer_common import (
 )
 from stackcomp.passes.lowrank import lowrank_cost
 from stackcomp.targets import set_module
-from stackcomp.train import train_on_task
+from stackcomp.train import train_on_task, training_batches
 
 
 class LoSparseParams(FactorizerParams):
@@ -163,7 +163,7 @@ class LoSparsePass(FactorizerPass):
         t = self.params.train
         if t.max_steps:
             return t.max_steps
-        batches = len(ctx.data.train_loader(t.batch_size, seed=t.seed))
+        batches = len(training_batches(ctx, t, augment=None, has_loss=True))
         return max(1, math.ceil(t.epochs * math.ceil(batches / t.grad_accum)))
 
     def finetune(self, model: nn.Module, ctx: PassContext) -> nn.Module:

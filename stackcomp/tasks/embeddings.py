@@ -511,6 +511,7 @@ class EmbeddingData:
         self._collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         self._pairs: dict[str, tuple[list[str], list[str], list[float]]] = {}
         self._features: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {}
+        self._unlabeled_rows: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ text
 
@@ -583,16 +584,26 @@ class EmbeddingData:
                                group_by_length=group, collate_fn=self.collate_pairs, num_workers=num_workers,
                                drop_last=drop_last)
 
-    def unlabeled_loader(self, batch_size: int, seed: int | None = None, *, num_workers: int = 0) -> DataLoader:
-        """Shuffled (seeded) single-sentence batches of the train sentences, both columns, deduplicated:
-        what a student learns the teacher's embeddings on; no labels."""
-        from torch.utils.data import DataLoader, RandomSampler
+    def unlabeled_sentences(self) -> list[str]:
+        """The train sentences (both columns), then those of the ``data.unlabeled`` files,
+        deduplicated: the text embedding distillation learns from."""
+        from stackcomp.data.unlabeled import corpus
+
+        return corpus(self.sentences("train"), self.options.unlabeled, self.options.data_dir, self.options.seed)
+
+    def unlabeled_loader(self, batch_size: int, seed: int | None = None, group_by_length: bool | None = None, *,
+                         num_workers: int = 0) -> DataLoader:
+        """Shuffled (seeded; length-grouped unless told otherwise) batches of ``batch_size`` single
+        sentences of :meth:`unlabeled_sentences`; no labels (what ``train.batches: unlabeled`` trains on)."""
+        from stackcomp.data.unlabeled import lengths_of
 
         _check_batch_size(batch_size)
-        rows = self._tokenize(self.sentences("train"))
-        generator = torch.Generator().manual_seed(self.options.seed if seed is None else seed)
-        return DataLoader(rows, batch_size=batch_size, sampler=RandomSampler(rows, generator=generator),
-                          collate_fn=self._pad, num_workers=num_workers)
+        if self._unlabeled_rows is None:
+            self._unlabeled_rows = self._tokenize(self.unlabeled_sentences())
+        rows = self._unlabeled_rows
+        group = self.options.group_by_length if group_by_length is None else group_by_length
+        return shuffled_loader(rows, lengths_of(rows), batch_size, seed=self.options.seed if seed is None else seed,
+                               group_by_length=group, collate_fn=self._pad, num_workers=num_workers)
 
     def eval_loader(self, batch_size: int, *, split: str | None = None, sort_by_length: bool = True,
                     num_workers: int = 0) -> DataLoader:

@@ -4,7 +4,8 @@
   best checkpoint kept, NaN guard), the same in one process or under ``accelerate launch``;
 - :mod:`~stackcomp.train.callbacks` — the events a pass hooks into (:class:`TrainCallback`,
   :class:`TrainState`);
-- :func:`train_on_task` — train on the recipe's task from inside a pass;
+- :func:`train_on_task` — train on the recipe's task from inside a pass (:func:`training_batches`:
+  the batches its ``train.batches`` names);
 - :class:`TrainConfig` — the one ``train:`` config every training pass takes.
 """
 
@@ -17,7 +18,7 @@ from stackcomp.train.loop import (
     make_accelerator,
     train,
 )
-from stackcomp.train.task import train_on_task
+from stackcomp.train.task import train_on_task, training_batches
 
 __all__ = [
     "EVENTS",
@@ -30,4 +31,5 @@ __all__ = [
     "make_accelerator",
     "train",
     "train_on_task",
+    "training_batches",
 ]

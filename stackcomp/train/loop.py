@@ -19,13 +19,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from stackcomp.errors import DataError, ModelError, NumericalError, StackcompError
+from stackcomp.passes.base import KEY_OMIT_DEFAULT
 from stackcomp.progress import NULL_PROGRESS, Progress
 from stackcomp.train.callbacks import CallbackList, TrainState
 
@@ -66,6 +67,10 @@ class TrainConfig(BaseModel):
     keep_best: bool = Field(default=True, description="restore the best evaluated weights at the end")
     seed: int = Field(default=42, ge=0, lt=2**32, description="seeds python, numpy and torch (dropout, init); 0 to 2**32-1, what numpy accepts")
     log_every: int = Field(default=50, ge=1, description="log loss, lr and grad norm every N steps")
+    batches: Literal["train", "unlabeled"] = Field(
+        default="train", description="what the loop trains on: the task's train split (labelled), or unlabeled "
+        "text (the train split's text plus data.unlabeled files) for distillation without labels",
+        json_schema_extra=KEY_OMIT_DEFAULT)
 
     @property
     def trains(self) -> bool:

@@ -52,11 +52,11 @@ def train_on_task(model: nn.Module, ctx: Any, config: TrainConfig, *, callbacks:
 
         raise PlanError(f"stage {ctx.stage!r}: training needs a task; set `task:` in the recipe")
     callbacks = [*(callbacks or ()), *_EXTRA_CALLBACKS.get()]
-    callbacks += _task_callbacks(ctx.task, model, has_loss=any(callable(getattr(c, "compute_loss", None))
-                                                               for c in callbacks) or "loss_fn" in train_kwargs)
+    has_loss = any(callable(getattr(c, "compute_loss", None)) for c in callbacks) or "loss_fn" in train_kwargs
+    callbacks += _task_callbacks(ctx.task, model, has_loss=has_loss)
     result = train(
         model,
-        data.train_loader(config.batch_size, seed=config.seed, augment=augment),
+        training_batches(ctx, config, augment=augment, has_loss=has_loss),
         config,
         eval_loader=data.eval_loader(config.eval_batch_size),
         compute_metrics=data.compute_metrics,
@@ -79,6 +79,25 @@ def train_on_task(model: nn.Module, ctx: Any, config: TrainConfig, *, callbacks:
         ctx.metrics["data_note"] = data.split_note
     ctx.report["train_history"] = result.history
     return result
+
+
+def training_batches(ctx: Any, config: TrainConfig, *, augment: Any, has_loss: bool) -> Any:
+    """The loader ``config.batches`` names: the task's train split, or its unlabeled text (which
+    only a pass's own loss, a distillation loss, can learn from)."""
+    from stackcomp.errors import PlanError
+
+    if config.batches == "train":
+        return ctx.data.train_loader(config.batch_size, seed=config.seed, augment=augment)
+    where = f"stage {ctx.stage!r}: train.batches: unlabeled"
+    unlabeled_loader = getattr(ctx.data, "unlabeled_loader", None)
+    if unlabeled_loader is None:
+        raise PlanError(f"{where}: task {ctx.task.name} has no unlabeled batches (the embeddings kind has)")
+    if not has_loss:
+        raise PlanError(f"{where}: there are no labels to learn from; use it with a teacher (distill, or a "
+                        "factorizer's kd) whose losses need no labels (kd.hard: 0)")
+    if augment is not None:
+        raise PlanError(f"{where}: augment perturbs labelled examples; remove one of the two")
+    return unlabeled_loader(config.batch_size, seed=config.seed)
 
 
 def _task_callbacks(task: Any, model: nn.Module, *, has_loss: bool) -> list[Any]:
