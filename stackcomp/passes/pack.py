@@ -9,8 +9,8 @@
 * ``fuse_ffn: true`` (CPU, off by default): each transformer block's FFN whose two linears are
   ``nn.Linear`` or ``Int8Linear`` and whose activation is a GELU becomes one fused int8 op
   (:class:`~stackcomp.nn.fused.FusedInt8FFN`, per-row 8-bit activations); other FFNs stay and the
-  report says why. The fused model's logits are checked against the unfused one's
-  (``fuse_ffn_tolerance``).
+  report says why. The fused model's outputs (the task's logits, or a bi-encoder's pooled
+  embeddings; padded positions left out) are checked against the unfused one's (``fuse_ffn_tolerance``).
 
 What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
 the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
@@ -28,7 +28,7 @@ arithmetic (``MatMulInteger``), DS layers as a weight rebuilt from the factors a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -55,8 +55,9 @@ class PackParams(PassParams):
     fuse_ffn: bool = Field(default=False, description="CPU: fuse each FFN (linear, GELU, linear; nn.Linear or "
                            "Int8Linear) into one int8 kernel call with per-row activation scales",
                            json_schema_extra=KEY_OMIT_DEFAULT)
-    fuse_ffn_tolerance: float = Field(default=5e-2, gt=0, description="fuse_ffn: max |fused - unfused logits| / "
-                                      "max |logit| on the parity batches", json_schema_extra=KEY_OMIT_DEFAULT)
+    fuse_ffn_tolerance: float = Field(default=5e-2, gt=0, description="fuse_ffn: max |fused - unfused outputs| / "
+                                      "max |output| on the parity batches (logits, or a bi-encoder's embeddings)",
+                                      json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 class PackPass(Pass):
@@ -166,24 +167,26 @@ class PackPass(Pass):
         return model
 
     def _fuse_ffn(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> None:
-        """Swap the fused FFNs in, checking the model's logits against the unfused model's on the parity batches."""
+        """Swap the fused FFNs in, checking the model's outputs (logits, or a bi-encoder's embeddings)
+        against the unfused model's on the parity batches."""
         p = self.params
         batches = _parity_batches(model, ctx, p.parity_sequences)
-        before = [_logits(model, b) for b in batches]
+        before = [_outputs(model, b, ctx.task)[0] for b in batches]
         for modules in sites.values():
             for name, new in modules.items():
                 set_module(model, name, new)
         model.eval()
-        after = [_logits(model, b) for b in batches]
+        answers = [_outputs(model, b, ctx.task) for b in batches]
+        after = [a for a, _ in answers]
         diff = max(float((a - b).abs().max()) for a, b in zip(after, before))
         scale = max(float(b.abs().max()) for b in before)
         rel = diff / scale if scale > 0 else diff
         ctx.report["fuse_ffn_parity"] = {"max_abs_diff": diff, "max_rel_diff": rel, "tolerance": p.fuse_ffn_tolerance,
-                                         "batches": len(batches), "ffn_fused": len(sites)}
-        ctx.log.info("fuse_ffn parity: max |diff| %.3g (%.3g of max |logit|)", diff, rel)
+                                         "batches": len(batches), "ffn_fused": len(sites), "compared": answers[0][1]}
+        ctx.log.info("fuse_ffn parity: max |diff| %.3g (%.3g of max |output|)", diff, rel)
         if not rel <= p.fuse_ffn_tolerance:
-            raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused FFN(s) the logits differ from the unfused "
-                            f"model's by {rel:.3g} of max |logit| (fuse_ffn_tolerance {p.fuse_ffn_tolerance})")
+            raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused FFN(s) the outputs differ from the unfused "
+                            f"model's by {rel:.3g} of max |output| (fuse_ffn_tolerance {p.fuse_ffn_tolerance})")
 
     def _export(self, model: nn.Module, ctx: PassContext) -> None:
         from stackcomp.onnx_export import (
@@ -253,11 +256,18 @@ def _kernel_reason(layout: str, kernel: str) -> str:
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], task: Any = None) -> tuple[torch.Tensor, str]:
+    """(what the model answers with, its name): the task's logits (padded positions left out),
+    or a bi-encoder's pooled embeddings; without a task, the logits or first output."""
     device = next(iter(list(model.parameters()) + list(model.buffers()))).device
-    out = model(**{k: v.to(device) for k, v in batch.items()})
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits.float().cpu()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if task is not None:
+        out = task.kd_outputs(model, batch)
+        for name in ("logits", "embeddings"):
+            if out.get(name) is not None:
+                return out[name].float().cpu(), name
+    out = model(**batch)
+    return (out.logits.float().cpu(), "logits") if hasattr(out, "logits") else (out[0].float().cpu(), "first output")
 
 
 def _parity_batches(model: nn.Module, ctx: PassContext, n: int) -> list[dict[str, torch.Tensor]]:
