@@ -472,3 +472,55 @@ def test_export_pass_writes_a_sentence_transformers_folder(tmp_path, st_folder, 
 
     ours = stackcomp.load(out)
     assert st.encode(["a small test sentence"]).shape[-1] == ours.config.hidden_size
+
+
+def test_engine_distills_on_unlabeled_text(tmp_path, st_folder, stsb_dir):
+    """``train.batches: unlabeled``: a student learns the teacher's embeddings from the train
+    sentences plus the ``data.unlabeled`` files; one epoch is one pass over that corpus."""
+    from stackcomp import run
+
+    extra = tmp_path / "extra.txt"
+    extra.write_text("\n".join(f"An extra sentence about topic {i}." for i in range(21)) + "\n", encoding="utf-8")
+    train_sentences = len({s for pair in PAIRS for s in pair[:2]})
+    stages = {"original": {"pass": "finetune", "params": {"epochs": 0}},
+              "kd": {"pass": "distill", "after": "original", "params": {
+                  "teacher": "original", "student": {"cut": {"num_layers": 1}},
+                  "weights": {"soft": 0, "hard": 0, "embedding": 1.0},
+                  "train": {"epochs": 1, "batch_size": 8, "batches": "unlabeled"}}}}
+    result = run({"name": "emb", "model": str(st_folder), "task": "embeddings/stsb", "evaluate_leaves": False,
+                  "data": {"max_length": 32, "data_dir": str(stsb_dir), "unlabeled": [str(extra)]},
+                  "stages": stages}, out=tmp_path / "run")
+    assert result.ok, [(s.stage, s.error) for s in result.failed]
+    assert result.stage("kd").metrics["train_steps"] == -(-(train_sentences + 21) // 8)
+    lock = json.loads((tmp_path / "run" / "lock.json").read_text())
+    assert [Path(f["path"]).name for f in lock["data"]["unlabeled"]] == ["extra.txt"]
+
+
+def test_unlabeled_batches_without_a_teacher_loss_fail_clearly(tmp_path, st_folder, stsb_dir):
+    from stackcomp import run
+
+    result = run({"name": "emb", "model": str(st_folder), "task": "embeddings/stsb", "evaluate_leaves": False,
+                  "data": {"max_length": 32, "data_dir": str(stsb_dir)},
+                  "stages": {"ft": {"pass": "finetune", "params": {"max_steps": 1, "batches": "unlabeled"}}}},
+                 out=tmp_path / "run")
+    assert not result.ok
+    assert "train.batches: unlabeled: there are no labels to learn from" in result.stage("ft").error
+
+
+def test_fused_ffn_parity_compares_the_bi_encoders_embeddings(tmp_path, st_folder, stsb_dir):
+    """pack's fuse_ffn check on a bi-encoder compares pooled embeddings (padding left out), not
+    raw token states, and the fused model is scored like any other."""
+    from stackcomp.kernels import ds_cpu
+
+    if ds_cpu.get_extension() is None:
+        pytest.skip("the C++ CPU kernel is not available here")
+    result = _run(tmp_path, st_folder, stsb_dir, {
+        "original": {"pass": "finetune", "params": {"epochs": 0}},
+        "int8": {"pass": "int8", "after": "original", "params": {"backend": "torch"}},
+        "fused": {"pass": "pack", "after": "int8", "params": {"target": "cpu", "fuse_ffn": True}},
+        **_eval_each(("fused",))})
+    report = json.loads((result.artifacts_dir / result.stage("fused").key / "report.json").read_text())
+    parity = report["fuse_ffn_parity"]
+    assert parity["compared"] == "embeddings" and parity["ffn_fused"] == 2
+    assert parity["max_rel_diff"] <= parity["tolerance"]
+    assert result.stage("fused_eval").metrics["main_metric"] == "spearman"
