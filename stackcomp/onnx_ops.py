@@ -18,7 +18,7 @@ Schemes, one op each:
   least 6.1e-5), each entry rounded as fbgemm does: ``fma(x, 1/s, zp)``, one float rounding,
   reproduced in double (``QuantizeLinear``'s ``x / s`` flips a rounding now and then: 0.2-0.3% of
   max |y| on inputs of 1,000+ tokens); ``y = s_x * s_w[row] * sum((x_q - zp) * w_q) + bias``.
-* ``int8_linear_per_row``: bitsandbytes' int8 matmul: each row of the input to int8 by its own
+* ``int8_linear_per_row``: bitsandbytes' int8 matmul (and the ``intmm`` backend's): each row of the input to int8 by its own
   absmax (``round(x * 127 / absmax)``); ``y = acc * absmax / 127 * s_w[row] + bias``.
 
 Weights stay int8 in the graph (``q`` (out, in) with per-row ``scale``), so the file is as
@@ -79,12 +79,12 @@ def _(x, q, scale, bias):
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 runs: str) -> torch.Tensor:
     """``y = x (q * scale)^T + bias`` as the int8 backend named ``runs`` computes it, as a recordable op
-    (``"torch"``, ``"bitsandbytes"``; anything else: the dequantized GEMM, the layers' fallback)."""
+    (``"torch"``, ``"bitsandbytes"`` or ``"intmm"``; anything else: the dequantized GEMM, the layers' fallback)."""
     x32 = x.float()
     b = None if bias is None else bias.float()
     if runs == "torch":
         y = torch.ops.stackcomp.int8_linear_per_tensor(x32, q, scale, b)
-    elif runs == "bitsandbytes":
+    elif runs in ("bitsandbytes", "intmm"):  # the same per-row arithmetic
         y = torch.ops.stackcomp.int8_linear_per_row(x32, q, scale, b)
     else:
         y = F.linear(x32, q.float() * scale.unsqueeze(-1), b)

@@ -18,6 +18,7 @@ from torch import nn
 from stackcomp.nn.packed import PackedDSLinear
 from stackcomp.nn.quantized import (
     BitsAndBytesInt8,
+    IntMMInt8,
     Int8Linear,
     Int8LowRankLinear,
     TorchDynamicInt8,
@@ -60,7 +61,7 @@ def _int8(model, tmp_path, backend):
 # ----------------------------------------------------------------------------- int8 ops
 
 
-@pytest.mark.parametrize("backend", [TorchDynamicInt8, BitsAndBytesInt8])
+@pytest.mark.parametrize("backend", [TorchDynamicInt8, BitsAndBytesInt8, IntMMInt8])
 def test_int8_ops_compute_what_the_backend_computes(backend):
     """The recorded op is the backend's arithmetic, not the dequantized GEMM (which differs by the
     activation rounding): inputs with and without negatives, all zeros, a zero row."""
@@ -84,7 +85,7 @@ def test_int8_ops_compute_what_the_backend_computes(backend):
     assert rel(int8_linear(xs[0], q, s, b, be.name), deq) > 1e-4  # the rounding is really there
 
 
-@pytest.mark.parametrize("backend", ["torch", "bitsandbytes"])
+@pytest.mark.parametrize("backend", ["torch", "bitsandbytes", "intmm"])
 def test_int8_pack_onnx_passes_default_parity_with_integer_matmuls(tmp_path, backend):
     if backend == "bitsandbytes":
         pytest.importorskip("bitsandbytes")

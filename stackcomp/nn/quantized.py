@@ -15,6 +15,8 @@ Backends (:func:`get_backend`), each behind one adapter class:
   per row, ``int8_linear_matmul``), the arithmetic of ``Linear8bitLt(has_fp16_weights=False)``
   without outlier decomposition; the int32 result is rescaled in fp32 (bitsandbytes' own
   ``int8_mm_dequant`` returns fp16). CPU and CUDA.
+* ``intmm`` -- :class:`IntMMInt8`: the same per-row arithmetic as bitsandbytes on PyTorch's own
+  int8 GEMM (``torch._int_mm``, oneDNN). CPU only.
 
 Where a backend cannot run (torch on CUDA, bitsandbytes not installed when a saved layer is
 loaded) the layer computes with its dequantized weights and logs it once: same stored numbers,
@@ -349,7 +351,36 @@ class BitsAndBytesInt8(Int8Backend):
         return y if bias is None else y + bias
 
 
-BACKENDS: dict[str, type[Int8Backend]] = {"torch": TorchDynamicInt8, "bitsandbytes": BitsAndBytesInt8}
+class IntMMInt8(Int8Backend):
+    """PyTorch's int8 GEMM (``torch._int_mm``, oneDNN on CPU: VNNI or AMX where the CPU has them)
+    with each row of the input rounded to 8 bits by its own absmax: bitsandbytes' arithmetic
+    (``int8_linear_per_row`` is its oracle and ONNX form) without bitsandbytes, and one bit more
+    per activation than the ``torch`` backend's 7-bit per-tensor rounding. ``_int_mm`` is
+    private API, used only here. CPU only (on CUDA, use bitsandbytes)."""
+
+    name = "intmm"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        if torch.device(device).type != "cpu":
+            return False, "the intmm backend runs on CPU only (bitsandbytes runs int8 on CUDA)"
+        if not hasattr(torch, "_int_mm"):
+            return False, "this PyTorch build has no torch._int_mm"
+        return True, ""
+
+    def prepare(self, q, scale, bias):
+        # _int_mm multiplies (tokens, in) by (in, out): the transposed weight, laid out once
+        return q.t().contiguous(), scale.float().cpu(), None if bias is None else bias.float().cpu()
+
+    def run(self, x, handle):
+        q_t, scale, bias = handle
+        absmax = x.abs().amax(-1, keepdim=True)
+        xq = torch.round(x * (127.0 / absmax.clamp(min=1e-30))).to(torch.int8)  # a zero row stays zero
+        y = torch._int_mm(xq, q_t).float() * ((absmax / 127.0) * scale)
+        return y if bias is None else y + bias
+
+
+BACKENDS: dict[str, type[Int8Backend]] = {"torch": TorchDynamicInt8, "bitsandbytes": BitsAndBytesInt8,
+                                          "intmm": IntMMInt8}
 _FALLBACK = DequantizedInt8()
 _warned: set[tuple[str, str]] = set()
 

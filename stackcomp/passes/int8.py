@@ -46,8 +46,9 @@ from stackcomp.targets import matches, select_modules, set_module, why_none_sele
 
 
 class Int8Params(PassParams):
-    backend: Literal["bitsandbytes", "torch"] = Field(
-        default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA) or torch (CPU)")
+    backend: Literal["bitsandbytes", "torch", "intmm"] = Field(
+        default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA), torch (CPU: "
+        "fbgemm, 7-bit per-tensor activations) or intmm (CPU: torch._int_mm, 8-bit per-row activations)")
     targets: list[str] | None = Field(default=None,
                                       description="module globs / re: patterns (default: encoder linears)")
     ignore: list[str] | None = Field(default=None, description="patterns left as they are (default: heads, embeddings)")
