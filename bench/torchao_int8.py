@@ -10,6 +10,7 @@ For each linear shape (out x in) and token count it times:
   dense     nn.Linear fp32
   ours      Int8Linear, backend torch (fbgemm dynamic int8; what the int8 pass makes)
   ours_bnb  Int8Linear, backend bitsandbytes (row-wise int8 activations, int32 accumulate)
+  ours_mm   Int8Linear, backend intmm (the same row-wise arithmetic on torch._int_mm, oneDNN)
   ao_dyn    torchao Int8DynamicActivationInt8WeightConfig (int8 activations per row + weights)
   ao_wo     torchao Int8WeightOnlyConfig (int8 weights per row, fp32 activations)
 
@@ -100,14 +101,15 @@ def _row(label: str, ms: dict[str, float], errs: dict[str, float], cols: list[st
 
 
 def bench_linears(shapes, tokens, rounds, calls, ao) -> list[str]:
-    cols = ["dense", "ours", "ours_bnb", "ao_dyn", "ao_wo"]
+    cols = ["dense", "ours", "ours_bnb", "ours_mm", "ao_dyn", "ao_wo"]
     lines = [f"{'linear (out x in) T':<24} " + " ".join(f"{c + ' ms / vs ours / err':>22}" for c in cols)]
     for shape in shapes:
         out, inn = (int(v) for v in shape.split("x"))
         torch.manual_seed(0)
         lin = nn.Linear(inn, out).eval()
         fns = {"dense": lin, "ours": Int8Linear.from_linear(lin, "torch"),
-               "ours_bnb": Int8Linear.from_linear(lin, "bitsandbytes")}
+               "ours_bnb": Int8Linear.from_linear(lin, "bitsandbytes"),
+               "ours_mm": Int8Linear.from_linear(lin, "intmm")}
         if ao[0] is not None:
             quantize_, configs = ao[0]
             for name, cfg in configs.items():
