@@ -144,15 +144,38 @@ def test_a_missing_file_is_a_plan_time_error_naming_it(tmp_path, tiny_model_dirs
         check_inputs(plan)
 
 
-def test_a_task_kind_without_unlabeled_batches_says_so(tmp_path, tiny_model_dirs, data_env):
+def _glue_distill(tmp_path, folder, task, unlabeled=None):
     from stackcomp import run
 
-    folder = tiny_model_dirs["bert"]
-    result = run({"name": "g", "model": str(folder), "task": "glue/sst2", "evaluate_leaves": False,
-                  "data": {"max_length": 32},
-                  "stages": {"kd": {"pass": "distill", "params": {
-                      "teacher": str(folder), "student": {"cut": {"num_layers": 1}},
-                      "weights": {"soft": 1.0, "hard": 0}, "train": {"max_steps": 1, "batches": "unlabeled"}}}}},
-                 out=tmp_path / "run")
+    data = {"max_length": 32, **({"unlabeled": unlabeled} if unlabeled else {})}
+    return run({"name": "g", "model": str(folder), "task": task, "evaluate_leaves": False, "data": data,
+                "stages": {"kd": {"pass": "distill", "params": {
+                    "teacher": str(folder), "student": {"cut": {"num_layers": 1}},
+                    "weights": {"soft": 1.0, "hard": 0},
+                    "train": {"epochs": 1, "batch_size": 16, "batches": "unlabeled"}}}}}, out=tmp_path / "run")
+
+
+def test_a_single_sentence_glue_task_distills_on_unlabeled_text(tmp_path, tiny_model_dirs, data_env):
+    """SST-2's train sentences plus a file, soft targets only: one epoch is one pass over both."""
+    from stackcomp.data.glue import get_task, load_split
+
+    extra = tmp_path / "reviews.txt"
+    extra.write_text("\n".join(f"an unlabeled review number {i}" for i in range(40)) + "\n", encoding="utf-8")
+    train = set(load_split(get_task("glue/sst2"), "train", data_env)["sentence"])
+    result = _glue_distill(tmp_path, tiny_model_dirs["bert"], "glue/sst2", [str(extra)])
+    assert result.ok, [(s.stage, s.error) for s in result.failed]
+    assert result.stage("kd").metrics["train_steps"] == -(-(len(train) + 40) // 16)
+
+
+def test_pair_tasks_and_kinds_without_unlabeled_batches_say_so(tmp_path, tiny_model_dirs, data_env):
+    from types import SimpleNamespace
+
+    from stackcomp.errors import PlanError
+    from stackcomp.train import TrainConfig, training_batches
+
+    result = _glue_distill(tmp_path, tiny_model_dirs["bert"], "glue/rte")
     assert not result.ok
-    assert "train.batches: unlabeled: task glue/sst2 has no unlabeled batches" in result.stage("kd").error
+    assert "glue/rte takes sentence pairs" in result.stage("kd").error
+    ctx = SimpleNamespace(data=object(), task=SimpleNamespace(name="ner/conll2003"), stage="kd")
+    with pytest.raises(PlanError, match="task ner/conll2003 has no unlabeled batches"):
+        training_batches(ctx, TrainConfig(batches="unlabeled"), augment=None, has_loss=True)

@@ -134,6 +134,7 @@ class TaskData:
         self._tokenized: dict[str, tuple[datasets.Dataset, np.ndarray]] = {}
         self._sorted: dict[str, datasets.Dataset] = {}
         self._augmented_sets: dict[str, tuple[datasets.Dataset, np.ndarray]] = {}
+        self._unlabeled_rows: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ facts
 
@@ -218,6 +219,29 @@ class TaskData:
         return shuffled_loader(ds, lengths, batch_size, seed=self.options.seed if seed is None else seed,
                                group_by_length=group, collate_fn=self.collator, num_workers=num_workers,
                                drop_last=drop_last)
+
+    def unlabeled_loader(self, batch_size: int, seed: int | None = None, group_by_length: bool | None = None, *,
+                         num_workers: int = 0) -> DataLoader:
+        """Shuffled (seeded; length-grouped unless told otherwise) batches of single sentences
+        without labels: the train split's sentences, then those of the ``data.unlabeled`` files,
+        deduplicated (what ``train.batches: unlabeled`` trains on: distillation from soft
+        targets). Single-sentence tasks only: the files hold sentences, not pairs."""
+        from stackcomp.data.unlabeled import corpus, lengths_of, tokenize_sentences
+
+        if self.task.is_pair:
+            raise DataError(f"{self.task.name} takes sentence pairs ({', '.join(self.task.text_fields)}); unlabeled "
+                            "batches are single sentences, so train.batches: unlabeled works on single-sentence "
+                            "tasks only")
+        _check_batch_size(batch_size)
+        if self._unlabeled_rows is None:
+            opts = self.options
+            raw = capped(load_split(self.task, "train", opts.data_dir), opts.max_train_samples, opts.seed)
+            texts = corpus(list(raw[self.task.text_fields[0]]), opts.unlabeled, opts.data_dir, opts.seed)
+            self._unlabeled_rows = tokenize_sentences(self.tokenizer, texts, opts.max_length)
+        rows = self._unlabeled_rows
+        group = self.options.group_by_length if group_by_length is None else group_by_length
+        return shuffled_loader(rows, lengths_of(rows), batch_size, seed=self.options.seed if seed is None else seed,
+                               group_by_length=group, collate_fn=self.collator, num_workers=num_workers)
 
     def _augmented(self, options: AugmentOptions) -> tuple[datasets.Dataset, np.ndarray]:
         key = options.model_dump_json()

@@ -151,9 +151,22 @@ def corpus(task_sentences: list[str], sources: list[UnlabeledSource], data_dir: 
     return list(dict.fromkeys(texts))
 
 
+def tokenize_sentences(tokenizer: Any, texts: list[str], max_length: int) -> list[dict[str, list[int]]]:
+    """One row of model inputs per sentence (truncated to ``max_length``; no padding), in
+    chunks so a large corpus is not one giant tokenizer call."""
+    wanted = {"input_ids", *getattr(tokenizer, "model_input_names", ())}
+    rows: list[dict[str, list[int]]] = []
+    for start in range(0, len(texts), 2000):
+        enc = tokenizer(texts[start:start + 2000], truncation=True, max_length=max_length)
+        keys = [k for k in enc if k in wanted]
+        rows.extend({k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"])))
+    return rows
+
+
 def lengths_of(rows: list[dict[str, Any]]) -> np.ndarray:
     """Token counts of tokenized rows (what length-grouped batching sorts by)."""
     return np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
 
 
-__all__ = ["FORMATS", "UnlabeledSource", "corpus", "lengths_of", "read_sentences", "resolve_path", "unlabeled_files"]
+__all__ = ["FORMATS", "UnlabeledSource", "corpus", "lengths_of", "read_sentences", "resolve_path", "tokenize_sentences",
+           "unlabeled_files"]

@@ -507,7 +507,6 @@ class EmbeddingData:
                             f"{limit}")
         self.eval_split = task.resolve_split(self.options.eval_split or "dev")
         self.main_metric = task.main_metric
-        self._wanted = {"input_ids", *getattr(tokenizer, "model_input_names", ())}
         self._collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         self._pairs: dict[str, tuple[list[str], list[str], list[float]]] = {}
         self._features: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {}
@@ -536,12 +535,9 @@ class EmbeddingData:
         return list(dict.fromkeys(s for pair in zip(a, b) for s in pair))
 
     def _tokenize(self, texts: list[str]) -> list[dict[str, list[int]]]:
-        rows: list[dict[str, list[int]]] = []
-        for start in range(0, len(texts), 2000):
-            enc = self.tokenizer(texts[start:start + 2000], truncation=True, max_length=self.options.max_length)
-            keys = [k for k in enc if k in self._wanted]
-            rows.extend({k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"])))
-        return rows
+        from stackcomp.data.unlabeled import tokenize_sentences
+
+        return tokenize_sentences(self.tokenizer, texts, self.options.max_length)
 
     def _pair_features(self, split: str) -> tuple[list[dict[str, Any]], np.ndarray]:
         split = self.task.resolve_split(split)

@@ -91,7 +91,8 @@ def training_batches(ctx: Any, config: TrainConfig, *, augment: Any, has_loss: b
     where = f"stage {ctx.stage!r}: train.batches: unlabeled"
     unlabeled_loader = getattr(ctx.data, "unlabeled_loader", None)
     if unlabeled_loader is None:
-        raise PlanError(f"{where}: task {ctx.task.name} has no unlabeled batches (the embeddings kind has)")
+        raise PlanError(f"{where}: task {ctx.task.name} has no unlabeled batches (embeddings and single-sentence "
+                        "glue tasks have)")
     if not has_loss:
         raise PlanError(f"{where}: there are no labels to learn from; use it with a teacher (distill, or a "
                         "factorizer's kd) whose losses need no labels (kd.hard: 0)")
