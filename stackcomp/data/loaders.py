@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from stackcomp.data.augment import AugmentOptions, augment_dataset
 from stackcomp.data.glue import TaskSpec, get_task, load_split, resolve_split
 from stackcomp.data.metrics import compute_metrics as _compute_metrics
+from stackcomp.data.sampling import seeded_subset as _subset  # the task kinds import it from here
 from stackcomp.data.unlabeled import UnlabeledSource
 from stackcomp.errors import DataError
 
@@ -79,13 +80,6 @@ def _quiet_datasets():
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
-
-
-def _subset(n: int, cap: int | None, seed: int) -> np.ndarray | None:
-    """Sorted indices of a seeded random subset of size ``cap``, or None to keep all ``n``."""
-    if cap is None or cap >= n:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
 
 
 def capped(raw: datasets.Dataset, cap: int | None, seed: int) -> datasets.Dataset:

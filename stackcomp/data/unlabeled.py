@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stackcomp.data.sampling import seeded_subset
 from stackcomp.errors import DataError
 
 #: formats and the column each reads when ``column`` is not given
@@ -86,8 +87,6 @@ def resolve_path(source: UnlabeledSource, data_dir: str | Path | None) -> Path:
 def read_sentences(source: UnlabeledSource, data_dir: str | Path | None = None, *, seed: int = 42) -> list[str]:
     """The source's non-empty sentences, deduplicated in file order (then the seeded
     ``max_sentences`` subset, file order kept)."""
-    from stackcomp.data.loaders import _subset
-
     path = resolve_path(source, data_dir)
     suffix = path.suffix.lower()
     try:
@@ -104,7 +103,7 @@ def read_sentences(source: UnlabeledSource, data_dir: str | Path | None = None, 
     texts = list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
     if not texts:
         raise DataError(f"data.unlabeled: {path}: no sentences")
-    keep = _subset(len(texts), source.max_sentences, seed)
+    keep = seeded_subset(len(texts), source.max_sentences, seed)
     return texts if keep is None else [texts[i] for i in keep]
 
 
