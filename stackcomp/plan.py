@@ -216,9 +216,10 @@ def check_inputs(plan: Plan) -> None:
         opts = recipe.data_options()
         get_task(recipe.task).check_data(["train", opts.eval_split or "dev"], opts.data_dir)
         if opts.unlabeled:
-            from stackcomp.data.unlabeled import unlabeled_files
+            from stackcomp.data.unlabeled import check_source
 
-            unlabeled_files(opts.unlabeled, opts.data_dir)
+            for source in opts.unlabeled:
+                check_source(source, opts.data_dir)
     for note in plan.inputs.unresolved() if plan.inputs else ():
         log.warning(note)
 

@@ -142,6 +142,14 @@ def test_a_missing_file_is_a_plan_time_error_naming_it(tmp_path, tiny_model_dirs
     plan = build_plan(recipe_from_dict(_recipe(tiny_model_dirs["bert"], root, ["nowhere.txt"])))
     with pytest.raises(DataError, match="data.unlabeled: file 'nowhere.txt' not found"):
         check_inputs(plan)
+    # a column that is not there is found before the run too (the header and the first JSONL row)
+    (root / "t.tsv").write_text(TSV, encoding="utf-8")
+    (root / "j.jsonl").write_text('{"question": "why?"}\n', encoding="utf-8")
+    for source, message in (({"path": "t.tsv", "column": "text"}, r"t\.tsv: no column 'text' in the header"),
+                            ("j.jsonl", r"j\.jsonl, first row: no text field 'text'")):
+        plan = build_plan(recipe_from_dict(_recipe(tiny_model_dirs["bert"], root, [source])))
+        with pytest.raises(DataError, match=message):
+            check_inputs(plan)
 
 
 def _glue_distill(tmp_path, folder, task, unlabeled=None):

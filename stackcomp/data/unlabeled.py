@@ -112,12 +112,15 @@ def _table_column(path: Path, column: str, delimiter: str) -> list[str]:
     with path.open(encoding="utf-8", newline="") as f:
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
-        if not header or column not in header:
-            raise DataError(f"data.unlabeled: {path}: no column {column!r} in the header "
-                            f"({', '.join(header or []) or 'empty file'}); set `column`")
-        at = header.index(column)
+        at = _column_index(next(reader, None), column, path)
         return [row[at] for row in reader if len(row) > at]
+
+
+def _column_index(header: list[str] | None, column: str, path: Path) -> int:
+    if not header or column not in header:
+        raise DataError(f"data.unlabeled: {path}: no column {column!r} in the header "
+                        f"({', '.join(header or []) or 'empty file'}); set `column`")
+    return header.index(column)
 
 
 def _jsonl_column(path: Path, field: str) -> list[str]:
@@ -126,14 +129,43 @@ def _jsonl_column(path: Path, field: str) -> list[str]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"data.unlabeled: {path}, line {number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            row = _json_row(line, path, number)
+            if not isinstance(row.get(field), str):
                 raise DataError(f"data.unlabeled: {path}, line {number}: no text field {field!r}; set `column`")
             texts.append(row[field])
     return texts
+
+
+def check_source(source: UnlabeledSource, data_dir: str | Path | None) -> Path:
+    """The source's file, after checking what can be checked cheaply before a run: it exists,
+    and a TSV/CSV header or the first JSONL row has the column (the rest is read when used)."""
+    path = resolve_path(source, data_dir)
+    suffix = path.suffix.lower()
+    column = source.column or FORMATS[suffix]
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            if suffix in (".tsv", ".csv"):
+                quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+                _column_index(next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=quoting),
+                                   None), column, path)
+            elif suffix == ".jsonl":
+                first = next((line for line in f if line.strip()), None)
+                row = _json_row(first, path, 1) if first is not None else None
+                if row is not None and not isinstance(row.get(column), str):
+                    raise DataError(f"data.unlabeled: {path}, first row: no text field {column!r}; set `column`")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.unlabeled: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"data.unlabeled: {path}: cannot read: {e}") from None
+    return path
+
+
+def _json_row(line: str, path: Path, number: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"data.unlabeled: {path}, line {number}: not JSON ({e.msg})") from None
+    return row if isinstance(row, dict) else {}
 
 
 def unlabeled_files(sources: list[UnlabeledSource], data_dir: str | Path | None) -> list[Path]:
@@ -167,5 +199,5 @@ def lengths_of(rows: list[dict[str, Any]]) -> np.ndarray:
     return np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
 
 
-__all__ = ["FORMATS", "UnlabeledSource", "corpus", "lengths_of", "read_sentences", "resolve_path", "tokenize_sentences",
+__all__ = ["FORMATS", "UnlabeledSource", "check_source", "corpus", "lengths_of", "read_sentences", "resolve_path", "tokenize_sentences",
            "unlabeled_files"]
