@@ -394,6 +394,23 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     ("search: {after: base, slots: [{name: s, choices: {_test_shrink: {params: {keep: {low: 2, high: 1}}}}}]}",
      "a range needs numbers low <= high"),
     ("", "needs a `search:` section"),
+    ("search: {after: base, enqueue: [{shrnk: _test_shrink}], slots: [{name: shrink, choices: {_test_shrink: {}}}]}",
+     "search.enqueue[0]: no slot 'shrnk' (slots: shrink)"),
+    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 0.5}}}], "
+     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: [0.2, 0.6]}}}}]}",
+     "shrink.keep = 0.5: not one of the space's choices [0.2, 0.6]"),
+    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {kep: 0.6}}}], "
+     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: [0.2, 0.6]}}}}]}",
+     "'kep' is not a param of this choice in the space (did you mean 'keep'?)"),
+    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 0.6}}}], "
+     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: 0.2}}}}]}",
+     "shrink._test_shrink.keep is fixed at 0.2 in the space; 0.6 cannot be tried"),
+    ("search: {after: base, enqueue: [{pre: _test_quant}], slots: [{name: pre, choices: {_test_quant: {}}}, "
+     "{name: shrink, choices: {_test_shrink: {params: {keep: {low: 0.1, high: 0.9}}}}}]}",
+     "search.enqueue[0]: slot 'shrink' is required; name one of _test_shrink"),
+    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 1.5}}}], "
+     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: {low: 0.1, high: 0.9}}}}}]}",
+     "shrink._test_shrink.keep = 1.5: expected a number in [0.1, 0.9]"),
 ])
 def test_bad_space_file_exits_2_with_one_line(tmp_path, tiny_model_dirs, section, needle):
     space = tmp_path / "space.yaml"
@@ -403,6 +420,38 @@ def test_bad_space_file_exits_2_with_one_line(tmp_path, tiny_model_dirs, section
     assert needle in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "s").exists()
+
+
+def test_enqueued_stacks_run_first_once_and_the_sampler_fills_what_they_leave_open(tmp_path, tiny_model_dirs):
+    """``search.enqueue``: hand-written stacks are the first trials, a resumed search does not
+    queue them again, and a param an entry leaves open is sampled from the space."""
+    from stackcomp.search import load_space, run_search
+
+    model = tiny_model_dirs["bert"]
+    text = planted_space(model, _budget(model)).replace(
+        "  slots:\n",
+        "  enqueue:\n"
+        "    - {shrink: {_test_shrink: {keep: 0.8}}, post: _test_quant}\n"
+        "    - {shrink: _test_shrink}\n"
+        "  slots:\n")
+    assert "enqueue:" in text
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(text)
+    out = tmp_path / "search"
+    from stackcomp.search.output import write_outputs
+
+    run_search(load_space(space_file), out, trials=3)
+    space = load_space(space_file)
+    run = run_search(space, out, trials=4)  # resume: one more trial, nothing queued again
+    write_outputs(space, run.study, run.paths)
+    trials = {t["number"]: t for t in _search_json(out)["trials"]}
+    assert sum(t["outcome"] in ("complete", "pruned", "failed") for t in trials.values()) == 4
+    assert trials[0]["chain"] == ["shrink=_test_shrink", "post=_test_quant"] and trials[0]["enqueued"] == 0
+    assert trials[0]["stages"][0]["params"] == {"keep": 0.8}
+    assert trials[0]["objectives"]["metric"] == pytest.approx((1 - 0.5 * 0.2 ** 2) * 0.8)
+    assert trials[1]["chain"] == ["shrink=_test_shrink"] and trials[1]["enqueued"] == 1
+    assert trials[1]["stages"][0]["params"]["keep"] in (0.2, 0.4, 0.6, 0.8, 1.0)  # left open: sampled
+    assert [t["enqueued"] for n, t in trials.items() if n >= 2] == [None] * (len(trials) - 2)
 
 
 def test_timeouts_are_durations():

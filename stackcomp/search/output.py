@@ -50,6 +50,7 @@ def trial_record(t: Any, paths: SearchPaths, retries: dict[int, int]) -> dict[st
         "objectives": a.get("objectives"), "metric_name": a.get("metric_name"),
         "delta_points": a.get("delta_points"), "meets_goal": a.get("meets_goal"),
         "goal_failures": a.get("goal_failures"), "reason": reason, "retry_of": a.get("retry_of"),
+        "enqueued": a.get("enqueued"),
     }
     if paths.trial_recipe(t.number).exists():
         rec["recipe"] = str(paths.trial_recipe(t.number))

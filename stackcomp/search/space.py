@@ -120,6 +120,10 @@ class SearchSpec(_Strict):
     pruning: Pruning = Field(default_factory=Pruning)
     startup_trials: int = Field(default=10, ge=1, description="random trials before TPE models the results")
     seed: int | None = Field(default=None, ge=0, description="sampler seed (default: the recipe's seed)")
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="stacks the search tries first (e.g. hand-written ones, under the same caps): "
+                    "slot -> pass, or slot -> {pass: {param: value}}; slots left out are skipped")
 
     @field_validator("objectives")
     @classmethod
@@ -204,6 +208,8 @@ class SearchSpace:
                 _check_values(choice.params, f"{where}.params")
         plan = build_plan(self.recipe)  # the prefix must be a valid plan on its own
         self._kept = set(plan.select([spec.after]).stages)
+        self.enqueued = [enqueued_params(self, entry, f"{self.source}: search.enqueue[{i}]")
+                         for i, entry in enumerate(spec.enqueue)]
 
     @property
     def slot_names(self) -> list[str]:
@@ -295,3 +301,106 @@ def sample_chain(space: SearchSpace, trial: Any) -> list[tuple[str, str, dict[st
             continue
         chain.append((slot.name, pick, sample_params(trial, f"{slot.name}.{pick}", slot.choices[pick].params)))
     return chain
+
+
+# ----------------------------------------------------------------------------- enqueued stacks
+
+_FIXED = object()  # a param the space fixes: nothing to enqueue
+
+
+def searched_dims(prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The dimensions ``sample_params`` asks the sampler for, by Optuna name, with their specs
+    (a range or a list); fixed values map to ``("fixed", value)``."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        name = f"{prefix}.{k}"
+        if is_range(v) or (isinstance(v, list)):
+            out[name] = v
+        elif is_literal(v):
+            out[name] = ("fixed", v["value"])
+        elif isinstance(v, dict):
+            out.update(searched_dims(name, v))
+        else:
+            out[name] = ("fixed", v)
+    return out
+
+
+def _flatten(values: Any, prefix: str) -> dict[str, Any]:
+    """``{student: {cut: {num_layers: 3}}}`` and ``{student.cut.num_layers: 3}`` -> dotted names."""
+    if not isinstance(values, dict):
+        return {prefix: values}
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        out.update(_flatten(v, f"{prefix}.{k}"))
+    return out
+
+
+def _dim_value(name: str, spec: Any, value: Any, where: str) -> Any:
+    """The value Optuna stores for ``name`` when a stack asks for ``value`` (an index for a list
+    of lists or mappings), or a clear error when the space does not hold it."""
+    if isinstance(spec, tuple):
+        if value != spec[1]:
+            raise SearchSpaceError(f"{where}: {name} is fixed at {spec[1]!r} in the space; {value!r} cannot be tried")
+        return _FIXED
+    if is_range(spec):
+        ints = isinstance(spec["low"], int) and isinstance(spec["high"], int) and not isinstance(spec.get("step", 1), float)
+        ok_type = isinstance(value, int) if ints else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type or not spec["low"] <= value <= spec["high"]:
+            kind = "an integer" if ints else "a number"
+            raise SearchSpaceError(f"{where}: {name} = {value!r}: expected {kind} in [{spec['low']}, {spec['high']}]")
+        return value
+    if all(x is None or isinstance(x, (bool, int, float, str)) for x in spec):
+        if value not in spec:
+            raise SearchSpaceError(f"{where}: {name} = {value!r}: not one of the space's choices {spec!r}")
+        return value
+    for i, choice in enumerate(spec):
+        if choice == value:
+            return i
+    raise SearchSpaceError(f"{where}: {name} = {value!r}: not one of the space's choices {spec!r}")
+
+
+def enqueued_params(space: SearchSpace, entry: Any, where: str) -> dict[str, Any]:
+    """A stack of ``search.enqueue`` as the Optuna params of a trial (``study.enqueue_trial``):
+    each named slot's pass and the values given for its searched params. What the entry leaves
+    open is sampled as usual; a slot it leaves out is skipped (an error for a required slot)."""
+    if not isinstance(entry, dict):
+        raise SearchSpaceError(f"{where}: expected a mapping slot -> pass, got {type(entry).__name__}")
+    slots = {s.name: s for s in space.spec.slots}
+    unknown = sorted(set(entry) - set(slots))
+    if unknown:
+        raise SearchSpaceError(f"{where}: no slot {unknown[0]!r} (slots: {', '.join(slots)})")
+    out: dict[str, Any] = {}
+    for slot in space.spec.slots:
+        given = entry.get(slot.name)
+        options = list(slot.choices) + ([SKIP] if slot.optional else [])
+        if given is None or given == SKIP:
+            if not slot.optional:
+                raise SearchSpaceError(f"{where}: slot {slot.name!r} is required; name one of "
+                                       f"{', '.join(slot.choices)}")
+            out[slot.name] = SKIP
+            continue
+        if isinstance(given, str):
+            pass_name, values = given, {}
+        elif isinstance(given, dict) and len(given) == 1:
+            (pass_name, values), = given.items()
+            values = values or {}
+        else:
+            raise SearchSpaceError(f"{where}.{slot.name}: write a pass name or {{pass: {{param: value}}}}, "
+                                   f"got {given!r}")
+        if pass_name not in slot.choices:
+            raise SearchSpaceError(f"{where}.{slot.name}: {pass_name!r} is not a choice of this slot "
+                                   f"(choices: {', '.join(slot.choices)})")
+        if len(options) > 1:
+            out[slot.name] = pass_name
+        head = f"{slot.name}.{pass_name}"
+        dims = searched_dims(head, slot.choices[pass_name].params)
+        for name, value in _flatten(values, head).items():
+            if name not in dims:
+                near = difflib.get_close_matches(name, list(dims), n=1)
+                hint = f" (did you mean {near[0][len(head) + 1:]!r}?)" if near else ""
+                raise SearchSpaceError(f"{where}.{slot.name}.{pass_name}: {name[len(head) + 1:]!r} is not a param "
+                                       f"of this choice in the space{hint}")
+            stored = _dim_value(name, dims[name], value, f"{where}.{slot.name}.{pass_name}")
+            if stored is not _FIXED:
+                out[name] = stored
+    return out

@@ -160,6 +160,7 @@ def open_study(space: SearchSpace, paths: SearchPaths) -> Any:
     if study.user_attrs.get("space") is None:
         study.set_user_attr("space", identity)
         study.set_user_attr("objectives", space.spec.objectives)
+        enqueue_stacks(space, study)  # once, when the study is new: a resume finds them queued or run
     elif study.user_attrs["space"] != identity:
         raise SearchError(f"{paths.root} holds the search of another space (the space file changed since it "
                           "started); resume with the same file, or give another -o")
@@ -179,6 +180,12 @@ def _exclusive(paths: SearchPaths) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def enqueue_stacks(space: SearchSpace, study: Any) -> None:
+    """Queue ``search.enqueue``'s stacks: the first trials run them, the sampler fills what they leave open."""
+    for i, params in enumerate(getattr(space, "enqueued", [])):
+        study.enqueue_trial(params, user_attrs={"enqueued": i}, skip_if_exists=False)
 
 
 def outcome(t: Any) -> str | None:
@@ -237,6 +244,7 @@ def dry_run(space: SearchSpace, n: int) -> list[SampledTrial]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=make_sampler(space), directions=space.directions)
+    enqueue_stacks(space, study)
     out = []
     for _ in range(n):
         t = study.ask()
