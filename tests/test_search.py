@@ -454,6 +454,21 @@ def test_enqueued_stacks_run_first_once_and_the_sampler_fills_what_they_leave_op
     assert [t["enqueued"] for n, t in trials.items() if n >= 2] == [None] * (len(trials) - 2)
 
 
+def test_an_interrupted_enqueued_trial_is_retried_as_the_same_entry():
+    import optuna
+
+    from stackcomp.search.study import recover_interrupted
+
+    study = optuna.create_study(directions=["maximize"])
+    study.enqueue_trial({"shrink": "_test_shrink"}, user_attrs={"enqueued": 1})
+    t = study.ask()
+    t.suggest_categorical("shrink", ["_test_shrink", "skip"])  # left RUNNING, as by a kill
+    assert recover_interrupted(study) == [t.number]
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [w.user_attrs for w in waiting] == [{"retry_of": t.number, "enqueued": 1}]
+    assert study.ask().params == {} and study.trials[-1].system_attrs["fixed_params"] == {"shrink": "_test_shrink"}
+
+
 def test_timeouts_are_durations():
     from stackcomp.search import SearchError, parse_duration
 

@@ -150,7 +150,8 @@ def rich_table(result: SearchOutcome, space: SearchSpace) -> Any:
             mark += " best"
         table.add_row(
             str(r["number"]), f"[{colors.get(r['outcome'], 'white')}]{r['outcome']}[/]",
-            escape(" -> ".join(c.split("=", 1)[1] for c in r["chain"]) or "prefix only"),
+            escape(" -> ".join(c.split("=", 1)[1] for c in r["chain"]) or "prefix only")
+            + ("" if r.get("enqueued") is None else f" [dim](enqueued {r['enqueued']})[/]"),
             f"{o['metric'] * 100:.2f}" if isinstance(o.get("metric"), (int, float)) else "",
             f"{o['bytes'] / 1e6:.2f}" if isinstance(o.get("bytes"), (int, float)) else "",
             *([f"{o['latency']:.1f}" if isinstance(o.get("latency"), (int, float)) else ""] if latency else []),

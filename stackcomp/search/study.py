@@ -188,6 +188,12 @@ def enqueue_stacks(space: SearchSpace, study: Any) -> None:
         study.enqueue_trial(params, user_attrs={"enqueued": i}, skip_if_exists=False)
 
 
+def _retry_attrs(t: Any) -> dict[str, Any]:
+    """What a retried trial carries: the trial it retries, and the ``enqueue`` entry it ran, if any."""
+    enqueued = t.user_attrs.get("enqueued")
+    return {"retry_of": t.number, **({"enqueued": enqueued} if enqueued is not None else {})}
+
+
 def outcome(t: Any) -> str | None:
     return t.user_attrs.get("outcome")
 
@@ -204,7 +210,7 @@ def recover_interrupted(study: Any) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         # a FAIL without an outcome reads as interrupted (search.json names the retry)
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        study.enqueue_trial(dict(t.params), user_attrs=_retry_attrs(t))
         recovered.append(t.number)
     return recovered
 
@@ -381,7 +387,7 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
         trial.set_user_attr("outcome", INTERRUPTED)
         trial.set_user_attr("reason", f"{type(e).__name__}: {_one_line(e)}")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": n})
+        study.enqueue_trial(dict(trial.params), user_attrs=_retry_attrs(trial))
         raise
     verdict = pruner.verdict or _pruned_remotely(summary)
     if verdict is not None:
