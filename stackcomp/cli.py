@@ -519,6 +519,8 @@ def search(
         err_console.print(f"[yellow]stopped[/]: {escape(run.stopped)}", highlight=False)
     color = "green" if result.best is not None or space.goal is None else "red"
     console.print(f"[{color}]{escape(result.verdict)}[/]", highlight=False, soft_wrap=True)
+    for line in result.versus_enqueued():
+        console.print(escape(line), highlight=False, soft_wrap=True)
     console.print(f"[dim]search folder: {escape(str(out))} · search.json, pareto/, leaderboard.md, "
                   "leaderboard.html[/]", highlight=False)
 

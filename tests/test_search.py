@@ -452,6 +452,34 @@ def test_enqueued_stacks_run_first_once_and_the_sampler_fills_what_they_leave_op
     assert trials[1]["chain"] == ["shrink=_test_shrink"] and trials[1]["enqueued"] == 1
     assert trials[1]["stages"][0]["params"]["keep"] in (0.2, 0.4, 0.6, 0.8, 1.0)  # left open: sampled
     assert [t["enqueued"] for n, t in trials.items() if n >= 2] == [None] * (len(trials) - 2)
+    # did the search beat the enqueued stacks? each listed trial dominates on (metric, bytes)
+    data = _search_json(out)
+    assert set(data["beaten_by"]) == {"0", "1"}
+    for e, by in data["beaten_by"].items():
+        mine = trials[int(e)]["objectives"]
+        for n in by:
+            o = trials[n]["objectives"]
+            assert trials[n]["enqueued"] is None and o["metric"] >= mine["metric"] and o["bytes"] <= mine["bytes"]
+            assert (o["metric"], o["bytes"]) != (mine["metric"], mine["bytes"])
+
+
+def test_dominance_against_enqueued_stacks():
+    import optuna
+
+    from stackcomp.search.output import beaten_by, dominates
+
+    up, down = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    assert dominates([0.9, 5.0], [0.9, 6.0], [up, down]) and not dominates([0.9, 6.0], [0.9, 6.0], [up, down])
+    assert not dominates([0.95, 7.0], [0.9, 6.0], [up, down])  # better metric, more bytes: a trade, not a win
+
+    def trial(values, enqueued=None):
+        return optuna.trial.create_trial(values=values, user_attrs={"enqueued": enqueued})
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for t in (trial([0.88, 8.0], 0), trial([0.90, 6.0], 1), trial([0.89, 7.0]), trial([0.91, 9.0]),
+              trial([0.88, 8.0])):
+        study.add_trial(t)
+    assert beaten_by(study.trials, study.directions) == {0: [2], 1: []}
 
 
 def test_an_interrupted_enqueued_trial_is_retried_as_the_same_entry():

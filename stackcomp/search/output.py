@@ -29,10 +29,19 @@ class SearchOutcome:
     nearest: list[int] = field(default_factory=list)
     verdict: str = ""
     comparison: Any = None
+    #: completed enqueued trial -> the searched (not enqueued) completed trials that dominate it
+    beaten_by: dict[int, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"trials": self.trials, "pareto": self.pareto, "best": self.best, "nearest": self.nearest,
-                "verdict": self.verdict}
+                "verdict": self.verdict, "beaten_by": {str(k): v for k, v in self.beaten_by.items()}}
+
+    def versus_enqueued(self) -> list[str]:
+        """One line per enqueued stack that completed: which searched trials beat it, if any."""
+        chains = {r["number"]: " -> ".join(c.split("=", 1)[1] for c in r["chain"]) for r in self.trials}
+        return [f"enqueued trial {n} ({chains[n]}): " + (f"dominated by searched trial(s) {', '.join(map(str, by))}"
+                                                          if by else "no searched trial dominates it")
+                for n, by in self.beaten_by.items()]
 
 
 def trial_record(t: Any, paths: SearchPaths, retries: dict[int, int]) -> dict[str, Any]:
@@ -80,7 +89,23 @@ def summarize(space: SearchSpace, study: Any, paths: SearchPaths) -> SearchOutco
             near = sorted(done, key=lambda t: sum(max(c, 0.0) for c in (t.user_attrs.get("constraints") or {}).values()))
             nearest = [t.number for t in near[:NEAREST]]
             verdict = f"no trial meets the goal; nearest: {', '.join(_near_text(t) for t in near[:NEAREST])}"
-    return SearchOutcome(records, pareto, best, nearest, verdict)
+    return SearchOutcome(records, pareto, best, nearest, verdict,
+                         beaten_by=beaten_by(done, study.directions))
+
+
+def dominates(a: list[float], b: list[float], directions: list[Any]) -> bool:
+    """``a`` is at least as good as ``b`` on every objective and better on one."""
+    sign = [1.0 if str(getattr(d, "name", d)).lower() == "maximize" else -1.0 for d in directions]
+    better_or_equal = all(s * x >= s * y for s, x, y in zip(sign, a, b))
+    return better_or_equal and any(s * x > s * y for s, x, y in zip(sign, a, b))
+
+
+def beaten_by(done: list[Any], directions: list[Any]) -> dict[int, list[int]]:
+    """For each completed enqueued trial (a hand-written stack), the completed searched trials
+    that dominate it on the study's objectives: did the search beat what its user wrote?"""
+    enqueued = [t for t in done if t.user_attrs.get("enqueued") is not None]
+    searched = [t for t in done if t.user_attrs.get("enqueued") is None]
+    return {e.number: [t.number for t in searched if dominates(t.values, e.values, directions)] for e in enqueued}
 
 
 def _chain_text(t: Any) -> str:
