@@ -2,6 +2,8 @@
 
     STACKCOMP_DATA_DIR=../shared/data python bench/stage_latency.py runs/minilm-sst2-stack3 ft kd3 kd3_int8 kd3_pack
     ... runs/minilm-sst2-stack3 ft kd3_int8 --onnx ft,kd3     # + the fp32 models in ONNX Runtime, fp32 and int8
+    ... runs/search-sst2/runs/0 ft runs/search-sst2/runs/7::pack   # RUN::STAGE: a stage of another run
+                                                                  # (a search's trials), shown as 7:pack
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -61,10 +63,19 @@ def ort_models(name: str, model, example: dict, threads: int) -> dict:
     return {f"{name}@ort": OrtModel(path, threads), f"{name}@ort-int8": OrtModel(qpath, threads)}
 
 
+def stage_model_folder(run: Run, spec: str) -> tuple[str, os.PathLike]:
+    """``STAGE`` of ``run``, or ``RUN::STAGE`` of another run (labelled ``<run folder>:STAGE``)."""
+    if "::" in spec:
+        other, stage = spec.rsplit("::", 1)
+        return f"{os.path.basename(os.path.normpath(other))}:{stage}", Run(other).artifact(stage) / "model"
+    return spec, run.artifact(spec) / "model"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory (runs/<recipe name>)")
-    ap.add_argument("stages", nargs="+", help="stages whose saved models to time; the first is the reference")
+    ap.add_argument("stages", nargs="+", help="stages whose saved models to time (RUN::STAGE for another run's); "
+                    "the first is the reference")
     ap.add_argument("--task", default=None, help="default: the run's task")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8)
@@ -84,17 +95,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     run = Run(args.run)
-    models = {}
-    for name in args.stages:
-        folder = run.artifact(name) / "model"
+    models, folders = {}, {}
+    for spec in args.stages:
+        name, folder = stage_model_folder(run, spec)
+        folders[name] = folder
         models[name] = load_model(folder, device="cpu").eval()
-    tok = AutoTokenizer.from_pretrained(run.artifact(args.stages[0]) / "model")
+    args.stages = list(folders)
+    tok = AutoTokenizer.from_pretrained(folders[args.stages[0]])
     task = get_task(args.task or run.task or "glue/sst2")
     data = task.build_data(tok, DataOptions(max_length=args.max_length))
     batches = data.latency_batches(args.batch_size, args.batches)
 
     for name in [n for n in args.onnx.split(",") if n]:
-        model = models[name] if name in models else load_model(run.artifact(name) / "model", device="cpu").eval()
+        model = models[name] if name in models else load_model(stage_model_folder(run, name)[1], device="cpu").eval()
         models.update(ort_models(name, model, batches[0], torch.get_num_threads()))
 
     with torch.inference_mode():

@@ -463,6 +463,25 @@ def test_enqueued_stacks_run_first_once_and_the_sampler_fills_what_they_leave_op
             assert (o["metric"], o["bytes"]) != (mine["metric"], mine["bytes"])
 
 
+def test_an_enqueued_value_of_a_list_of_mappings_is_its_index(tmp_path, tiny_model_dirs):
+    from stackcomp.search import space_from_dict
+    from stackcomp.search.space import SearchSpaceError, enqueued_params
+
+    space = space_from_dict({
+        "name": "lists", "model": str(tiny_model_dirs["bert"]), "stages": {"base": {"pass": "_test_base"}},
+        "search": {"after": "base", "slots": [{"name": "kd", "optional": True, "choices": {"distill": {"params": {
+            "teacher": "base", "student": [{"cut": {"num_layers": 1}}, {"cut": {"num_layers": 2}}],
+            "temperature": {"low": 1.0, "high": 4.0}}}}}]}})
+    entry = {"kd": {"distill": {"student": {"cut": {"num_layers": 2}}, "temperature": 2}}}
+    assert enqueued_params(space, entry, "e") == {"kd": "distill", "kd.distill.student": 1,
+                                                  "kd.distill.temperature": 2}
+    assert enqueued_params(space, {}, "e") == {"kd": "skip"}
+    with pytest.raises(SearchSpaceError, match=r"kd.distill.student = \{'cut': \{'num_layers': 3\}\}: not one of"):
+        enqueued_params(space, {"kd": {"distill": {"student": {"cut": {"num_layers": 3}}}}}, "e")
+    with pytest.raises(SearchSpaceError, match="kd.distill.teacher is fixed at 'base'"):
+        enqueued_params(space, {"kd": {"distill": {"teacher": "other"}}}, "e")
+
+
 def test_dominance_against_enqueued_stacks():
     import optuna
 

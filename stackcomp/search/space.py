@@ -248,6 +248,11 @@ def is_range(v: Any) -> bool:
     return isinstance(v, dict) and {"low", "high"} <= set(v) and set(v) <= {"low", "high", "log", "step"}
 
 
+def is_int_range(v: dict[str, Any]) -> bool:
+    """A range sampled as integers: both bounds integers and no float step."""
+    return isinstance(v["low"], int) and isinstance(v["high"], int) and not isinstance(v.get("step", 1), float)
+
+
 def is_literal(v: Any) -> bool:
     return isinstance(v, dict) and set(v) == {"value"}
 
@@ -272,7 +277,7 @@ def sample_params(trial: Any, prefix: str, params: dict[str, Any]) -> dict[str, 
     for k, v in params.items():
         name = f"{prefix}.{k}"
         if is_range(v):
-            if isinstance(v["low"], int) and isinstance(v["high"], int) and not isinstance(v.get("step", 1), float):
+            if is_int_range(v):
                 out[k] = trial.suggest_int(name, v["low"], v["high"], log=bool(v.get("log")), step=v.get("step") or 1)
             else:
                 out[k] = trial.suggest_float(name, float(v["low"]), float(v["high"]), log=bool(v.get("log")),
@@ -314,7 +319,7 @@ def searched_dims(prefix: str, params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in params.items():
         name = f"{prefix}.{k}"
-        if is_range(v) or (isinstance(v, list)):
+        if is_range(v) or isinstance(v, list):
             out[name] = v
         elif is_literal(v):
             out[name] = ("fixed", v["value"])
@@ -325,13 +330,14 @@ def searched_dims(prefix: str, params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _flatten(values: Any, prefix: str) -> dict[str, Any]:
-    """``{student: {cut: {num_layers: 3}}}`` and ``{student.cut.num_layers: 3}`` -> dotted names."""
-    if not isinstance(values, dict):
+def _flatten(values: Any, prefix: str, dims: dict[str, Any]) -> dict[str, Any]:
+    """``{student: {cut: {num_layers: 3}}}`` and ``{student.cut.num_layers: 3}`` -> dotted names;
+    a mapping stays whole where the space has one dimension for it (a list of mappings)."""
+    if not isinstance(values, dict) or prefix in dims:
         return {prefix: values}
     out: dict[str, Any] = {}
     for k, v in values.items():
-        out.update(_flatten(v, f"{prefix}.{k}"))
+        out.update(_flatten(v, f"{prefix}.{k}", dims))
     return out
 
 
@@ -343,7 +349,7 @@ def _dim_value(name: str, spec: Any, value: Any, where: str) -> Any:
             raise SearchSpaceError(f"{where}: {name} is fixed at {spec[1]!r} in the space; {value!r} cannot be tried")
         return _FIXED
     if is_range(spec):
-        ints = isinstance(spec["low"], int) and isinstance(spec["high"], int) and not isinstance(spec.get("step", 1), float)
+        ints = is_int_range(spec)
         ok_type = isinstance(value, int) if ints else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or not spec["low"] <= value <= spec["high"]:
             kind = "an integer" if ints else "a number"
@@ -394,7 +400,7 @@ def enqueued_params(space: SearchSpace, entry: Any, where: str) -> dict[str, Any
             out[slot.name] = pass_name
         head = f"{slot.name}.{pass_name}"
         dims = searched_dims(head, slot.choices[pass_name].params)
-        for name, value in _flatten(values, head).items():
+        for name, value in _flatten(values, head, dims).items():
             if name not in dims:
                 near = difflib.get_close_matches(name, list(dims), n=1)
                 hint = f" (did you mean {near[0][len(head) + 1:]!r}?)" if near else ""
