@@ -23,6 +23,7 @@ import os
 import warnings
 
 import torch
+from model_latency import agreement, time_models
 from transformers import AutoTokenizer
 
 from stackcomp.artifacts import load_model
@@ -30,8 +31,6 @@ from stackcomp.data import DataOptions
 from stackcomp.evaluate import size_report
 from stackcomp.report import Run
 from stackcomp.tasks import get_task
-
-from model_latency import agreement, time_models
 
 
 class OrtModel:

@@ -396,20 +396,20 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     ("", "needs a `search:` section"),
     ("search: {after: base, enqueue: [{shrnk: _test_shrink}], slots: [{name: shrink, choices: {_test_shrink: {}}}]}",
      "search.enqueue[0]: no slot 'shrnk' (slots: shrink)"),
-    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 0.5}}}], "
-     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: [0.2, 0.6]}}}}]}",
+    (("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 0.5}}}], "
+      "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: [0.2, 0.6]}}}}]}"),
      "shrink.keep = 0.5: not one of the space's choices [0.2, 0.6]"),
-    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {kep: 0.6}}}], "
-     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: [0.2, 0.6]}}}}]}",
+    (("search: {after: base, enqueue: [{shrink: {_test_shrink: {kep: 0.6}}}], "
+      "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: [0.2, 0.6]}}}}]}"),
      "'kep' is not a param of this choice in the space (did you mean 'keep'?)"),
-    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 0.6}}}], "
-     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: 0.2}}}}]}",
+    (("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 0.6}}}], "
+      "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: 0.2}}}}]}"),
      "shrink._test_shrink.keep is fixed at 0.2 in the space; 0.6 cannot be tried"),
-    ("search: {after: base, enqueue: [{pre: _test_quant}], slots: [{name: pre, choices: {_test_quant: {}}}, "
-     "{name: shrink, choices: {_test_shrink: {params: {keep: {low: 0.1, high: 0.9}}}}}]}",
+    (("search: {after: base, enqueue: [{pre: _test_quant}], slots: [{name: pre, choices: {_test_quant: {}}}, "
+      "{name: shrink, choices: {_test_shrink: {params: {keep: {low: 0.1, high: 0.9}}}}}]}"),
      "search.enqueue[0]: slot 'shrink' is required; name one of _test_shrink"),
-    ("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 1.5}}}], "
-     "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: {low: 0.1, high: 0.9}}}}}]}",
+    (("search: {after: base, enqueue: [{shrink: {_test_shrink: {keep: 1.5}}}], "
+      "slots: [{name: shrink, choices: {_test_shrink: {params: {keep: {low: 0.1, high: 0.9}}}}}]}"),
      "shrink._test_shrink.keep = 1.5: expected a number in [0.1, 0.9]"),
 ])
 def test_bad_space_file_exits_2_with_one_line(tmp_path, tiny_model_dirs, section, needle):
