@@ -23,7 +23,6 @@ import os
 import warnings
 
 import torch
-from model_latency import agreement, time_models
 from transformers import AutoTokenizer
 
 from stackcomp.artifacts import load_model
@@ -31,6 +30,8 @@ from stackcomp.data import DataOptions
 from stackcomp.evaluate import size_report
 from stackcomp.report import Run
 from stackcomp.tasks import get_task
+
+from model_latency import agreement, time_models  # bench/, beside this script
 
 
 class OrtModel:
