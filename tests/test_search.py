@@ -256,10 +256,36 @@ def test_a_hopeless_trial_is_pruned_and_leaves_nothing_in_the_cache(tmp_path, ti
     artifacts = out / "artifacts"
     # the prefix trained (below the floor too, but the prefix is never judged) and is cached ...
     assert (artifacts / plan.stages["ft"].key / "CHECKSUMS.json").exists()
-    # ... the pruned stage committed nothing: a later trial with its key would run it afresh
+    # ... the pruned stage committed nothing (no half-trained model for a later trial to take)
     assert not (artifacts / plan.stages["tune"].key).exists()
     assert not [p for p in artifacts.iterdir() if p.name.startswith(".tmp")]
     assert data["best"] is None and data["verdict"] == "no trial completed" and data["pareto"] == []
+
+
+def test_a_stage_pruned_once_is_not_trained_again(tmp_path, tiny_model_dirs, data_env):
+    """Three trials over two learning rates: a key repeats, and its trial is pruned from the
+    record of the first, without training (no run of the stage, the first trial named)."""
+    from stackcomp.search import load_space, run_search
+    from stackcomp.search.output import write_outputs
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(hopeless_space(tiny_model_dirs["bert"], "prune-memo"))
+    space = load_space(space_file)
+    out = tmp_path / "search"
+    run = run_search(space, out, trials=3)
+    trials = write_outputs(space, run.study, run.paths, leaderboard=False).to_json()["trials"]
+    assert [t["outcome"] for t in trials] == ["pruned"] * 3
+    lrs = [t["params"]["tune.finetune.train.lr"] for t in trials]
+    first = {lr: lrs.index(lr) for lr in lrs}
+    for n, (t, lr) in enumerate(zip(trials, lrs)):
+        trained = (out / "runs" / str(n) / "logs" / "tune.log").exists()
+        if first[lr] == n:
+            assert trained and "below the floor" in t["reason"] and "not trained again" not in t["reason"]
+        else:
+            assert not trained
+            assert t["reason"].startswith(f"stage 'tune' is the stage 'tune' pruned in trial {first[lr]} "
+                                          "(not trained again): ")
+            assert trials[first[lr]]["reason"] in t["reason"]
 
 
 def test_the_pruning_floor_follows_the_goal_and_waits_for_the_prefix():

@@ -373,6 +373,9 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
     recipe_path = paths.trial_recipe(n)
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(_recipe_text(raw, n, chain))
+    known = _pruned_before(study, plan)
+    if known is not None:  # the same stage (same key: same inputs, params, seed) was pruned: not trained again
+        return _prune(space, study, trial, known)
     run_dir = paths.run_dir(n)
     store = ArtifactStore(run_dir, artifacts_dir=paths.artifacts)
     pruner = _pruner(space, plan, store)
@@ -391,12 +394,8 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
         raise
     verdict = pruner.verdict or _pruned_remotely(summary)
     if verdict is not None:
-        trial.set_user_attr("outcome", PRUNED)
-        trial.set_user_attr("reason", verdict)
-        for name in goal_constraints(space.goal, None):
-            trial.set_constraint(name, 1.0)  # a pruned trial counts as missing the goal
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return PRUNED
+        _remember_pruned(study, n, summary, verdict)
+        return _prune(space, study, trial, verdict)
     bad = summary.get("failed") or []
     if bad or summary.get("skipped"):
         why = (f"stage {bad[0]['stage']!r} ({bad[0]['pass']}) failed: {bad[0]['error']}" if bad else
@@ -412,6 +411,41 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
         trial.set_constraint(name, v)  # the sampler ranks trials that miss the goal behind
     study.tell(trial, values)
     return COMPLETE
+
+
+#: study user attr prefix: ``pruned_stage:<key>`` -> the trial, stage and verdict that pruned it
+PRUNED_STAGE = "pruned_stage:"
+
+
+def _prune(space: SearchSpace, study: Any, trial: Any, verdict: str) -> str:
+    import optuna
+
+    trial.set_user_attr("outcome", PRUNED)
+    trial.set_user_attr("reason", verdict)
+    for name in goal_constraints(space.goal, None):
+        trial.set_constraint(name, 1.0)  # a pruned trial counts as missing the goal
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return PRUNED
+
+
+def _remember_pruned(study: Any, number: int, summary: dict[str, Any], verdict: str) -> None:
+    """Record the pruned stage's key (one attr per key: trials side by side never overwrite each other)."""
+    for failed in summary.get("failed") or []:
+        if str(failed.get("error") or "").startswith(f"{PrunedByRule.__name__}: ") and failed.get("key"):
+            study.set_user_attr(PRUNED_STAGE + failed["key"],
+                                {"trial": number, "stage": failed["stage"], "verdict": verdict})
+
+
+def _pruned_before(study: Any, plan: Any) -> str | None:
+    """Why a stage of ``plan`` was pruned in an earlier trial, or None. Its key names its inputs,
+    params and seed, so training it again would repeat the same evaluations below the floor."""
+    attrs = study.user_attrs
+    for name in plan.order:
+        seen = attrs.get(PRUNED_STAGE + plan.stages[name].key)
+        if seen:
+            return (f"stage {name!r} is the stage {seen['stage']!r} pruned in trial {seen['trial']} "
+                    f"(not trained again): {seen['verdict']}")
+    return None
 
 
 def _pruned_remotely(summary: dict[str, Any]) -> str | None:
