@@ -263,29 +263,32 @@ def test_a_hopeless_trial_is_pruned_and_leaves_nothing_in_the_cache(tmp_path, ti
 
 
 def test_a_stage_pruned_once_is_not_trained_again(tmp_path, tiny_model_dirs, data_env):
-    """Three trials over two learning rates: a key repeats, and its trial is pruned from the
-    record of the first, without training (no run of the stage, the first trial named)."""
+    """The same learning rate enqueued twice: the second trial is pruned from the record of the
+    first, without training and without counting; the search goes on to the other rate."""
     from stackcomp.search import load_space, run_search
     from stackcomp.search.output import write_outputs
 
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(hopeless_space(tiny_model_dirs["bert"], "prune-memo"))
+    text = hopeless_space(tiny_model_dirs["bert"], "prune-memo").replace(
+        "  slots:\n", "  enqueue: [{tune: {finetune: {train.lr: 1.0e-3}}}, {tune: {finetune: {train.lr: 1.0e-3}}}]\n"
+                      "  slots:\n")
+    assert "enqueue" in text
+    space_file.write_text(text)
     space = load_space(space_file)
     out = tmp_path / "search"
-    run = run_search(space, out, trials=3)
+    run = run_search(space, out, trials=2)
     trials = write_outputs(space, run.study, run.paths, leaderboard=False).to_json()["trials"]
-    assert [t["outcome"] for t in trials] == ["pruned"] * 3
     lrs = [t["params"]["tune.finetune.train.lr"] for t in trials]
-    first = {lr: lrs.index(lr) for lr in lrs}
-    for n, (t, lr) in enumerate(zip(trials, lrs)):
-        trained = (out / "runs" / str(n) / "logs" / "tune.log").exists()
-        if first[lr] == n:
-            assert trained and "below the floor" in t["reason"] and "not trained again" not in t["reason"]
-        else:
-            assert not trained
-            assert t["reason"].startswith(f"stage 'tune' is the stage 'tune' pruned in trial {first[lr]} "
-                                          "(not trained again): ")
-            assert trials[first[lr]]["reason"] in t["reason"]
+    assert lrs[:2] == [1.0e-3, 1.0e-3] and lrs[-1] == 2.0e-3
+    assert trials[0]["outcome"] == "pruned" and "below the floor" in trials[0]["reason"]
+    assert trials[-1]["outcome"] == "pruned" and "not trained again" not in trials[-1]["reason"]
+    for t in trials[1:-1]:  # the enqueued repeat, and any 1e-3 the sampler drew before 2e-3
+        assert t["outcome"] == "repeated" and t["state"] == "PRUNED"
+        assert t["reason"].startswith("stage 'tune' is the stage 'tune' pruned in trial 0 (not trained again, "
+                                      "not counted): ") and trials[0]["reason"] in t["reason"]
+        assert not (out / "runs" / str(t["number"])).exists()
+    trained = [n for n in range(len(trials)) if (out / "runs" / str(n) / "logs" / "tune.log").exists()]
+    assert trained == [0, len(trials) - 1]
 
 
 def test_the_pruning_floor_follows_the_goal_and_waits_for_the_prefix():
@@ -459,6 +462,7 @@ def test_enqueued_stacks_run_first_once_and_the_sampler_fills_what_they_leave_op
         "  enqueue:\n"
         "    - {shrink: {_test_shrink: {keep: 0.8}}, post: _test_quant}\n"
         "    - {shrink: _test_shrink}\n"
+        "    - {shrink: {_test_shrink: {keep: 0.8}}, post: _test_quant}\n"
         "  slots:\n")
     assert "enqueue:" in text
     space_file = tmp_path / "space.yaml"
@@ -477,10 +481,14 @@ def test_enqueued_stacks_run_first_once_and_the_sampler_fills_what_they_leave_op
     assert trials[0]["objectives"]["metric"] == pytest.approx((1 - 0.5 * 0.2 ** 2) * 0.8)
     assert trials[1]["chain"] == ["shrink=_test_shrink"] and trials[1]["enqueued"] == 1
     assert trials[1]["stages"][0]["params"]["keep"] in (0.2, 0.4, 0.6, 0.8, 1.0)  # left open: sampled
-    assert [t["enqueued"] for n, t in trials.items() if n >= 2] == [None] * (len(trials) - 2)
+    # the third entry repeats the first: its result, nothing run, not counted
+    assert trials[2]["outcome"] == "repeated" and trials[2]["enqueued"] == 2 and trials[2]["state"] == "COMPLETE"
+    assert trials[2]["objectives"] == trials[0]["objectives"] and trials[2]["values"] == trials[0]["values"]
+    assert trials[2]["reason"].startswith("the same stack as trial 0") and not (out / "runs" / "2").exists()
+    assert [t["enqueued"] for n, t in trials.items() if n >= 3] == [None] * (len(trials) - 3)
     # did the search beat the enqueued stacks? each listed trial dominates on (metric, bytes)
     data = _search_json(out)
-    assert set(data["beaten_by"]) == {"0", "1"}
+    assert set(data["beaten_by"]) == {"0", "1"} and 2 not in data["pareto"]
     for e, by in data["beaten_by"].items():
         mine = trials[int(e)]["objectives"]
         for n in by:

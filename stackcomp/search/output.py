@@ -72,7 +72,8 @@ def summarize(space: SearchSpace, study: Any, paths: SearchPaths) -> SearchOutco
     retries = {t.user_attrs["retry_of"]: t.number for t in trials if t.user_attrs.get("retry_of") is not None}
     records = [trial_record(t, paths, retries) for t in trials]
     done = [t for t in trials if outcome(t) == COMPLETE]
-    pareto = sorted(t.number for t in study.best_trials) if done else []
+    # a repeated trial carries its earlier trial's values: the earlier one stands for both
+    pareto = sorted(t.number for t in study.best_trials if outcome(t) == COMPLETE) if done else []
     goal = space.goal
     best, nearest = None, []
     if not done:
@@ -166,7 +167,8 @@ def rich_table(result: SearchOutcome, space: SearchSpace) -> Any:
     for col in ("#", "outcome", "chain", "metric", "MB", *(["latency ms"] if latency else []), "goal", "Pareto",
                 "reason"):
         table.add_column(col, justify="right" if col in ("#", "metric", "MB", "latency ms") else "left")
-    colors = {"complete": "green", "pruned": "yellow", "failed": "red", "rejected": "magenta", "interrupted": "dim"}
+    colors = {"complete": "green", "pruned": "yellow", "failed": "red", "rejected": "magenta", "interrupted": "dim",
+              "repeated": "dim"}
     for r in result.trials:
         o = r["objectives"] or {}
         goal = "" if r["meets_goal"] is None else ("[green]met[/]" if r["meets_goal"] else "[red]missed[/]")

@@ -22,7 +22,8 @@ Resume: the study lives in ``DIR/study.db`` (SQLite, Optuna's RDB storage). Run 
 again: finished trials are kept; a trial left RUNNING by a kill is marked FAIL (``outcome:
 interrupted``) and its sampled params are queued again, so it is retried first (its finished
 stages come from the cache). ``--trials N`` counts trials that ran to an outcome (complete,
-pruned or failed): rejected and interrupted ones cost no training and do not count.
+pruned or failed): rejected, repeated (a chain run before, or a stage pruned before) and
+interrupted ones cost no training and do not count.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ log = logging.getLogger("stackcomp.search")
 
 #: user attr ``outcome`` of a trial
 COMPLETE, PRUNED, FAILED, REJECTED, INTERRUPTED = "complete", "pruned", "failed", "rejected", "interrupted"
+#: user attr ``outcome`` of a trial that trained nothing: its stack, or a stage of it that was
+#: pruned, was an earlier trial's (same stage keys); it takes that trial's result
+REPEATED = "repeated"
+#: outcomes that train nothing (a sampler may propose them again and again)
+UNCOUNTED = (REJECTED, REPEATED)
 #: outcomes that count towards ``--trials``
 COUNTED = (COMPLETE, PRUNED, FAILED)
 
@@ -310,9 +316,9 @@ def run_search(space: SearchSpace, out_dir: str | Path, *, trials: int, timeout_
                         if deadline is not None and time.monotonic() >= deadline:
                             result.stopped = f"--timeout reached after {counted(study)} of {trials} trials"
                         elif rejected_here >= max_rejected:
-                            result.stopped = (f"{rejected_here} sampled chains in a row were rejected by the planner; "
-                                              "the space allows almost no valid chain (see search.json for the "
-                                              "reasons)")
+                            result.stopped = (f"{rejected_here} sampled chains in a row were rejected by the planner "
+                                              "or repeated earlier trials; the space allows almost no new valid "
+                                              "chain (see search.json for the reasons)")
                         else:
                             with asking:
                                 trial = study.ask()
@@ -324,7 +330,7 @@ def run_search(space: SearchSpace, out_dir: str | Path, *, trials: int, timeout_
                     for future in done:
                         number = running.pop(future)
                         state = future.result()
-                        if state == REJECTED:
+                        if state in UNCOUNTED:
                             rejected_here += 1
                         else:
                             rejected_here = 0
@@ -373,9 +379,9 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
     recipe_path = paths.trial_recipe(n)
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(_recipe_text(raw, n, chain))
-    known = _pruned_before(study, plan)
-    if known is not None:  # the same stage (same key: same inputs, params, seed) was pruned: not trained again
-        return _prune(space, study, trial, known)
+    repeat = _repeat_of(study, plan, chain)
+    if repeat is not None:
+        return _settle_repeat(space, study, trial, *repeat)
     run_dir = paths.run_dir(n)
     store = ArtifactStore(run_dir, artifacts_dir=paths.artifacts)
     pruner = _pruner(space, plan, store)
@@ -436,16 +442,51 @@ def _remember_pruned(study: Any, number: int, summary: dict[str, Any], verdict: 
                                 {"trial": number, "stage": failed["stage"], "verdict": verdict})
 
 
-def _pruned_before(study: Any, plan: Any) -> str | None:
-    """Why a stage of ``plan`` was pruned in an earlier trial, or None. Its key names its inputs,
-    params and seed, so training it again would repeat the same evaluations below the floor."""
+def _repeat_of(study: Any, plan: Any, chain: list[tuple[str, str, dict[str, Any]]]) -> tuple[Any, str | None] | None:
+    """The earlier trial a new one would only repeat, or None: an earlier complete trial with the
+    same chain (the same space, so the same recipe and stage keys) is the same stack
+    (``(trial, None)``); a stage whose key was pruned, whose key names its inputs, params and
+    seed, would repeat the same evaluations below the floor (``(record, stage)``, the record of
+    :func:`_remember_pruned`)."""
+    import optuna
+
+    mine = _canonical(_chain_attr(chain))
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if outcome(t) == COMPLETE and _canonical(t.user_attrs.get("chain")) == mine:
+            return t, None
     attrs = study.user_attrs
     for name in plan.order:
         seen = attrs.get(PRUNED_STAGE + plan.stages[name].key)
         if seen:
-            return (f"stage {name!r} is the stage {seen['stage']!r} pruned in trial {seen['trial']} "
-                    f"(not trained again): {seen['verdict']}")
+            return seen, name
     return None
+
+
+def _canonical(chain: Any) -> str:
+    return json.dumps(chain, sort_keys=True, default=str)
+
+
+def _settle_repeat(space: SearchSpace, study: Any, trial: Any, earlier: Any, stage: str | None) -> str:
+    """Give a repeating trial the earlier result (TPE learns from it) without running anything."""
+    import optuna
+
+    trial.set_user_attr("outcome", REPEATED)
+    if stage is not None:
+        trial.set_user_attr("reason", f"stage {stage!r} is the stage {earlier['stage']!r} pruned in trial "
+                                      f"{earlier['trial']} (not trained again, not counted): {earlier['verdict']}")
+        for name in goal_constraints(space.goal, None):
+            trial.set_constraint(name, 1.0)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return REPEATED
+    for k in ("objectives", "metric_name", "delta_points", "meets_goal", "goal_failures", "leaf", "constraints"):
+        if k in earlier.user_attrs:
+            trial.set_user_attr(k, earlier.user_attrs[k])
+    for name, v in (earlier.user_attrs.get("constraints") or {}).items():
+        trial.set_constraint(name, v)
+    trial.set_user_attr("reason", f"the same stack as trial {earlier.number} (equal stage keys): its result; "
+                                  "nothing run, not counted")
+    study.tell(trial, list(earlier.values))
+    return REPEATED
 
 
 def _pruned_remotely(summary: dict[str, Any]) -> str | None:
