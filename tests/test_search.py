@@ -516,6 +516,29 @@ def test_an_enqueued_value_of_a_list_of_mappings_is_its_index(tmp_path, tiny_mod
         enqueued_params(space, {"kd": {"distill": {"teacher": "other"}}}, "e")
 
 
+def test_with_no_trial_meeting_the_goal_pareto_holds_the_front_of_all(tmp_path, tiny_model_dirs):
+    from stackcomp.search import load_space, run_search
+    from stackcomp.search.output import write_outputs
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(planted_space(tiny_model_dirs["bert"], 1.0, startup=3))  # 1 byte: nothing meets it
+    space = load_space(space_file)
+    out = tmp_path / "search"
+    run = run_search(space, out, trials=4)
+    data = write_outputs(space, run.study, run.paths, leaderboard=False).to_json()
+    done = [t for t in data["trials"] if t["outcome"] == "complete"]
+    assert done and data["best"] is None and data["pareto_meets_goal"] is False
+    assert data["verdict"].startswith("no trial meets the goal") and "pareto/ holds" in data["verdict"]
+    for t in done:  # on the front exactly when no other completed trial dominates it
+        o = t["objectives"]
+        dominated = any(u["objectives"]["metric"] >= o["metric"] and u["objectives"]["bytes"] <= o["bytes"]
+                        and (u["objectives"]["metric"], u["objectives"]["bytes"]) != (o["metric"], o["bytes"])
+                        for u in done)
+        first_of_equals = not any(u["values"] == t["values"] and u["number"] < t["number"] for u in done)
+        assert (t["number"] in data["pareto"]) == (not dominated and first_of_equals)
+    assert sorted(p.name for p in (out / "pareto").iterdir()) == sorted(f"trial-{n}.yaml" for n in data["pareto"])
+
+
 def test_dominance_against_enqueued_stacks():
     import optuna
 

@@ -29,12 +29,14 @@ class SearchOutcome:
     nearest: list[int] = field(default_factory=list)
     verdict: str = ""
     comparison: Any = None
+    #: False when no trial met the goal and ``pareto`` is the front of all completed trials
+    pareto_meets_goal: bool = True
     #: completed enqueued trial -> the searched (not enqueued) completed trials that dominate it
     beaten_by: dict[int, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"trials": self.trials, "pareto": self.pareto, "best": self.best, "nearest": self.nearest,
-                "verdict": self.verdict, "beaten_by": {str(k): v for k, v in self.beaten_by.items()}}
+        return {"trials": self.trials, "pareto": self.pareto, "pareto_meets_goal": self.pareto_meets_goal,
+                "best": self.best, "nearest": self.nearest, "verdict": self.verdict, "beaten_by": {str(k): v for k, v in self.beaten_by.items()}}
 
     def versus_enqueued(self) -> list[str]:
         """One line per enqueued stack that completed: which searched trials beat it, if any."""
@@ -74,6 +76,10 @@ def summarize(space: SearchSpace, study: Any, paths: SearchPaths) -> SearchOutco
     done = [t for t in trials if outcome(t) == COMPLETE]
     # a repeated trial carries its earlier trial's values: the earlier one stands for both
     pareto = sorted(t.number for t in study.best_trials if outcome(t) == COMPLETE) if done else []
+    pareto_meets_goal = True
+    if done and not pareto:  # Optuna's front holds feasible trials only: none met the goal
+        pareto = front(done, study.directions)
+        pareto_meets_goal = False
     goal = space.goal
     best, nearest = None, []
     if not done:
@@ -90,8 +96,22 @@ def summarize(space: SearchSpace, study: Any, paths: SearchPaths) -> SearchOutco
             near = sorted(done, key=lambda t: sum(max(c, 0.0) for c in (t.user_attrs.get("constraints") or {}).values()))
             nearest = [t.number for t in near[:NEAREST]]
             verdict = f"no trial meets the goal; nearest: {', '.join(_near_text(t) for t in near[:NEAREST])}"
-    return SearchOutcome(records, pareto, best, nearest, verdict,
+            if pareto:
+                verdict += f"; pareto/ holds the {len(pareto)} Pareto-optimal trial(s) of all, the goal aside"
+    return SearchOutcome(records, pareto, best, nearest, verdict, pareto_meets_goal=pareto_meets_goal,
                          beaten_by=beaten_by(done, study.directions))
+
+
+def front(trials: list[Any], directions: list[Any]) -> list[int]:
+    """The trials no other one dominates (equal values: the first stands for them)."""
+    out = []
+    for t in trials:
+        if any(dominates(o.values, t.values, directions) for o in trials):
+            continue
+        if any(list(o.values) == list(t.values) and o.number < t.number for o in trials):
+            continue
+        out.append(t.number)
+    return sorted(out)
 
 
 def dominates(a: list[float], b: list[float], directions: list[Any]) -> bool:
