@@ -36,7 +36,8 @@ class SearchOutcome:
 
     def to_json(self) -> dict[str, Any]:
         return {"trials": self.trials, "pareto": self.pareto, "pareto_meets_goal": self.pareto_meets_goal,
-                "best": self.best, "nearest": self.nearest, "verdict": self.verdict, "beaten_by": {str(k): v for k, v in self.beaten_by.items()}}
+                "best": self.best, "nearest": self.nearest, "verdict": self.verdict,
+                "beaten_by": {str(k): v for k, v in self.beaten_by.items()}}
 
     def versus_enqueued(self) -> list[str]:
         """One line per enqueued stack that completed: which searched trials beat it, if any."""
