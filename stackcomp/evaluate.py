@@ -91,6 +91,16 @@ def size_report(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.inference_mode()
+def unpacked_ds_layers(model: nn.Module) -> list[str]:
+    """DS layers (fp32 or int8) that ``pack`` has not turned into kernels: their forward is the
+    per-block reference product, slower than the ``nn.Linear`` it replaced, so a latency measured
+    on them says little about the packed stack."""
+    from stackcomp.nn.ds_linear import DSLinear
+    from stackcomp.nn.quantized import Int8DSLinear
+
+    return [name for name, m in model.named_modules() if isinstance(m, (DSLinear, Int8DSLinear))]
+
+
 def measure_latency(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, warmup: int = 2,
                     repeats: int = 3) -> dict[str, float]:
     """Median wall time per batch over ``repeats`` passes through ``batches``, after warmup."""

@@ -286,3 +286,15 @@ def test_freeze_without_resolve_keeps_the_evaluated_layer():
     with torch.no_grad():
         torch.testing.assert_close(kept(x), evaluated, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(resolved(x), evaluated, atol=1e-3, rtol=1e-3)
+
+
+def test_unpacked_ds_layers_are_named_and_packed_ones_are_not():
+    """evaluate warns about these: their latency is the reference path's, not the kernels'."""
+    from stackcomp.evaluate import unpacked_ds_layers
+    from stackcomp.nn.packed import PackedDSLinear
+    from stackcomp.nn.quantized import Int8DSLinear
+
+    ds = dsl.DSLinear(64, 16, 16, 32, 2)
+    model = nn.Sequential(nn.Linear(64, 64), ds, Int8DSLinear.from_ds(ds), PackedDSLinear.from_ds(ds, kernel="torch"))
+    assert unpacked_ds_layers(model) == ["1", "2"]
+    assert unpacked_ds_layers(nn.Sequential(nn.Linear(4, 4))) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from stackcomp.evaluate import measure_latency, size_report
+from stackcomp.evaluate import measure_latency, size_report, unpacked_ds_layers
 from stackcomp.onnx_export import onnx_latency
 from stackcomp.passes.base import Pass, PassContext, PassParams
 
@@ -42,6 +42,11 @@ class EvaluatePass(Pass):
             ctx.metrics.update(evaluate(model, ctx.data.eval_loader(p.batch_size), ctx.data.compute_metrics,
                                         predict=ctx.data.predict))
             if p.latency:
+                unpacked = unpacked_ds_layers(model)
+                if unpacked:
+                    ctx.log.warning("latency: %d DS layer(s) are not packed (e.g. %s) and run the per-block "
+                                    "reference product, slower than nn.Linear; add a `pack` stage for the CPU "
+                                    "kernels", len(unpacked), unpacked[0])
                 batches = [{k: v.to("cpu") for k, v in b.items()}
                            for b in ctx.data.latency_batches(p.latency_batch_size, p.latency_batches)]
                 threads = torch.get_num_threads()
