@@ -90,7 +90,6 @@ def size_report(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@torch.inference_mode()
 def unpacked_ds_layers(model: nn.Module) -> list[str]:
     """DS layers (fp32 or int8) that ``pack`` has not turned into kernels: their forward is the
     per-block reference product, slower than the ``nn.Linear`` it replaced, so a latency measured
@@ -101,6 +100,7 @@ def unpacked_ds_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (DSLinear, Int8DSLinear))]
 
 
+@torch.inference_mode()
 def measure_latency(model: nn.Module, batches: list[dict[str, torch.Tensor]], *, warmup: int = 2,
                     repeats: int = 3) -> dict[str, float]:
     """Median wall time per batch over ``repeats`` passes through ``batches``, after warmup."""
