@@ -41,7 +41,7 @@ class SearchOutcome:
 
     def versus_enqueued(self) -> list[str]:
         """One line per enqueued stack that completed: which searched trials beat it, if any."""
-        chains = {r["number"]: " -> ".join(c.split("=", 1)[1] for c in r["chain"]) for r in self.trials}
+        chains = {r["number"]: _record_chain(r) for r in self.trials}
         return [f"enqueued trial {n} ({chains[n]}): " + (f"dominated by searched trial(s) {', '.join(map(str, by))}"
                                                           if by else "no searched trial dominates it")
                 for n, by in self.beaten_by.items()]
@@ -130,6 +130,11 @@ def beaten_by(done: list[Any], directions: list[Any]) -> dict[int, list[int]]:
     return {e.number: [t.number for t in searched if dominates(t.values, e.values, directions)] for e in enqueued}
 
 
+def _record_chain(r: dict[str, Any]) -> str:
+    """A search.json record's chain as text: its passes in order."""
+    return " -> ".join(c.split("=", 1)[1] for c in r["chain"]) or "prefix only"
+
+
 def _chain_text(t: Any) -> str:
     return " -> ".join(c["pass"] for c in t.user_attrs.get("chain") or []) or "prefix only"
 
@@ -198,7 +203,7 @@ def rich_table(result: SearchOutcome, space: SearchSpace) -> Any:
             mark += " best"
         table.add_row(
             str(r["number"]), f"[{colors.get(r['outcome'], 'white')}]{r['outcome']}[/]",
-            escape(" -> ".join(c.split("=", 1)[1] for c in r["chain"]) or "prefix only")
+            escape(_record_chain(r))
             + ("" if r.get("enqueued") is None else f" [dim](enqueued {r['enqueued']})[/]"),
             f"{o['metric'] * 100:.2f}" if isinstance(o.get("metric"), (int, float)) else "",
             f"{o['bytes'] / 1e6:.2f}" if isinstance(o.get("bytes"), (int, float)) else "",

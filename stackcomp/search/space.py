@@ -158,6 +158,7 @@ class SearchSpace:
         self.source = source
         self.recipe: Recipe = recipe_from_dict(prefix, source=source)
         self.name = self.recipe.name
+        self.enqueued: list[dict[str, Any]] = []  # search.enqueue as Optuna params (set by _check)
 
     @property
     def goal(self) -> Goal | None:

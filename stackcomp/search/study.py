@@ -190,7 +190,7 @@ def _exclusive(paths: SearchPaths) -> Iterator[None]:
 
 def enqueue_stacks(space: SearchSpace, study: Any) -> None:
     """Queue ``search.enqueue``'s stacks: the first trials run them, the sampler fills what they leave open."""
-    for i, params in enumerate(getattr(space, "enqueued", [])):
+    for i, params in enumerate(space.enqueued):
         study.enqueue_trial(params, user_attrs={"enqueued": i}, skip_if_exists=False)
 
 
@@ -423,23 +423,22 @@ def _run_trial(space: SearchSpace, paths: SearchPaths, study: Any, trial: Any, c
 PRUNED_STAGE = "pruned_stage:"
 
 
-def _prune(space: SearchSpace, study: Any, trial: Any, verdict: str) -> str:
+def _prune(space: SearchSpace, study: Any, trial: Any, verdict: str, kind: str = PRUNED) -> str:
     import optuna
 
-    trial.set_user_attr("outcome", PRUNED)
+    trial.set_user_attr("outcome", kind)
     trial.set_user_attr("reason", verdict)
     for name in goal_constraints(space.goal, None):
         trial.set_constraint(name, 1.0)  # a pruned trial counts as missing the goal
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    return PRUNED
+    return kind
 
 
 def _remember_pruned(study: Any, number: int, summary: dict[str, Any], verdict: str) -> None:
     """Record the pruned stage's key (one attr per key: trials side by side never overwrite each other)."""
-    for failed in summary.get("failed") or []:
-        if str(failed.get("error") or "").startswith(f"{PrunedByRule.__name__}: ") and failed.get("key"):
-            study.set_user_attr(PRUNED_STAGE + failed["key"],
-                                {"trial": number, "stage": failed["stage"], "verdict": verdict})
+    failed = _pruned_failure(summary)
+    if failed and failed.get("key"):
+        study.set_user_attr(PRUNED_STAGE + failed["key"], {"trial": number, "stage": failed["stage"], "verdict": verdict})
 
 
 def _repeat_of(study: Any, plan: Any, chain: list[tuple[str, str, dict[str, Any]]]) -> tuple[Any, str | None] | None:
@@ -468,16 +467,10 @@ def _canonical(chain: Any) -> str:
 
 def _settle_repeat(space: SearchSpace, study: Any, trial: Any, earlier: Any, stage: str | None) -> str:
     """Give a repeating trial the earlier result (TPE learns from it) without running anything."""
-    import optuna
-
-    trial.set_user_attr("outcome", REPEATED)
     if stage is not None:
-        trial.set_user_attr("reason", f"stage {stage!r} is the stage {earlier['stage']!r} pruned in trial "
-                                      f"{earlier['trial']} (not trained again, not counted): {earlier['verdict']}")
-        for name in goal_constraints(space.goal, None):
-            trial.set_constraint(name, 1.0)
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return REPEATED
+        return _prune(space, study, trial, f"stage {stage!r} is the stage {earlier['stage']!r} pruned in trial "
+                      f"{earlier['trial']} (not trained again, not counted): {earlier['verdict']}", kind=REPEATED)
+    trial.set_user_attr("outcome", REPEATED)
     for k in ("objectives", "metric_name", "delta_points", "meets_goal", "goal_failures", "leaf", "constraints"):
         if k in earlier.user_attrs:
             trial.set_user_attr(k, earlier.user_attrs[k])
@@ -489,14 +482,17 @@ def _settle_repeat(space: SearchSpace, study: Any, trial: Any, earlier: Any, sta
     return REPEATED
 
 
+def _pruned_failure(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary's record of the stage the pruner stopped (it failed with :class:`PrunedByRule`)."""
+    prefix = f"{PrunedByRule.__name__}: "
+    return next((f for f in summary.get("failed") or [] if str(f.get("error") or "").startswith(prefix)), None)
+
+
 def _pruned_remotely(summary: dict[str, Any]) -> str | None:
     """The pruner's verdict when it stopped a stage in another process (a Ray worker): there it
     failed the stage with :class:`PrunedByRule`, whose message is the verdict."""
-    prefix = f"{PrunedByRule.__name__}: "
-    for failed in summary.get("failed") or []:
-        if str(failed.get("error") or "").startswith(prefix):
-            return failed["error"][len(prefix):]
-    return None
+    failed = _pruned_failure(summary)
+    return failed["error"][len(f"{PrunedByRule.__name__}: "):] if failed else None
 
 
 def _fail(study: Any, trial: Any, why: str) -> str:
