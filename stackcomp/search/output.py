@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Any
 
 from stackcomp.rundir import atomic_write_json
@@ -33,18 +34,29 @@ class SearchOutcome:
     pareto_meets_goal: bool = True
     #: completed enqueued trial -> the searched (not enqueued) completed trials that dominate it
     beaten_by: dict[int, list[int]] = field(default_factory=dict)
+    #: with three or more objectives, the same per pair of them ("metric+bytes" -> enqueued trial ->
+    #: the searched trials that dominate it on those two): a win on accuracy and bytes that is slower
+    beaten_on: dict[str, dict[int, list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"trials": self.trials, "pareto": self.pareto, "pareto_meets_goal": self.pareto_meets_goal,
                 "best": self.best, "nearest": self.nearest, "verdict": self.verdict,
-                "beaten_by": {str(k): v for k, v in self.beaten_by.items()}}
+                "beaten_by": {str(k): v for k, v in self.beaten_by.items()},
+                "beaten_on": {pair: {str(k): v for k, v in by.items()} for pair, by in self.beaten_on.items()}}
 
     def versus_enqueued(self) -> list[str]:
-        """One line per enqueued stack that completed: which searched trials beat it, if any."""
+        """One line per enqueued stack that completed: which searched trials beat it, if any, on all
+        the objectives and on each pair of them."""
         chains = {r["number"]: _record_chain(r) for r in self.trials}
-        return [f"enqueued trial {n} ({chains[n]}): " + (f"dominated by searched trial(s) {', '.join(map(str, by))}"
-                                                          if by else "no searched trial dominates it")
-                for n, by in self.beaten_by.items()]
+        lines = []
+        for n, by in self.beaten_by.items():
+            line = f"enqueued trial {n} ({chains[n]}): " + (f"dominated by searched trial(s) {', '.join(map(str, by))}"
+                                                             if by else "no searched trial dominates it")
+            pairs = [f"{pair}: {', '.join(map(str, on[n]))}" for pair, on in self.beaten_on.items() if on.get(n)]
+            if pairs and not by:
+                line += "; on two objectives: " + "; ".join(pairs)
+            lines.append(line)
+        return lines
 
 
 def trial_record(t: Any, paths: SearchPaths, retries: dict[int, int]) -> dict[str, Any]:
@@ -100,7 +112,8 @@ def summarize(space: SearchSpace, study: Any, paths: SearchPaths) -> SearchOutco
             if pareto:
                 verdict += f"; pareto/ holds the {len(pareto)} Pareto-optimal trial(s) of all, the goal aside"
     return SearchOutcome(records, pareto, best, nearest, verdict, pareto_meets_goal=pareto_meets_goal,
-                         beaten_by=beaten_by(done, study.directions))
+                         beaten_by=beaten_by(done, study.directions),
+                         beaten_on=beaten_on_pairs(done, study.directions, space.spec.objectives))
 
 
 def front(trials: list[Any], directions: list[Any]) -> list[int]:
@@ -128,6 +141,28 @@ def beaten_by(done: list[Any], directions: list[Any]) -> dict[int, list[int]]:
     enqueued = [t for t in done if t.user_attrs.get("enqueued") is not None]
     searched = [t for t in done if t.user_attrs.get("enqueued") is None]
     return {e.number: [t.number for t in searched if dominates(t.values, e.values, directions)] for e in enqueued}
+
+
+def beaten_on_pairs(done: list[Any], directions: list[Any], names: list[str]) -> dict[str, dict[int, list[int]]]:
+    """:func:`beaten_by` on each pair of three or more objectives, keyed ``"metric+bytes"``: a
+    searched stack can beat a hand-written one on accuracy and bytes and still be slower."""
+    if len(names) < 3:
+        return {}
+    return {f"{names[i]}+{names[j]}": beaten_by([_on(t, (i, j)) for t in done], [directions[i], directions[j]])
+            for i, j in combinations(range(len(names)), 2)}
+
+
+@dataclass
+class _Projected:
+    """A trial's values on some of the objectives, for dominance on those alone."""
+
+    number: int
+    values: list[float]
+    user_attrs: dict[str, Any]
+
+
+def _on(t: Any, idx: tuple[int, ...]) -> _Projected:
+    return _Projected(t.number, [t.values[i] for i in idx], t.user_attrs)
 
 
 def _record_chain(r: dict[str, Any]) -> str:
