@@ -135,12 +135,19 @@ def dominates(a: list[float], b: list[float], directions: list[Any]) -> bool:
     return better_or_equal and any(s * x > s * y for s, x, y in zip(sign, a, b))
 
 
-def beaten_by(done: list[Any], directions: list[Any]) -> dict[int, list[int]]:
+def beaten_by(done: list[Any], directions: list[Any], on: tuple[int, ...] | None = None) -> dict[int, list[int]]:
     """For each completed enqueued trial (a hand-written stack), the completed searched trials
-    that dominate it on the study's objectives: did the search beat what its user wrote?"""
+    that dominate it on the study's objectives (``on``: only those objectives, by index): did the
+    search beat what its user wrote?"""
+    idx = on if on is not None else tuple(range(len(directions)))
+    dirs = [directions[i] for i in idx]
+
+    def vals(t: Any) -> list[float]:
+        return [t.values[i] for i in idx]
+
     enqueued = [t for t in done if t.user_attrs.get("enqueued") is not None]
     searched = [t for t in done if t.user_attrs.get("enqueued") is None]
-    return {e.number: [t.number for t in searched if dominates(t.values, e.values, directions)] for e in enqueued}
+    return {e.number: [t.number for t in searched if dominates(vals(t), vals(e), dirs)] for e in enqueued}
 
 
 def beaten_on_pairs(done: list[Any], directions: list[Any], names: list[str]) -> dict[str, dict[int, list[int]]]:
@@ -148,21 +155,8 @@ def beaten_on_pairs(done: list[Any], directions: list[Any], names: list[str]) ->
     searched stack can beat a hand-written one on accuracy and bytes and still be slower."""
     if len(names) < 3:
         return {}
-    return {f"{names[i]}+{names[j]}": beaten_by([_on(t, (i, j)) for t in done], [directions[i], directions[j]])
+    return {f"{names[i]}+{names[j]}": beaten_by(done, directions, on=(i, j))
             for i, j in combinations(range(len(names)), 2)}
-
-
-@dataclass
-class _Projected:
-    """A trial's values on some of the objectives, for dominance on those alone."""
-
-    number: int
-    values: list[float]
-    user_attrs: dict[str, Any]
-
-
-def _on(t: Any, idx: tuple[int, ...]) -> _Projected:
-    return _Projected(t.number, [t.values[i] for i in idx], t.user_attrs)
 
 
 def _record_chain(r: dict[str, Any]) -> str:

@@ -482,17 +482,20 @@ def _settle_repeat(space: SearchSpace, study: Any, trial: Any, earlier: Any, sta
     return REPEATED
 
 
+#: how a stage the pruner stopped reads in a run summary's ``failed`` list: the verdict follows
+_PRUNED_ERROR = f"{PrunedByRule.__name__}: "
+
+
 def _pruned_failure(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The summary's record of the stage the pruner stopped (it failed with :class:`PrunedByRule`)."""
-    prefix = f"{PrunedByRule.__name__}: "
-    return next((f for f in summary.get("failed") or [] if str(f.get("error") or "").startswith(prefix)), None)
+    return next((f for f in summary.get("failed") or [] if str(f.get("error") or "").startswith(_PRUNED_ERROR)), None)
 
 
 def _pruned_remotely(summary: dict[str, Any]) -> str | None:
     """The pruner's verdict when it stopped a stage in another process (a Ray worker): there it
     failed the stage with :class:`PrunedByRule`, whose message is the verdict."""
     failed = _pruned_failure(summary)
-    return failed["error"][len(f"{PrunedByRule.__name__}: "):] if failed else None
+    return failed["error"][len(_PRUNED_ERROR):] if failed else None
 
 
 def _fail(study: Any, trial: Any, why: str) -> str:
