@@ -354,7 +354,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", *, verify
     import transformers
     from safetensors.torch import load_model as st_load_model
 
-    from stackcomp.nn.base import layer_class
+    from stackcomp.nn.base import layer_class, link_layers
     from stackcomp.nn.pruning import restore_pruned_shapes
     from stackcomp.targets import set_module
 
@@ -388,6 +388,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", *, verify
         entry = dict(entry)
         cls = layer_class(entry.pop("type"))
         set_module(model, name, cls.from_manifest(entry))
+    link_layers(model)
     if not (folder / WEIGHTS).is_file():
         raise ArtifactError(f"{folder / WEIGHTS} is missing: the model folder is incomplete")
     try:

@@ -117,6 +117,9 @@ class StackcompHfQuantizer(HfQuantizer):
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ArtifactError(f"stackcomp layer tensor {name} loaded as {t.dtype} {tuple(t.shape)}, "
                                     f"the layer holds {dtype} {shape}")
+        from stackcomp.nn.base import link_layers
+
+        link_layers(model)  # parts that read from a sibling (fused QKV) find it
         hook_save_pretrained(model)  # its save_pretrained writes the guard again
         return model
 

@@ -84,13 +84,23 @@ EMBEDDING_KINDS = {
     "vocab_pruned": _vocab_pruned,
     "vocab_pruned_int8": lambda e: RemappedInt8Embedding.from_remapped(_vocab_pruned(e)),
 }
-KINDS = [*LINEAR_KINDS, *EMBEDDING_KINDS]
+#: kinds built from another kind's model: every attention block's int8 q/k/v fused (FusedInt8QKV + parts)
+FUSED_KINDS = {"int8_fused_qkv": "int8"}
+KINDS = [*LINEAR_KINDS, *EMBEDDING_KINDS, *FUSED_KINDS]
 #: kinds whose forward is the float product of what to_dense() returns (int8 layers quantize activations)
 EXACT_DENSE = {"ds", "ds_int8_packed", "lowrank", "blocklr", "losparse", "dsf", "sparse24", "int8_embedding",
                "int4_embedding", "vocab_pruned", "vocab_pruned_int8"}
 
 
 def compressed_model(kind: str, seed: int = 0):
+    if kind in FUSED_KINDS:
+        from stackcomp.nn.fused_qkv import find_qkvs, fused_qkv_modules
+
+        model = compressed_model(FUSED_KINDS[kind], seed)
+        for site in find_qkvs(model):
+            for name, new in fused_qkv_modules(model, site).items():
+                set_module(model, name, new)
+        return model
     model = make_tiny_model("bert", seed=seed)
     if kind in EMBEDDING_KINDS:
         emb = model.bert.embeddings.word_embeddings

@@ -246,3 +246,11 @@ def test_evaluate_after_onnx_pack_reports_ort_latency(tmp_path, tiny_model_dirs,
     row = next(r for r in cmp.rows if r.leaf == "pk")  # the packed model, measured by ev
     assert row.ort_latency_ms == pytest.approx(ev["ort_latency_ms_per_batch"])
     assert "ORT ms" in [h for h, _ in leaderboard_columns(cmp)]
+
+
+def test_fused_qkv_exports_as_one_integer_matmul_per_block(tmp_path):
+    model = _int8(make_tiny_model("bert"), tmp_path, "torch")
+    n_int8 = sum(isinstance(m, Int8Linear) for m in model.modules())
+    model, rep = _run_pack(model, tmp_path, fuse_qkv=True)
+    assert rep["parity"]["max_rel_diff"] < 1e-3 and rep["parity"]["argmax_agreement"] == 1.0
+    assert rep["int8_matmuls"] == n_int8 - 2 * 2 == _ops(tmp_path / rep["path"]).count("MatMulInteger")  # 2 blocks

@@ -1,11 +1,20 @@
 """Compressed layer modules. They load and run without the engine or any pass."""
 
-from stackcomp.nn.base import LAYER_TYPES, CompressedLayer, LayerStorage, dense_storage, layer_class, register_layer
+from stackcomp.nn.base import (
+    LAYER_TYPES,
+    CompressedLayer,
+    LayerStorage,
+    dense_storage,
+    layer_class,
+    link_layers,
+    register_layer,
+)
 
-__all__ = ["LAYER_TYPES", "CompressedLayer", "LayerStorage", "dense_storage", "layer_class", "register_layer"]
+__all__ = ["LAYER_TYPES", "CompressedLayer", "LayerStorage", "dense_storage", "layer_class", "link_layers",
+           "register_layer"]
 
 # Built-in layers register themselves on import.
-for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused"):
+for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused", "fused_qkv"):
     try:
         __import__(f"stackcomp.nn.{_mod}")
     except ModuleNotFoundError as _e:  # a layer module not written yet

@@ -105,6 +105,16 @@ class CompressedLayer(nn.Module):
         raise NotImplementedError
 
 
+def link_layers(model: nn.Module) -> None:
+    """Run each compressed layer type's ``link_model(model)`` hook, once per type present: layers that
+    read from another module (the key and value parts of a fused QKV projection) find it once the
+    model is built from a manifest. ``stackcomp.load`` and transformers' loading path call this."""
+    for cls in {type(m) for m in model.modules() if isinstance(m, CompressedLayer)}:
+        hook = getattr(cls, "link_model", None)
+        if callable(hook):
+            hook(model)
+
+
 def dense_storage(linear: nn.Linear) -> LayerStorage:
     """An ``nn.Linear`` as stored (its weight's dtype) against itself in fp32."""
     n = linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)

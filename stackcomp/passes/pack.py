@@ -12,6 +12,11 @@
   report says why. Fusing must not make the outputs (the task's logits, or a bi-encoder's pooled
   embeddings; padded positions left out) worse than the unfused FFNs do, both measured against
   the exact arithmetic of the same int8 weights (``fuse_ffn_tolerance``).
+* ``fuse_qkv: true`` (off by default): each attention block whose query, key and value linears are
+  ``Int8Linear`` becomes one int8 GEMM over the stacked weights
+  (:class:`~stackcomp.nn.fused_qkv.FusedInt8QKV`): the input is quantized once instead of three
+  times. The arithmetic is the same, so the outputs must match the unfused model's to
+  ``FUSE_QKV_TOLERANCE``.
 
 What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
 the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
@@ -52,7 +57,8 @@ class PackParams(PassParams):
     onnx_int8: bool = Field(default=False, description="target onnx: also write ONNX Runtime's dynamic int8 model")
     onnx_tolerance: float = Field(default=1e-3, gt=0, description="target onnx: max |torch - ORT| / max|logit| (fp32)")
     onnx_opset: int = Field(default=18, ge=13)
-    parity_sequences: int = Field(default=8, ge=1, description="dev sequences in the parity checks (onnx, fuse_ffn)")
+    parity_sequences: int = Field(default=8, ge=1, description="dev sequences in the parity checks (onnx, fuse_ffn, "
+                                  "fuse_qkv)")
     fuse_ffn: bool = Field(default=False, description="CPU: fuse each FFN (linear, GELU, linear; nn.Linear or "
                            "Int8Linear) into one int8 kernel call with per-row activation scales",
                            json_schema_extra=KEY_OMIT_DEFAULT)
@@ -60,6 +66,13 @@ class PackParams(PassParams):
                                       "relative output error may be than the unfused one's, both against the exact "
                                       "arithmetic of the int8 weights (logits, or a bi-encoder's embeddings)",
                                       json_schema_extra=KEY_OMIT_DEFAULT)
+    fuse_qkv: bool = Field(default=False, description="fuse each attention block's query, key and value Int8Linear "
+                           "into one int8 GEMM (the input quantized once)", json_schema_extra=KEY_OMIT_DEFAULT)
+
+
+#: fuse_qkv computes what the three int8 linears did (the same input rounding): only float summation
+#: order may differ, so the outputs must agree to this (relative, Frobenius, over the parity batches)
+FUSE_QKV_TOLERANCE = 1e-4
 
 
 class PackPass(Pass):
@@ -101,6 +114,7 @@ class PackPass(Pass):
                 packed[name] = new
                 plan[name] = {"from": type(m).__name__, "to": type(new).__name__, **_details(new, config)}
         ffn = self._plan_ffn(model, layout, plan) if self.params.fuse_ffn else None
+        qkv = self._plan_qkv(model, plan) if self.params.fuse_qkv else None
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "cpu_variant": cpu_variant, "layers": plan,
@@ -117,7 +131,32 @@ class PackPass(Pass):
             state["ffn"] = ffn["modules"]
             ctx.log.info("fuse_ffn: %d FFN(s) fused, %d left unfused", report["ffn_fused"],
                          len(ffn["report"]["unfused"]))
+        if qkv is not None:
+            report["fuse_qkv"] = qkv["report"]
+            report["qkv_fused"] = len(qkv["modules"])
+            state["qkv"] = qkv["modules"]
+            ctx.log.info("fuse_qkv: %d attention projection(s) fused, %d left unfused", report["qkv_fused"],
+                         len(qkv["report"]["unfused"]))
         return Analysis(report=report, state=state)
+
+    def _plan_qkv(self, model: nn.Module, plan: dict[str, dict]) -> dict:
+        """The attention projections to fuse (their new modules by query name) and the report."""
+        from stackcomp.nn.fused_qkv import find_qkvs, fused_qkv_modules
+
+        sites = find_qkvs(model)
+        modules: dict[str, dict[str, nn.Module]] = {}
+        unfused: dict[str, str] = {}
+        for site in sites:
+            if site.reason is not None:
+                unfused[site.query] = site.reason
+                continue
+            modules[site.query] = new = fused_qkv_modules(model, site)
+            for name, m in new.items():
+                plan[name] = {"from": type(model.get_submodule(name)).__name__, "to": type(m).__name__}
+        report = {"fused": sorted(modules), "unfused": unfused}
+        if not sites:
+            report["note"] = "no attention projections of a known structure (query/key/value, q_lin/k_lin/v_lin)"
+        return {"modules": modules, "report": report}
 
     def _plan_ffn(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
         """The FFNs to fuse (their new modules by site) and the report: fused sites, the rest with why."""
@@ -164,6 +203,8 @@ class PackPass(Pass):
         model.eval()
         if state.get("ffn"):
             self._fuse_ffn(model, ctx, state["ffn"])
+        if state.get("qkv"):
+            self._fuse_qkv(model, ctx, state["qkv"])
         if self.params.target == "onnx":
             self._export(model, ctx)
         return model
@@ -203,6 +244,22 @@ class PackPass(Pass):
             raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused FFN(s) the {answers[0][1]} are off by "
                             f"{err_fused:.3g} (relative) where the unfused FFNs are off by {err_unfused:.3g}, more "
                             f"than fuse_ffn_tolerance {p.fuse_ffn_tolerance} worse")
+
+    def _fuse_qkv(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> None:
+        """Swap the fused projections in; the outputs must not change (``FUSE_QKV_TOLERANCE``)."""
+        batches = _parity_batches(model, ctx, self.params.parity_sequences)
+        unfused = [_outputs(model, b, ctx.task)[0] for b in batches]
+        for modules in sites.values():
+            for name, new in modules.items():
+                set_module(model, name, new)
+        model.eval()
+        answers = [_outputs(model, b, ctx.task) for b in batches]
+        err = _rel_error([a for a, _ in answers], unfused)
+        ctx.report["fuse_qkv_parity"] = {"fused_vs_unfused": err, "tolerance": FUSE_QKV_TOLERANCE,
+                                         "batches": len(batches), "compared": answers[0][1]}
+        if not err <= FUSE_QKV_TOLERANCE:
+            raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused QKV projection(s) the {answers[0][1]} "
+                            f"differ from the unfused model's by {err:.3g} (relative; at most {FUSE_QKV_TOLERANCE})")
 
     def _export(self, model: nn.Module, ctx: PassContext) -> None:
         from stackcomp.onnx_export import (
