@@ -231,21 +231,52 @@ def measure_ort_latency(path: str | Path, batches: list[dict[str, torch.Tensor]]
             "ort_latency_threads": session.get_session_options().intra_op_num_threads}
 
 
-def upstream_onnx(parent_reports: dict[str, dict], upstream_dirs: dict[str, Path]) -> Path | None:
-    """The ``model.onnx`` the nearest upstream ``pack target: onnx`` stage wrote, or None."""
+def upstream_onnx(parent_reports: dict[str, dict], upstream_dirs: dict[str, Path]) -> dict[str, Path]:
+    """The graphs the nearest upstream ``pack target: onnx`` stage wrote: ``{"onnx": model.onnx}``,
+    plus ``"onnx_int8"`` where it also wrote ONNX Runtime's int8 model; {} when there is none."""
     for name, report in parent_reports.items():
         onnx = report.get("onnx") if isinstance(report, dict) else None
-        if isinstance(onnx, dict) and isinstance(onnx.get("path"), str) and name in upstream_dirs:
-            path = Path(upstream_dirs[name]) / onnx["path"]
-            return path if path.is_file() else None
-    return None
+        if not (isinstance(onnx, dict) and isinstance(onnx.get("path"), str) and name in upstream_dirs):
+            continue
+        graphs = {"onnx": onnx["path"]}
+        if isinstance(onnx.get("int8"), dict) and isinstance(onnx["int8"].get("path"), str):
+            graphs["onnx_int8"] = onnx["int8"]["path"]
+        found = {k: Path(upstream_dirs[name]) / v for k, v in graphs.items()}
+        return {k: v for k, v in found.items() if v.is_file()}
+    return {}
 
 
-def onnx_latency(ctx: Any, batches: list[dict[str, torch.Tensor]], *, threads: int, repeats: int) -> dict[str, Any]:
-    """ONNX Runtime latency of the graph an upstream ``pack target: onnx`` wrote (``ctx``: a
-    ``PassContext``), on the same batches as the torch timing; {} when there is none."""
-    path = upstream_onnx(ctx.parent_reports, ctx.upstream_dirs)
-    if path is None:
-        return {}
-    ctx.log.info("timing ONNX Runtime on %s (%d threads)", path, threads)
-    return measure_ort_latency(path, batches, threads=threads, repeats=repeats)
+class OrtClassifier(nn.Module):
+    """An ONNX Runtime session called like the torch classifier (``model(**batch)["logits"]``), so the
+    training loop's ``evaluate`` scores the graph itself on the dev split."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        self.session = ort_session(path, threads)
+        self.register_buffer("_device", torch.zeros(0))  # where batches go: the CPU
+
+    def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": run_session(self.session, batch)}
+
+
+def onnx_metrics(ctx: Any, *, batches: list[dict[str, torch.Tensor]] | None = None, threads: int | None = None,
+                 repeats: int = 3, eval_loader: Any = None) -> dict[str, Any]:
+    """For each graph an upstream ``pack target: onnx`` wrote (``ctx``: a ``PassContext``): with
+    ``batches``, ONNX Runtime's latency on them (the torch timing's; ``ort_latency_*`` for
+    ``model.onnx``, ``ort_int8_latency_*`` for ONNX Runtime's int8 model); with ``eval_loader``, the
+    task metrics of the graph itself (``ort_accuracy``, ``ort_int8_accuracy``, ...). {} when there is none."""
+    from stackcomp.train import evaluate
+
+    graphs = upstream_onnx(ctx.parent_reports, ctx.upstream_dirs)
+    out: dict[str, Any] = {}
+    for kind, path in graphs.items():
+        prefix = "ort" if kind == "onnx" else "ort_int8"
+        if batches is not None:
+            ctx.log.info("timing ONNX Runtime on %s (%s threads)", path, threads)
+            timing = measure_ort_latency(path, batches, threads=threads, repeats=repeats)
+            out.update({k.replace("ort_", f"{prefix}_", 1): v for k, v in timing.items()})
+        if eval_loader is not None:
+            ctx.log.info("scoring %s in ONNX Runtime on the dev split", path)
+            scores = evaluate(OrtClassifier(path, threads), eval_loader, ctx.data.compute_metrics)
+            out.update({f"{prefix}_{k}": v for k, v in scores.items() if k != "eval_loss"})
+    return out

@@ -1,5 +1,9 @@
-"""``evaluate``: the task metric on dev, CPU latency (and ONNX Runtime's after ``pack target: onnx``), and
-exact sizes. Changes nothing."""
+"""``evaluate``: the task metric on dev, CPU latency, and exact sizes. Changes nothing.
+
+After ``pack target: onnx`` it also runs the graphs that stage wrote in ONNX Runtime: their latency
+on the same batches (``ort_latency_*``; ``ort_int8_*`` for ONNX Runtime's int8 model) and their own
+dev metrics (``ort_accuracy``, ``ort_int8_accuracy``, ...; ``onnx_metrics: false`` skips these), so a
+graph that ships is scored as it runs, not only through its torch twin."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from stackcomp.evaluate import measure_latency, size_report, unpacked_ds_layers
-from stackcomp.onnx_export import onnx_latency
+from stackcomp.onnx_export import onnx_metrics
 from stackcomp.passes.base import Pass, PassContext, PassParams
 
 
@@ -18,6 +22,8 @@ class EvaluateParams(PassParams):
     latency_batches: int = Field(default=8, ge=1, description="dev batches timed (the first ones, fixed order)")
     latency_repeats: int = Field(default=3, ge=1)
     threads: int | None = Field(default=None, ge=1, description="torch threads while timing (default: as set)")
+    onnx_metrics: bool = Field(default=True, description="after pack target: onnx, also score the dev metric of "
+                               "the ONNX graphs in ONNX Runtime (their latency is measured either way)")
 
 
 class EvaluatePass(Pass):
@@ -41,6 +47,9 @@ class EvaluatePass(Pass):
                 ctx.metrics["data_note"] = ctx.data.split_note
             ctx.metrics.update(evaluate(model, ctx.data.eval_loader(p.batch_size), ctx.data.compute_metrics,
                                         predict=ctx.data.predict))
+            if p.onnx_metrics:
+                ctx.metrics.update(onnx_metrics(ctx, eval_loader=ctx.data.eval_loader(p.batch_size),
+                                                threads=p.threads))
             if p.latency:
                 unpacked = unpacked_ds_layers(model)
                 if unpacked:
@@ -54,7 +63,7 @@ class EvaluatePass(Pass):
                     torch.set_num_threads(p.threads)
                 try:
                     ctx.metrics.update(measure_latency(model.to("cpu"), batches, repeats=p.latency_repeats))
-                    ctx.metrics.update(onnx_latency(ctx, batches, threads=torch.get_num_threads(),
+                    ctx.metrics.update(onnx_metrics(ctx, batches=batches, threads=torch.get_num_threads(),
                                                     repeats=p.latency_repeats))
                 finally:
                     torch.set_num_threads(threads)
