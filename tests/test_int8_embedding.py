@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from stackcomp.artifacts import MANIFEST, export_model, load_model
-from stackcomp.errors import ArtifactError
+from stackcomp.errors import ArtifactError, PlanError
 from stackcomp.evaluate import size_report
-from stackcomp.nn.quantized import Int8Embedding, QuantizationError
+from stackcomp.nn.quantized import Int8Embedding, Int8Linear, QuantizationError
 from stackcomp.passes.base import PassContext, as_analysis
 from stackcomp.passes.int8 import Int8Pass
 
@@ -162,3 +162,12 @@ def test_bad_manifest_entries_are_artifact_errors(field, value):
     entry = {"layout_version": 1, "num_embeddings": 10, "embedding_dim": 8, "padding_idx": None, field: value}
     with pytest.raises(ArtifactError, match="Int8Embedding"):
         Int8Embedding.from_manifest(entry)
+
+
+def test_targets_empty_quantizes_only_the_tables(tmp_path):
+    model, report = _run_pass(make_tiny_model("bert"), tmp_path, embeddings="int4", targets=[])
+    assert report["layers"] == {} and report["median_output_error"] is None and len(report["embeddings"]) == 3
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear  # the linears stay fp32
+    with pytest.raises(PlanError, match="targets: \\[\\] quantizes no linear"):
+        _run_pass(make_tiny_model("bert"), tmp_path, targets=[])

@@ -50,7 +50,8 @@ class Int8Params(PassParams):
         default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA), torch (CPU: "
         "fbgemm, 7-bit per-tensor activations) or intmm (CPU: torch._int_mm, 8-bit per-row activations)")
     targets: list[str] | None = Field(default=None,
-                                      description="module globs / re: patterns (default: encoder linears)")
+                                      description="module globs / re: patterns (default: encoder linears); [] "
+                                                  "quantizes no linear, only the tables (with embeddings)")
     ignore: list[str] | None = Field(default=None, description="patterns left as they are (default: heads, embeddings)")
     embeddings: bool | Literal["int8", "int4"] = Field(
         default=False, description="also quantize the nn.Embedding tables (word, position, token type): true or "
@@ -113,6 +114,8 @@ class Int8Pass(Pass):
     def _layers(self, model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
         """Targeted layers with an int8 conversion, and targeted compressed layers without one."""
         p = self.params
+        if p.targets == []:  # the tables only (checked against `embeddings` in analyze)
+            return [], []
         candidates = tuple(t for t in convertible_types("int8") if not issubclass(t, nn.Embedding))
         chosen = [(n, m) for n, m in select_modules(model, p.targets, p.ignore, types=candidates + (CompressedLayer,))
                   if not _is_table(m)]
@@ -199,6 +202,9 @@ class Int8Pass(Pass):
             raise QuantizationError(f"int8: backend bitsandbytes is not usable here: {why}")
         dev_ok, dev_why = backend.available(ctx.device)
         layers, skipped = self._layers(model)
+        if not layers and p.embedding_format is None:
+            raise PlanError("int8: targets: [] quantizes no linear; set embeddings: int8 or int4 to quantize only "
+                            "the embedding tables")
         embeddings, tied = self._embeddings(model, ctx)
         skipped += tied
         inputs = self._inputs(model, layers, ctx)
@@ -231,7 +237,7 @@ class Int8Pass(Pass):
                         row["values_error"] = _rel(v.cpu(), module.values.detach().float().cpu())
                 rows[name] = row
                 bar.advance()
-            if not rows:
+            if layers and not rows:
                 raise PlanError(f"int8: no targeted layer has an int8 form (skipped: {skipped})")
             emb_rows = {}
             for name, module in embeddings:
@@ -244,8 +250,8 @@ class Int8Pass(Pass):
         after = sum(r["bytes_after"] for r in rows.values())
         report = {
             "backend": p.backend, "layers": rows, "skipped": skipped,
-            "median_output_error": errs[len(errs) // 2], "max_output_error": errs[-1],
-            "worst_layer": max(rows, key=lambda n: rows[n]["output_error"]),
+            "median_output_error": errs[len(errs) // 2] if errs else None, "max_output_error": max(errs, default=None),
+            "worst_layer": max(rows, key=lambda n: rows[n]["output_error"]) if rows else None,
             "bytes_before": before, "bytes_after": after, "ratio": before / after if after else None,
         }
         if p.embedding_format is not None:
