@@ -4,6 +4,8 @@
     ... runs/minilm-sst2-stack3 ft kd3_int8 --onnx ft,kd3     # + the fp32 models in ONNX Runtime, fp32 and int8
     ... runs/search-sst2/runs/0 ft runs/search-sst2/runs/7::pack   # RUN::STAGE: a stage of another run
                                                                   # (a search's trials), shown as 7:pack
+    ... runs/minilm-sst2-fast ft prune25_vocab_ort@onnx_int8       # STAGE@onnx / STAGE@onnx_int8: the graph a
+                                                                  # `pack target: onnx` stage wrote, in ONNX Runtime
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -71,6 +73,24 @@ def stage_model_folder(run: Run, spec: str) -> tuple[str, os.PathLike]:
     return spec, run.artifact(spec) / "model"
 
 
+#: ``STAGE@<suffix>``: the ONNX graph file a ``pack target: onnx`` stage wrote in its artifact
+ONNX_GRAPHS = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx"}
+
+
+def stage_graph(run: Run, spec: str, threads: int) -> tuple[str, OrtModel] | None:
+    """``STAGE@onnx`` / ``STAGE@onnx_int8`` (``RUN::STAGE@...`` too): that stage's graph as an
+    ONNX Runtime session; None for any other spec."""
+    base, _, graph = spec.rpartition("@")
+    if graph not in ONNX_GRAPHS or not base:
+        return None
+    name, folder = stage_model_folder(run, base)
+    path = folder.parent / "onnx" / ONNX_GRAPHS[graph]
+    if not path.is_file():
+        raise SystemExit(f"{spec}: {path} does not exist (was {base} a `pack target: onnx` stage"
+                         f"{', with onnx_int8: true' if graph == 'onnx_int8' else ''}?)")
+    return f"{name}@{graph}", OrtModel(path, threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory (runs/<recipe name>)")
@@ -97,11 +117,17 @@ def main() -> None:
     run = Run(args.run)
     models, folders = {}, {}
     for spec in args.stages:
+        graph = stage_graph(run, spec, torch.get_num_threads())
+        if graph is not None:
+            models[graph[0]] = graph[1]
+            continue
         name, folder = stage_model_folder(run, spec)
         folders[name] = folder
         models[name] = load_model(folder, device="cpu").eval()
-    args.stages = list(folders)
-    tok = AutoTokenizer.from_pretrained(folders[args.stages[0]])
+    if not folders:
+        raise SystemExit("the stages must include at least one torch model (the first sets the tokenizer)")
+    args.stages = list(models)
+    tok = AutoTokenizer.from_pretrained(folders[next(iter(folders))])
     task = get_task(args.task or run.task or "glue/sst2")
     data = task.build_data(tok, DataOptions(max_length=args.max_length))
     batches = data.latency_batches(args.batch_size, args.batches)

@@ -383,7 +383,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", *, verify
     if model_cls is None:
         raise ArtifactError(f"{folder}: unknown model class {manifest['model_class']!r} in the manifest")
     model = model_cls(config)
-    restore_pruned_shapes(model, folder / WEIGHTS)  # heads and FFN neurons removed by prune_structured
+    restore_pruned_shapes(model, folder / WEIGHTS, manifest["layers"])  # heads and neurons prune_structured removed
     for name, entry in manifest["layers"].items():
         entry = dict(entry)
         cls = layer_class(entry.pop("type"))

@@ -86,7 +86,7 @@ class StackcompHfQuantizer(HfQuantizer):
         if len(weights) == 1:  # heads and FFN neurons removed by prune_structured, as stackcomp.load does
             from stackcomp.nn.pruning import restore_pruned_shapes
 
-            restore_pruned_shapes(model, weights[0])
+            restore_pruned_shapes(model, weights[0], qc.layers)
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)  # layers built as stackcomp.load builds them, whatever dtype= says
         try:

@@ -150,3 +150,25 @@ def test_parity_failure_raises_and_link_checks_the_pattern(tmp_path):
     model.get_submodule(site.key.rsplit(".", 1)[0]).key = modules[site.key]  # a part beside an unfused query
     with pytest.raises(KernelError, match="not the FusedInt8QKV"):
         link_fused_qkv(model)
+
+
+def test_pruned_heads_fused_load_with_their_head_count(tmp_path):
+    """A pruned model (fewer heads per block) with fused projections loads again: the head count
+    comes from the fused layer's query_features, not from the stacked weight's rows."""
+    from transformers import AutoModelForSequenceClassification
+
+    from stackcomp.nn.pruning import blocks, remove_units
+
+    model = make_tiny_model("bert")
+    found = blocks(model, "test")
+    remove_units(model, [[1], [0, 1]], [list(range(b.neurons)) for b in found])  # 2 heads each before
+    model, _ = _pack(_int8(model, tmp_path), tmp_path, fuse_qkv=True)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    folder = export_model(model, tmp_path / "pruned-fused")
+    for again in (stackcomp.load(folder), AutoModelForSequenceClassification.from_pretrained(folder)):
+        heads = [b.attention.self.num_attention_heads for b in again.bert.encoder.layer]
+        assert heads == [1, 2]
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=ids).logits, ref)

@@ -189,11 +189,14 @@ def _set_head_count(attention: nn.Module, layout: Layout, heads: int, head_size:
         attention.all_head_size = heads * head_size
 
 
-def restore_pruned_shapes(model: nn.Module, weights: str | Path) -> nn.Module:
+def restore_pruned_shapes(model: nn.Module, weights: str | Path, layers: dict[str, dict] | None = None) -> nn.Module:
     """Give a model built from a pruned model's config the pruned linears' shapes, read from
     the weights file's header (so a model cut or changed after pruning loads too); the values
-    are left to the weights. No-op for a config without ``stackcomp_pruned``, or for a weights
-    file that cannot be read (the weight loading then reports it)."""
+    are left to the weights. ``layers`` (the manifest's entries by module name): the compressed
+    layers, rebuilt from their entries; a block's head count then comes from its query entry
+    (``query_features`` of a fused QKV projection, else ``out_features``). No-op for a config
+    without ``stackcomp_pruned``, or for a weights file that cannot be read (the weight loading
+    then reports it)."""
     from safetensors import safe_open
 
     from stackcomp.errors import ArtifactError
@@ -205,18 +208,22 @@ def restore_pruned_shapes(model: nn.Module, weights: str | Path) -> nn.Module:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception:  # noqa: BLE001 -- missing, truncated, damaged: load_model reports it when it loads the weights
         return model
+    layers = layers or {}
     for b in blocks(model, "load"):
         stored = {part: shapes.get(f"{b.name}.{getattr(b.layout, part)}.weight") for part in b.linears}
         for part, shape in stored.items():
             lin = b.linears[part]
-            if shape is None or shape == tuple(lin.weight.shape):
-                continue  # a compressed layer (rebuilt from the manifest), or not pruned
+            if shape is None or shape == tuple(lin.weight.shape) or f"{b.name}.{getattr(b.layout, part)}" in layers:
+                continue  # not pruned, or a compressed layer (rebuilt from the manifest)
             if len(shape) != 2 or shape[0] > lin.out_features or shape[1] > lin.in_features:
                 raise ArtifactError(f"{weights}: {b.name}.{getattr(b.layout, part)}.weight has shape {shape}, "
                                     f"not a pruned {tuple(lin.weight.shape)}")
             _set(b.block, getattr(b.layout, part),
                  nn.Linear(shape[1], shape[0], bias=lin.bias is not None, dtype=lin.weight.dtype))
-        width = stored["query"][0] if stored["query"] else None
+        query = layers.get(f"{b.name}.{b.layout.query}") or {}
+        width = query.get("query_features", query.get("out_features"))
+        if width is None:
+            width = stored["query"][0] if stored["query"] else None
         if width is not None:
             if width % b.head_size:
                 raise ArtifactError(f"{weights}: {b.name} keeps {width} query rows, not whole heads of {b.head_size}")
