@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import warnings
 
 import torch
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=1, help="repeat the whole timing (each run: --rounds rounds) and "
+                    "report each model's speedup over the runs: median and lowest (a target such as 'median of "
+                    "five runs, none below 8x')")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--onnx", default="", help="comma list of stages to also time in ONNX Runtime: each is "
                     "exported (stackcomp.onnx_export) and run as '<stage>@ort' (fp32) and '<stage>@ort-int8' "
@@ -136,9 +140,11 @@ def main() -> None:
         model = models[name] if name in models else load_model(stage_model_folder(run, name)[1], device="cpu").eval()
         models.update(ort_models(name, model, batches[0], torch.get_num_threads()))
 
+    ref = args.stages[0]
     with torch.inference_mode():
-        ms = time_models(models, batches, args.rounds)
-        ref = args.stages[0]
+        runs = [time_models(models, batches, args.rounds) for _ in range(max(1, args.runs))]
+        ms = {n: statistics.median(r[n] for r in runs) for n in models}
+        speedups = {n: [r[ref] / r[n] for r in runs] for n in models}
         try:
             agree = agreement(models, batches, ref_name=ref)
         except AttributeError:  # no logits (a bi-encoder's hidden states): nothing to agree on
@@ -146,13 +152,19 @@ def main() -> None:
     sizes = {n: m.nbytes if isinstance(m, OrtModel) else size_report(m)["model_bytes"] for n, m in models.items()}
     print(f"\n{args.run}: {len(batches)} {task.name} dev batches x {args.batch_size}, max_length {args.max_length}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'stage':<16} {'ms/batch':>9} {'vs ' + ref:>12} {'MB':>8} {'x smaller':>10} {'agree':>6}")
+    many = len(runs) > 1
+    if many:
+        print(f"{len(runs)} runs: ms/batch and speedup are medians over the runs; 'lowest' is the lowest speedup")
+    print(f"{'stage':<16} {'ms/batch':>9} {'vs ' + ref:>12}" + (f" {'lowest':>8}" if many else "")
+          + f" {'MB':>8} {'x smaller':>10} {'agree':>6}")
     for n in models:
-        print(f"{n:<16} {ms[n]:>9.2f} {ms[ref] / ms[n]:>11.2f}x {sizes[n] / 1e6:>8.2f} "
-              f"{sizes[ref] / sizes[n]:>9.2f}x {agree[n]:>6.3f}")
+        print(f"{n:<16} {ms[n]:>9.2f} {statistics.median(speedups[n]):>11.2f}x"
+              + (f" {min(speedups[n]):>7.2f}x" if many else "")
+              + f" {sizes[n] / 1e6:>8.2f} {sizes[ref] / sizes[n]:>9.2f}x {agree[n]:>6.3f}")
     if args.json:
-        print(json.dumps({"args": vars(args), "ms_per_batch": ms, "model_bytes": sizes, "argmax_agreement": agree,
-                          "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}))
+        print(json.dumps({"args": vars(args), "ms_per_batch": ms, "ms_per_batch_runs": runs, "speedup_runs": speedups,
+                          "model_bytes": sizes, "argmax_agreement": agree, "threads": torch.get_num_threads(),
+                          "load_average": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":
