@@ -173,13 +173,18 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> tuple[Path, list[str
     return Path(dst), keep
 
 
-def ort_session(path: str | Path, threads: int | None = None) -> Any:
+def ort_session(path: str | Path, threads: int | None = None, *, spinning: bool = True) -> Any:
+    """An ONNX Runtime CPU session. ``spinning=False``: its worker threads sleep between runs instead
+    of spinning (ONNX Runtime's default keeps them busy-waiting for a while after each run, which
+    takes the cores from whatever runs next in the process: torch models timed side by side)."""
     require_onnx()
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

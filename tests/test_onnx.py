@@ -258,3 +258,13 @@ def test_fused_qkv_exports_as_one_integer_matmul_per_block(tmp_path):
     model, rep = _run_pack(model, tmp_path, fuse_qkv=True)
     assert rep["parity"]["max_rel_diff"] < 1e-3 and rep["parity"]["argmax_agreement"] == 1.0
     assert rep["int8_matmuls"] == n_int8 - 2 * 2 == _ops(tmp_path / rep["path"]).count("MatMulInteger")  # 2 blocks
+
+
+def test_sessions_timed_beside_torch_can_stop_spinning(tmp_path):
+    _, rep = _run_pack(_int8(make_tiny_model("bert"), tmp_path, "torch"), tmp_path)
+    key = "session.intra_op.allow_spinning"
+    quiet = ort_session(tmp_path / rep["path"], 2, spinning=False).get_session_options()
+    assert quiet.get_session_config_entry(key) == "0"
+    default = ort_session(tmp_path / rep["path"], 2).get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: unset
+        default.get_session_config_entry(key)
