@@ -125,18 +125,14 @@ class PackPass(Pass):
             report["sparse24_note"] = f"{len(n24_dense)} 2:4-sparse linear(s) kept dense: {n24_dense[0]}"
             ctx.log.info("%s", report["sparse24_note"])
         state = {"packed": packed}
-        if ffn is not None:
-            report["fuse_ffn"] = ffn["report"]
-            report["ffn_fused"] = len(ffn["modules"])
-            state["ffn"] = ffn["modules"]
-            ctx.log.info("fuse_ffn: %d FFN(s) fused, %d left unfused", report["ffn_fused"],
-                         len(ffn["report"]["unfused"]))
-        if qkv is not None:
-            report["fuse_qkv"] = qkv["report"]
-            report["qkv_fused"] = len(qkv["modules"])
-            state["qkv"] = qkv["modules"]
-            ctx.log.info("fuse_qkv: %d attention projection(s) fused, %d left unfused", report["qkv_fused"],
-                         len(qkv["report"]["unfused"]))
+        for key, fusion, what in (("ffn", ffn, "FFN(s)"), ("qkv", qkv, "attention projection(s)")):
+            if fusion is None:
+                continue
+            report[f"fuse_{key}"] = fusion["report"]
+            report[f"{key}_fused"] = len(fusion["modules"])
+            state[key] = fusion["modules"]
+            ctx.log.info("fuse_%s: %d %s fused, %d left unfused", key, report[f"{key}_fused"], what,
+                         len(fusion["report"]["unfused"]))
         return Analysis(report=report, state=state)
 
     def _plan_qkv(self, model: nn.Module, plan: dict[str, dict]) -> dict:
@@ -219,13 +215,7 @@ class PackPass(Pass):
         from each other than either differs from the exact ones. The check fails when the fused
         error exceeds the unfused error by more than ``fuse_ffn_tolerance``."""
         p = self.params
-        batches = _parity_batches(model, ctx, p.parity_sequences)
-        unfused = [_outputs(model, b, ctx.task)[0] for b in batches]
-        for modules in sites.values():
-            for name, new in modules.items():
-                set_module(model, name, new)
-        model.eval()
-        answers = [_outputs(model, b, ctx.task) for b in batches]
+        batches, unfused, answers = self._swap_in(model, ctx, sites)
         fused = [a for a, _ in answers]
         for second, modules in sites.items():  # the exact arithmetic of the same int8 weights
             set_module(model, second, modules[second].dense_module())
@@ -245,15 +235,20 @@ class PackPass(Pass):
                             f"{err_fused:.3g} (relative) where the unfused FFNs are off by {err_unfused:.3g}, more "
                             f"than fuse_ffn_tolerance {p.fuse_ffn_tolerance} worse")
 
-    def _fuse_qkv(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> None:
-        """Swap the fused projections in; the outputs must not change (``FUSE_QKV_TOLERANCE``)."""
+    def _swap_in(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> tuple:
+        """(parity batches, the outputs before, (outputs, what they are) after) around setting every
+        site's new modules into ``model``."""
         batches = _parity_batches(model, ctx, self.params.parity_sequences)
-        unfused = [_outputs(model, b, ctx.task)[0] for b in batches]
+        before = [_outputs(model, b, ctx.task)[0] for b in batches]
         for modules in sites.values():
             for name, new in modules.items():
                 set_module(model, name, new)
         model.eval()
-        answers = [_outputs(model, b, ctx.task) for b in batches]
+        return batches, before, [_outputs(model, b, ctx.task) for b in batches]
+
+    def _fuse_qkv(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> None:
+        """Swap the fused projections in; the outputs must not change (``FUSE_QKV_TOLERANCE``)."""
+        batches, unfused, answers = self._swap_in(model, ctx, sites)
         err = _rel_error([a for a, _ in answers], unfused)
         ctx.report["fuse_qkv_parity"] = {"fused_vs_unfused": err, "tolerance": FUSE_QKV_TOLERANCE,
                                          "batches": len(batches), "compared": answers[0][1]}
