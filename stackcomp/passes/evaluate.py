@@ -12,7 +12,7 @@ from torch import nn
 
 from stackcomp.evaluate import measure_latency, size_report, unpacked_ds_layers
 from stackcomp.onnx_export import onnx_metrics
-from stackcomp.passes.base import Pass, PassContext, PassParams
+from stackcomp.passes.base import KEY_OMIT_DEFAULT, Pass, PassContext, PassParams
 
 
 class EvaluateParams(PassParams):
@@ -23,7 +23,8 @@ class EvaluateParams(PassParams):
     latency_repeats: int = Field(default=3, ge=1)
     threads: int | None = Field(default=None, ge=1, description="torch threads while timing (default: as set)")
     onnx_metrics: bool = Field(default=True, description="after pack target: onnx, also score the dev metric of "
-                               "the ONNX graphs in ONNX Runtime (their latency is measured either way)")
+                               "the ONNX graphs in ONNX Runtime (their latency is measured either way)",
+                               json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 class EvaluatePass(Pass):
