@@ -215,11 +215,12 @@ def parity(model: nn.Module, session: Any, batches: list[dict[str, torch.Tensor]
     return out
 
 
-def measure_ort_latency(path: str | Path, batches: list[dict[str, torch.Tensor]], *, threads: int | None = None,
-                        warmup: int = 2, repeats: int = 3) -> dict[str, float]:
-    """ONNX Runtime's median wall time per batch of ``path`` (``threads`` intra-op threads), measured
-    like :func:`stackcomp.evaluate.measure_latency` (same batches, warmup and repeats)."""
-    session = ort_session(path, threads)
+def measure_ort_latency(path: str | Path | Any, batches: list[dict[str, torch.Tensor]], *,
+                        threads: int | None = None, warmup: int = 2, repeats: int = 3) -> dict[str, float]:
+    """ONNX Runtime's median wall time per batch of ``path`` (a graph file, ``threads`` intra-op
+    threads, or an open session), measured like :func:`stackcomp.evaluate.measure_latency` (same
+    batches, warmup and repeats)."""
+    session = ort_session(path, threads) if isinstance(path, (str, Path)) else path
     names = {i.name for i in session.get_inputs()}
     feeds = [{k: v.cpu().numpy() for k, v in b.items() if k in names} for b in batches]
     for f in feeds[: max(1, warmup)]:
@@ -255,9 +256,9 @@ class OrtClassifier(nn.Module):
     """An ONNX Runtime session called like the torch classifier (``model(**batch)["logits"]``), so the
     training loop's ``evaluate`` scores the graph itself on the dev split."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, session: Any):
         super().__init__()
-        self.session = ort_session(path, threads)
+        self.session = session
         self.register_buffer("_device", torch.zeros(0))  # where batches go: the CPU
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -276,12 +277,13 @@ def onnx_metrics(ctx: Any, *, batches: list[dict[str, torch.Tensor]] | None = No
     out: dict[str, Any] = {}
     for kind, path in graphs.items():
         prefix = "ort" if kind == "onnx" else "ort_int8"
+        session = ort_session(path, threads)  # one load of the graph for the timing and the scoring
         if batches is not None:
             ctx.log.info("timing ONNX Runtime on %s (%s threads)", path, threads)
-            timing = measure_ort_latency(path, batches, threads=threads, repeats=repeats)
+            timing = measure_ort_latency(session, batches, repeats=repeats)
             out.update({k.replace("ort_", f"{prefix}_", 1): v for k, v in timing.items()})
         if eval_loader is not None:
             ctx.log.info("scoring %s in ONNX Runtime on the dev split", path)
-            scores = evaluate(OrtClassifier(path, threads), eval_loader, ctx.data.compute_metrics)
+            scores = evaluate(OrtClassifier(session), eval_loader, ctx.data.compute_metrics)
             out.update({f"{prefix}_{k}": v for k, v in scores.items() if k != "eval_loss"})
     return out
