@@ -29,6 +29,7 @@ from torch import nn
 
 from stackcomp.kernels.reference import KernelError
 from stackcomp.nn.base import LayerStorage, register_layer
+from stackcomp.nn.fused import _get  # a submodule by relative name, or None
 from stackcomp.nn.manifest import DeclaredLayer, choice, count
 from stackcomp.nn.quantized import Int8Linear, dequantize_rows
 
@@ -146,9 +147,10 @@ class FusedQKVPart(DeclaredLayer):
         self._fused: FusedInt8QKV | None = None  # set by link_fused_qkv; not a submodule
 
     def link(self, fused: FusedInt8QKV) -> None:
-        if fused.rows(self.part).stop - fused.rows(self.part).start != self.out_features:
+        rows = fused.rows(self.part)
+        if rows.stop - rows.start != self.out_features:
             raise KernelError(f"FusedQKVPart({self.part}) has {self.out_features} outputs, its fused layer holds "
-                              f"{fused.rows(self.part).stop - fused.rows(self.part).start}")
+                              f"{rows.stop - rows.start}")
         object.__setattr__(self, "_fused", fused)  # plain attribute: the fused layer stays its parent's child
 
     @staticmethod
@@ -187,11 +189,6 @@ class QKVSite:
     key: str
     value: str
     reason: str | None
-
-
-def _get(m: nn.Module, attr: str) -> nn.Module | None:
-    child = getattr(m, attr, None)
-    return child if isinstance(child, nn.Module) else None
 
 
 def find_qkvs(model: nn.Module) -> list[QKVSite]:
