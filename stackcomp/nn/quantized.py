@@ -8,7 +8,8 @@ per-channel ``qint8`` tensor for PyTorch, so a saved layer runs on either backen
 Backends (:func:`get_backend`), each behind one adapter class:
 
 * ``torch`` -- :class:`TorchDynamicInt8`: PyTorch's dynamic int8 linear (fbgemm/x86, activations
-  quantized per tensor at run time, ``reduce_range`` as ``quantize_dynamic`` does on x86). Its API
+  quantized per tensor at run time, ``reduce_range`` as ``quantize_dynamic`` does on x86; large
+  calls on oneDNN's kernel where the CPU has AMX, the same arithmetic: :data:`ONEDNN_MIN_WORK`). Its API
   (``torch.ops.quantized``) is deprecated in favour of torchao; nothing outside the adapter
   touches it. CPU only.
 * ``bitsandbytes`` -- :class:`BitsAndBytesInt8`: bitsandbytes' int8 matmul (activations quantized
@@ -42,7 +43,9 @@ or int4 per ``Int8Config.embedding_format``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import warnings
 from typing import Any, ClassVar
 
@@ -307,16 +310,66 @@ class TorchDynamicInt8(Int8Backend):
         return True, ""
 
     def prepare(self, q, scale, bias):
+        """The weight packed for the default engine, and for oneDNN where it runs many-token GEMMs faster."""
         zero = torch.zeros(q.shape[0], dtype=torch.long)
+        b = None if bias is None else bias.float().cpu()
         with warnings.catch_warnings():  # the quantized-tensor deprecation warning, once per layer
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(q.cpu(), scale.cpu().double(), zero, 0)
-            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().cpu())
+            packed = torch.ops.quantized.linear_prepack(qw, b)
+            many = _prepack_with("onednn", qw, b) if onednn_for_large_calls() else None
+        return packed, many, q.shape[0]
 
     def run(self, x, handle):
+        packed, many, out_features = handle
+        if many is not None and x.shape[0] * out_features >= ONEDNN_MIN_WORK:
+            packed = many
         # reduce_range=True: activations use 7 bits, as quantize_dynamic does on x86 (no int16
         # saturation in fbgemm's u8 x s8 pairs on CPUs without VNNI)
-        return torch.ops.quantized.linear_dynamic(x, handle, True)
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+#: from this much work (tokens x output features of one call) the ``torch`` backend runs oneDNN's
+#: kernel where :func:`onednn_for_large_calls` holds. Both engines compute the same arithmetic
+#: (per-tensor 7-bit activations, per-row int8 weights); their outputs agree to fp32 rounding, bar
+#: a rare activation rounded one step apart (at most 1.5e-3 of max |y| in bench/int8_engines.py),
+#: so the switch changes speed, not what is computed. Measured on a Sapphire Rapids core
+#: (bench/int8_engines.py, docs/results.md): oneDNN's AMX kernel wins from about 2^17 (e.g. 128
+#: tokens x 1,152 outputs: 1.35x on 2 threads; 1,408 x 1,152: 5.4x) and loses below (20 tokens: 0.5-0.6x).
+ONEDNN_MIN_WORK = 1 << 17
+#: ``STACKCOMP_INT8_ONEDNN=0`` keeps every call on the default engine (fbgemm/x86); ``1`` uses
+#: oneDNN for large calls even without AMX (to compare)
+ONEDNN_ENV = "STACKCOMP_INT8_ONEDNN"
+
+
+@functools.cache
+def onednn_for_large_calls() -> bool:
+    """Whether the ``torch`` backend packs a second, oneDNN copy of each weight for large calls:
+    where this CPU has AMX tiles (oneDNN's int8 matrix unit; fbgemm does not use it) and PyTorch
+    has the oneDNN quantized engine, unless ``STACKCOMP_INT8_ONEDNN`` says otherwise."""
+    env = os.environ.get(ONEDNN_ENV, "").strip()
+    if env == "0":
+        return False
+    if "onednn" not in torch.backends.quantized.supported_engines:
+        return False
+    if env == "1":
+        return True
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent means unknown, so no
+    try:
+        return bool(amx and amx())
+    except Exception:  # noqa: BLE001 -- a build without the check
+        return False
+
+
+def _prepack_with(engine: str, qw: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """``linear_prepack`` under ``engine`` (the packed weight remembers its engine; the global
+    setting is restored at once)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        return torch.ops.quantized.linear_prepack(qw, bias)
+    finally:
+        torch.backends.quantized.engine = before
 
 
 class BitsAndBytesInt8(Int8Backend):
