@@ -218,3 +218,58 @@ def test_bitsandbytes_adapter_agrees_with_linear8bitlt():
     x = torch.randn(3, 11, 64)
     with torch.no_grad():
         assert rel(ours(x), ref(x).float()) < 1e-2
+
+
+def _onednn_engine() -> bool:
+    return "onednn" in torch.backends.quantized.supported_engines
+
+
+@pytest.mark.skipif(not _onednn_engine(), reason="this PyTorch build has no oneDNN quantized engine")
+@pytest.mark.parametrize("tokens", [3, 400])
+def test_torch_backend_large_calls_on_onednn_compute_the_same(monkeypatch, tokens):
+    """The torch backend's oneDNN copy (AMX kernels) computes fbgemm's arithmetic: forced on for every
+    call, a layer's outputs agree with the fbgemm-only layer's to fp32 rounding, bar an activation
+    rounded one step apart; the global engine setting is left as it was."""
+    import stackcomp.nn.quantized as Q
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 160)
+    x = torch.randn(tokens, 96) * 3
+    engine = torch.backends.quantized.engine
+    outputs = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv(Q.ONEDNN_ENV, env)
+        Q.onednn_for_large_calls.cache_clear()
+        monkeypatch.setattr(Q, "ONEDNN_MIN_WORK", 0)  # every call is "large"
+        layer = Int8Linear.from_linear(lin, backend="torch")
+        with torch.no_grad():
+            outputs[env] = layer(x)
+        _, (_, (_, many, out_features)) = layer._prepared  # (key, (runner, handle))
+        assert (many is not None) == (env == "1") and out_features == 160
+        assert torch.backends.quantized.engine == engine
+    Q.onednn_for_large_calls.cache_clear()
+    fbgemm, onednn = outputs["0"], outputs["1"]
+    step = fbgemm.abs().max()
+    assert (onednn - fbgemm).abs().max() <= 2e-3 * step
+    assert ((onednn - fbgemm).abs() > 1e-5 * step).float().mean() < 0.01  # nearly all to fp32 rounding
+
+
+def test_torch_backend_switches_engine_by_work(monkeypatch):
+    """Below ONEDNN_MIN_WORK (tokens x outputs) a call runs the default engine's weight, from it oneDNN's."""
+    import stackcomp.nn.quantized as Q
+
+    calls = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda x, packed, rr: calls.append(packed.name) or x,
+                        raising=False)
+    backend = Q.TorchDynamicInt8()
+    handle = (Spy("default"), Spy("onednn"), 64)
+    limit = Q.ONEDNN_MIN_WORK // 64
+    backend.run(torch.zeros(limit - 1, 8), handle)
+    backend.run(torch.zeros(limit, 8), handle)
+    backend.run(torch.zeros(limit, 8), (Spy("default"), None, 64))  # no oneDNN copy: always the default
+    assert calls == ["default", "onednn", "default"]

@@ -4,7 +4,9 @@ Each targeted module becomes its int8 form (:mod:`stackcomp.nn.quantized`): ``nn
 ``Int8Linear``, ``DSLinear`` -> ``Int8DSLinear`` (dictionary per atom, code values per output
 row), ``LowRankLinear`` -> ``Int8LowRankLinear`` (both factors). Other compressed layers have no
 int8 form yet and are left as they are (listed in the report). ``backend`` picks who runs the
-int8 arithmetic: ``bitsandbytes`` or ``torch`` (PyTorch's dynamic int8 linear, faster on CPU).
+int8 arithmetic: ``bitsandbytes`` or ``torch`` (PyTorch's dynamic int8 linear, faster on CPU:
+fbgemm, and oneDNN's AMX kernel for calls of many tokens where the CPU has AMX; the same numbers
+either way, see ``stackcomp.nn.quantized.ONEDNN_MIN_WORK``).
 
 ``embeddings: true`` (or ``"int8"``) also turns the model's ``nn.Embedding`` tables (word,
 position, token type) into ``Int8Embedding`` (per-row scales): for a small model they are most of
@@ -48,7 +50,8 @@ from stackcomp.targets import matches, select_modules, set_module, why_none_sele
 class Int8Params(PassParams):
     backend: Literal["bitsandbytes", "torch", "intmm"] = Field(
         default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA), torch (CPU: "
-        "fbgemm, 7-bit per-tensor activations) or intmm (CPU: torch._int_mm, 8-bit per-row activations)")
+        "fbgemm, 7-bit per-tensor activations; large calls on oneDNN's AMX kernel where the CPU has AMX, "
+        "same arithmetic) or intmm (CPU: torch._int_mm, 8-bit per-row activations)")
     targets: list[str] | None = Field(default=None,
                                       description="module globs / re: patterns (default: encoder linears); [] "
                                                   "quantizes no linear, only the tables (with embeddings)")
