@@ -3,6 +3,7 @@ oneDNN (which uses the AMX tiles of Sapphire Rapids and later Xeons), by token c
 
     python bench/int8_engines.py --threads 2
     python bench/int8_engines.py --threads 1 --tokens 1,20,64,1408
+    STACKCOMP_DATA_DIR=../shared/data python bench/int8_engines.py --model --threads 2 --batch-size 32
 
 The ``torch`` int8 backend packs each weight for both and runs oneDNN from
 ``stackcomp.nn.quantized.ONEDNN_MIN_WORK`` (tokens x outputs) on where the CPU has AMX: this bench is where
@@ -10,15 +11,22 @@ that threshold comes from. Shapes are MiniLM's (hidden 384, FFN 1536) and pruned
 and activations are random (the speed does not depend on them). Each cell is the min over rounds
 of the per-round median microseconds; ``fbgemm/oneDNN`` > 1 means oneDNN is faster. The last
 column checks the two engines' outputs agree (max |diff| / max |y|).
+
+``--model``: the whole all-MiniLM-L6-v2 on SST-2 dev batches (the offline weights, classifier
+head untrained: speed and agreement only), fp32 against the int8 pass (``backend: torch``) run
+with fbgemm only and with the oneDNN switch, interleaved by ``bench/model_latency.py``'s timer.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 
+import stackcomp.nn.quantized as Q
 from stackcomp.nn.quantized import _prepack_with, onednn_for_large_calls, quantize_rows
 
 SHAPES = {"qkv 384->1152": (384, 1152), "attn out 384->384": (384, 384), "ffn in 384->1536": (384, 1536),
@@ -37,14 +45,90 @@ def median_us(fn, reps: int) -> float:
     return times[len(times) // 2] * 1e6
 
 
+@contextmanager
+def onednn_from(work: int):
+    before = Q.ONEDNN_MIN_WORK
+    Q.ONEDNN_MIN_WORK = work
+    try:
+        yield
+    finally:
+        Q.ONEDNN_MIN_WORK = before
+
+
+class WithWork:
+    """The model called with ``ONEDNN_MIN_WORK`` set to ``work`` (2**62: fbgemm for every call)."""
+
+    def __init__(self, model, work: int):
+        self.model, self.work = model, work
+
+    def __call__(self, **batch):
+        with onednn_from(self.work):
+            return self.model(**batch)
+
+
+@torch.inference_mode()
+def bench_model(args) -> None:
+    import logging
+
+    from model_latency import time_models  # bench/, beside this script
+
+    from stackcomp.data import DataOptions, TaskData, get_task
+    from stackcomp.models import load_base_model
+    from stackcomp.passes.base import PassContext, run_pass
+    from stackcomp.passes.int8 import Int8Pass
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("stackcomp", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    task = get_task("glue/sst2")
+    model, tok = load_base_model("minilm-l6", task)
+    model.eval()
+    data = TaskData(task, tok, DataOptions(max_length=128))
+    batches = []
+    for i, b in enumerate(data.eval_loader(args.batch_size, sort_by_length=False)):
+        if i >= args.batches:
+            break
+        batches.append({k: v for k, v in b.items() if k != "labels"})
+    import copy
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        int8 = run_pass(Int8Pass({"backend": "torch"}), copy.deepcopy(model),
+                        PassContext(stage="int8", work_dir=tmp))
+    models = {"fp32": model, "int8 fbgemm": WithWork(int8, 1 << 62), "int8 auto": WithWork(int8, Q.ONEDNN_MIN_WORK)}
+    ms = time_models(models, batches, args.rounds)
+    def last_hidden(m, b):  # the encoder's output: the head is untrained here
+        return m(**b, output_hidden_states=True).hidden_states[-1]
+
+    ref = [last_hidden(models["fp32"], b) for b in batches]
+    fb = [last_hidden(models["int8 fbgemm"], b) for b in batches]
+    diff = {n: (max(float((last_hidden(m, b) - r).norm() / r.norm()) for b, r in zip(batches, ref)),
+                max(float((last_hidden(m, b) - f).norm() / f.norm()) for b, f in zip(batches, fb)))
+            for n, m in models.items()}
+    tokens = sum(b["attention_mask"].numel() for b in batches) / len(batches)
+    print(f"\nall-MiniLM-L6-v2 on SST-2 dev: {len(batches)} batches x {args.batch_size} ({tokens:.0f} padded "
+          f"tokens a batch), threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'model':<12} {'ms/batch':>9} {'vs fp32':>8} {'vs fbgemm':>10} {'err vs fp32':>12} {'err vs fbgemm':>14}")
+    for n in models:
+        print(f"{n:<12} {ms[n]:>9.2f} {ms['fp32'] / ms[n]:>7.2f}x {ms['int8 fbgemm'] / ms[n]:>9.2f}x "
+              f"{diff[n][0]:>12.1e} {diff[n][1]:>14.1e}")
+    print("(err: relative Frobenius error of the encoder's last hidden states, the largest over the batches)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", default="1,8,20,32,64,128,256,512,1408")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--model", action="store_true", help="time the whole MiniLM int8 model instead")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        return bench_model(args)
     torch.manual_seed(0)
     print(f"threads {args.threads}; AMX (oneDNN used for large calls): {onednn_for_large_calls()}")
     print(f"{'shape':22s} {'tokens':>6s} {'fbgemm us':>10s} {'oneDNN us':>10s} {'fbgemm/oneDNN':>14s} {'diff':>9s}")

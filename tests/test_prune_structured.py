@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -242,3 +244,83 @@ def test_engine_reports_target_errors_as_stackcomp_errors(tmp_path, tiny_model_d
               "stages": {"prune": {"pass": "prune_structured", "params": {"target_flops": 2}}}}
     with pytest.raises(StackcompError, match="target_flops"):
         stackcomp.run(recipe, out=tmp_path / "run")
+
+
+def _three_block_bert():
+    from transformers import AutoModelForSequenceClassification
+    from conftest import _tiny_config
+
+    config = _tiny_config("bert")
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def _silence_block(block: nn.Module) -> None:
+    """Make a BERT block the identity on LayerNorm outputs: its heads' values, its neurons' outputs
+    and the biases added to the residual are zero, so it computes LN(LN(x)) = x (unit LN weights)."""
+    with torch.no_grad():
+        for lin in (block.attention.self.value, block.attention.output.dense, block.output.dense):
+            lin.weight.zero_()
+            lin.bias.zero_()
+
+
+def test_planted_empty_block_is_dropped_and_its_budget_goes_to_the_others(tmp_path):
+    """Block 1 does nothing; the target pays for blocks 0 and 2 whole plus block 1's minimum. The
+    first choice leaves block 1 one head and one neuron, under drop_layers_below, so it is dropped
+    and the choice over blocks 0 and 2 keeps them whole: the model computes what it did."""
+    model = _three_block_bert()
+    _silence_block(model.bert.encoder.layer[1])
+    ref = model(**_inputs()).logits.detach()
+    total, hc, nc = _flops(model)
+    target = (2 * total / 3 + hc + nc) / total
+    pruned, ctx = _prune(model, tmp_path, target_flops=target, drop_layers_below=0.3)
+    report = ctx.analysis.report
+    assert report["dropped_layers"] == [1]
+    assert report["blocks"]["bert.encoder.layer.1"]["dropped"] is True
+    assert pruned.config.num_hidden_layers == 2 and len(pruned.bert.encoder.layer) == 2
+    assert [b.heads for b in blocks(pruned)] == [2, 2] and [b.neurons for b in blocks(pruned)] == [64, 64]
+    assert pruned.config.stackcomp_pruned["dropped_layers"] == [1]
+    assert report["flops_per_token"]["after"] == _flops(pruned)[0] == 2 * total // 3
+    with torch.no_grad():
+        assert torch.allclose(pruned(**_inputs()).logits, ref, atol=1e-4)
+
+
+def test_without_drop_layers_below_no_block_is_dropped(tmp_path):
+    model = _three_block_bert()
+    _silence_block(model.bert.encoder.layer[1])
+    total, hc, nc = _flops(model)
+    pruned, ctx = _prune(model, tmp_path, target_flops=(2 * total / 3 + hc + nc) / total)
+    assert "dropped_layers" not in ctx.analysis.report
+    assert [b.heads for b in blocks(pruned)] == [2, 1, 2] and [b.neurons for b in blocks(pruned)] == [64, 1, 64]
+
+
+def test_dropped_blocks_save_and_load(tmp_path):
+    """The shallower model loads with stackcomp; compressed further (int8), transformers loads it too."""
+    from transformers import AutoModelForSequenceClassification
+
+    import stackcomp
+    from stackcomp.artifacts import export_model
+    from stackcomp.passes.int8 import Int8Pass
+
+    model = _three_block_bert()
+    _silence_block(model.bert.encoder.layer[2])
+    pruned, _ = _prune(model, tmp_path, target_flops=0.5, drop_layers_below=0.3)
+    assert pruned.config.num_hidden_layers == len(blocks(pruned)) < 3
+    save_model(pruned, tmp_path / "m")
+    depth, heads = len(blocks(pruned)), [b.heads for b in blocks(pruned)]
+    int8 = run_pass(Int8Pass({"backend": "torch"}), copy.deepcopy(pruned), PassContext(stage="q", work_dir=tmp_path))
+    with torch.no_grad():
+        ref, ref8 = pruned(**_inputs()).logits, int8(**_inputs()).logits
+        back = load_model(tmp_path / "m", verify=False)
+        assert [b.heads for b in blocks(back)] == heads
+        assert torch.equal(back(**_inputs()).logits, ref)
+        folder = export_model(int8, tmp_path / "export")
+        for again in (stackcomp.load(folder), AutoModelForSequenceClassification.from_pretrained(folder)):
+            assert len(again.bert.encoder.layer) == depth
+            assert torch.equal(again(**_inputs()).logits, ref8)
+
+
+def test_dropping_every_block_is_a_clear_error(tmp_path):
+    with pytest.raises(PassError, match="drops every block"):
+        _prune(make_tiny_model("bert"), tmp_path, target_flops=0.3, drop_layers_below=0.99)
