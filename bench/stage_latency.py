@@ -6,6 +6,8 @@
                                                                   # (a search's trials), shown as 7:pack
     ... runs/minilm-sst2-fast ft prune25_vocab_ort@onnx_int8       # STAGE@onnx / STAGE@onnx_int8: the graph a
                                                                   # `pack target: onnx` stage wrote, in ONNX Runtime
+    ... runs/minilm-sst2-fast ft prune25_fused prune25_fused%fbgemm  # STAGE%fbgemm: the torch int8 linears on
+                                                                  # fbgemm only (no oneDNN for large calls)
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -34,7 +36,8 @@ from stackcomp.evaluate import size_report
 from stackcomp.report import Run
 from stackcomp.tasks import get_task
 
-from model_latency import agreement, time_models  # bench/, beside this script
+from int8_engines import WithWork  # bench/, beside this script
+from model_latency import agreement, time_models
 
 
 class OrtModel:
@@ -75,6 +78,10 @@ def stage_model_folder(run: Run, spec: str) -> tuple[str, os.PathLike]:
         return f"{os.path.basename(os.path.normpath(other))}:{stage}", Run(other).artifact(stage) / "model"
     return spec, run.artifact(spec) / "model"
 
+
+#: ``STAGE%fbgemm``: the stage's model with the torch int8 backend's oneDNN switch off
+#: (``stackcomp.nn.quantized.ONEDNN_MIN_WORK``), to show what that switch gives side by side
+FBGEMM = "%fbgemm"
 
 #: ``STAGE@<suffix>``: the ONNX graph file a ``pack target: onnx`` stage wrote in its artifact
 ONNX_GRAPHS = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx"}
@@ -127,9 +134,11 @@ def main() -> None:
         if graph is not None:
             models[graph[0]] = graph[1]
             continue
-        name, folder = stage_model_folder(run, spec)
+        fbgemm = spec.endswith(FBGEMM)
+        name, folder = stage_model_folder(run, spec.removesuffix(FBGEMM))
         folders[name] = folder
-        models[name] = load_model(folder, device="cpu").eval()
+        model = load_model(folder, device="cpu").eval()
+        models[name + (FBGEMM if fbgemm else "")] = WithWork(model, 1 << 62) if fbgemm else model
     if not folders:
         raise SystemExit("the stages must include at least one torch model (the first sets the tokenizer)")
     args.stages = list(models)
@@ -151,7 +160,8 @@ def main() -> None:
             agree = agreement(models, batches, ref_name=ref)
         except AttributeError:  # no logits (a bi-encoder's hidden states): nothing to agree on
             agree = {n: float("nan") for n in models}
-    sizes = {n: m.nbytes if isinstance(m, OrtModel) else size_report(m)["model_bytes"] for n, m in models.items()}
+    sizes = {n: m.nbytes if isinstance(m, OrtModel) else size_report(getattr(m, "model", m))["model_bytes"]
+             for n, m in models.items()}
     print(f"\n{args.run}: {len(batches)} {task.name} dev batches x {args.batch_size}, max_length {args.max_length}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     many = len(runs) > 1
