@@ -332,8 +332,10 @@ class TorchDynamicInt8(Int8Backend):
 #: from this much work (tokens x output features of one call) the ``torch`` backend runs oneDNN's
 #: kernel where :func:`onednn_for_large_calls` holds. Both engines compute the same arithmetic
 #: (per-tensor 7-bit activations, per-row int8 weights); their outputs agree to fp32 rounding, bar
-#: a rare activation rounded one step apart (at most 1.5e-3 of max |y| in bench/int8_engines.py),
-#: so the switch changes speed, not what is computed. Measured on a Sapphire Rapids core
+#: a rare activation rounded one step apart (at most 1.5e-3 of max |y| in bench/int8_engines.py).
+#: Through a deep model those steps add up: all-MiniLM-L6-v2's last hidden states differ between the
+#: engines by a third of int8's own error against fp32 (bench/int8_engines.py --model); the task
+#: metric is checked in docs/results.md. Measured on a Sapphire Rapids core
 #: (bench/int8_engines.py, docs/results.md): oneDNN's AMX kernel wins from about 2^17 (e.g. 128
 #: tokens x 1,152 outputs: 1.35x on 2 threads; 1,408 x 1,152: 5.4x) and loses below (20 tokens: 0.5-0.6x).
 ONEDNN_MIN_WORK = 1 << 17
