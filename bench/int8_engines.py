@@ -19,7 +19,9 @@ with fbgemm only and with the oneDNN switch, interleaved by ``bench/model_latenc
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -90,14 +92,12 @@ def bench_model(args) -> None:
         if i >= args.batches:
             break
         batches.append({k: v for k, v in b.items() if k != "labels"})
-    import copy
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         int8 = run_pass(Int8Pass({"backend": "torch"}), copy.deepcopy(model),
                         PassContext(stage="int8", work_dir=tmp))
     models = {"fp32": model, "int8 fbgemm": WithWork(int8, 1 << 62), "int8 auto": WithWork(int8, Q.ONEDNN_MIN_WORK)}
     ms = time_models(models, batches, args.rounds)
+
     def last_hidden(m, b):  # the encoder's output: the head is untrained here
         return m(**b, output_hidden_states=True).hidden_states[-1]
 

@@ -15,13 +15,13 @@ one head (or ``neuron_multiple`` neurons) of it.
 
 Dropping layers: a block pruned to almost nothing still costs its fixed per-layer work (two
 LayerNorms, residual adds, the attention softmax, a few kernel calls), which the linear FLOPs do
-not count and which weighs most on single sentences (MiniLM-L6 / SST-2 at a quarter of the FLOPs,
-docs/results.md: dropping its three late blocks made the stack 1.33x faster on one sentence, 1.14x
-on batches of 32). With ``drop_layers_below: f``, a block
-whose kept linear FLOPs are under ``f`` of an unpruned block's is removed whole, and the choice is
-made again over the remaining blocks with the same FLOPs budget (so what the dropped block held
-goes to the others); repeated until no block is under ``f``. Its recovery is left to
-``finetune``: removing a block is not exact (it also drops the block's LayerNorms and biases).
+not count and which weighs most on single sentences (MiniLM-L6 / SST-2 at a quarter of the
+FLOPs, docs/results.md: dropping its three late blocks made the stack 1.33x faster on one
+sentence, 1.14x on batches of 32). With ``drop_layers_below: f``, a block whose kept linear FLOPs
+are under ``f`` of an unpruned block's is removed whole, and the choice is made again over the
+remaining blocks with the same FLOPs budget (so what the dropped block held goes to the others);
+repeated until no block is under ``f``. Its recovery is left to ``finetune``: removing a block
+is not exact (it also drops the block's LayerNorms and biases).
 
 ``transform`` removes the rest: the linears are sliced and stay plain ``nn.Linear``, so
 ``ds_factorize``, ``int8`` and ``pack`` stack on top; the kept counts are recorded in the config
@@ -38,9 +38,9 @@ from pydantic import Field
 from torch import nn
 
 from stackcomp.distill.kd import KDLoss, KDWeights
+from stackcomp.distill.students import cut_student
 from stackcomp.errors import PassError, PlanError
 from stackcomp.factorize.flops import KeptUnits, block_flops, choose_kept, encoder_flops
-from stackcomp.distill.students import cut_student
 from stackcomp.nn.pruning import CONFIG_KEY, Block, blocks, masked, remove_units
 from stackcomp.passes.base import KEY_OMIT_DEFAULT, Analysis, Pass, PassContext, PassParams
 from stackcomp.train import TrainConfig, train_on_task
@@ -149,8 +149,7 @@ class PruneStructuredPass(Pass):
         try:
             return choose_kept(head_scores, neuron_scores, hidden=found[0].linears["query"].in_features,
                                head_size=found[0].head_size, target=p.target_flops if target is None else target,
-                               heads_min=heads_min,
-                               neuron_multiple=multiple)
+                               heads_min=heads_min, neuron_multiple=multiple)
         except ValueError as e:
             raise PassError(f"prune_structured: {e}") from None
 
