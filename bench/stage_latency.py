@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--task", default=None, help="default: the run's task")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="default: the run's recipe data.max_length, else 64 (QA needs its windows' length)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=1, help="repeat the whole timing (each run: --rounds rounds) and "
                     "report each model's speedup over the runs: median and lowest (a target such as 'median of "
@@ -128,6 +129,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     run = Run(args.run)
+    if args.max_length is None:
+        args.max_length = int((run.recipe.get("data") or {}).get("max_length") or 64)
     models, folders = {}, {}
     for spec in args.stages:
         graph = stage_graph(run, spec, torch.get_num_threads())
