@@ -5,7 +5,7 @@ oneDNN (which uses the AMX tiles of Sapphire Rapids and later Xeons), by token c
     python bench/int8_engines.py --threads 1 --tokens 1,20,64,1408
     STACKCOMP_DATA_DIR=../shared/data python bench/int8_engines.py --model --threads 2 --batch-size 32
 
-The ``torch`` int8 backend packs each weight for both and runs oneDNN from
+The ``torch`` int8 backend runs oneDNN (a copy of the weight packed on first use) from
 ``stackcomp.nn.quantized.ONEDNN_MIN_WORK`` (tokens x outputs) on where the CPU has AMX: this bench is where
 that threshold comes from. Shapes are MiniLM's (hidden 384, FFN 1536) and pruned ones; the weight
 and activations are random (the speed does not depend on them). Each cell is the min over rounds

@@ -244,7 +244,8 @@ def test_torch_backend_large_calls_on_onednn_compute_the_same(monkeypatch, token
         layer = Int8Linear.from_linear(lin, backend="torch")
         with torch.no_grad():
             outputs[env] = layer(x)
-        _, (_, (_, many, out_features)) = layer._prepared  # (key, (runner, handle))
+        _, (_, handle) = layer._prepared  # (key, (runner, handle))
+        many, out_features = handle.onednn, handle.out_features
         assert (many is not None) == (env == "1") and out_features == 160
         assert torch.backends.quantized.engine == engine
     Q.onednn_for_large_calls.cache_clear()
@@ -267,9 +268,27 @@ def test_torch_backend_switches_engine_by_work(monkeypatch):
     monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda x, packed, rr: calls.append(packed.name) or x,
                         raising=False)
     backend = Q.TorchDynamicInt8()
-    handle = (Spy("default"), Spy("onednn"), 64)
+    handle = Q.TorchInt8Handle(Spy("default"), 64, onednn_source=(None, None), onednn=Spy("onednn"))
     limit = Q.ONEDNN_MIN_WORK // 64
     backend.run(torch.zeros(limit - 1, 8), handle)
     backend.run(torch.zeros(limit, 8), handle)
-    backend.run(torch.zeros(limit, 8), (Spy("default"), None, 64))  # no oneDNN copy: always the default
+    backend.run(torch.zeros(limit, 8), Q.TorchInt8Handle(Spy("default"), 64))  # no oneDNN copy: the default
     assert calls == ["default", "onednn", "default"]
+
+
+@pytest.mark.skipif(not _onednn_engine(), reason="this PyTorch build has no oneDNN quantized engine")
+def test_onednn_copy_is_packed_on_the_first_large_call_only(monkeypatch):
+    import stackcomp.nn.quantized as Q
+
+    monkeypatch.setenv(Q.ONEDNN_ENV, "1")
+    Q.onednn_for_large_calls.cache_clear()
+    try:
+        layer = Int8Linear.from_linear(nn.Linear(16, 32), backend="torch")
+        with torch.no_grad():
+            layer(torch.randn(2, 16))  # 64 of 2^17: small
+            handle = layer._prepared[1][1]
+            assert handle.onednn_source is not None and handle.onednn is None
+            layer(torch.randn(Q.ONEDNN_MIN_WORK // 32, 16))
+            assert handle.onednn is not None
+    finally:
+        Q.onednn_for_large_calls.cache_clear()

@@ -47,6 +47,7 @@ import functools
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -310,23 +311,40 @@ class TorchDynamicInt8(Int8Backend):
         return True, ""
 
     def prepare(self, q, scale, bias):
-        """The weight packed for the default engine, and for oneDNN where it runs many-token GEMMs faster."""
+        """The weight packed for the default engine; the oneDNN copy is packed on the first large call
+        (:class:`TorchInt8Handle`), so models that never see one (single sentences) pack it never."""
         zero = torch.zeros(q.shape[0], dtype=torch.long)
         b = None if bias is None else bias.float().cpu()
         with warnings.catch_warnings():  # the quantized-tensor deprecation warning, once per layer
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(q.cpu(), scale.cpu().double(), zero, 0)
             packed = torch.ops.quantized.linear_prepack(qw, b)
-            many = _prepack_with("onednn", qw, b) if onednn_for_large_calls() else None
-        return packed, many, q.shape[0]
+        return TorchInt8Handle(packed, q.shape[0], (qw, b) if onednn_for_large_calls() else None)
 
     def run(self, x, handle):
-        packed, many, out_features = handle
-        if many is not None and x.shape[0] * out_features >= ONEDNN_MIN_WORK:
-            packed = many
         # reduce_range=True: activations use 7 bits, as quantize_dynamic does on x86 (no int16
         # saturation in fbgemm's u8 x s8 pairs on CPUs without VNNI)
-        return torch.ops.quantized.linear_dynamic(x, packed, True)
+        return torch.ops.quantized.linear_dynamic(x, handle.for_rows(x.shape[0]), True)
+
+
+@dataclass
+class TorchInt8Handle:
+    """The ``torch`` backend's prepared weight: packed for the default engine, and where
+    :func:`onednn_for_large_calls` holds, for oneDNN too, packed from ``onednn_source`` (the
+    quantized weight and bias) when a call first reaches :data:`ONEDNN_MIN_WORK`."""
+
+    packed: Any
+    out_features: int
+    onednn_source: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    onednn: Any = None
+
+    def for_rows(self, rows: int) -> Any:
+        """The packed weight a call with ``rows`` input rows runs on."""
+        if self.onednn_source is None or rows * self.out_features < ONEDNN_MIN_WORK:
+            return self.packed
+        if self.onednn is None:
+            self.onednn = _prepack_with("onednn", *self.onednn_source)
+        return self.onednn
 
 
 #: from this much work (tokens x output features of one call) the ``torch`` backend runs oneDNN's
@@ -369,7 +387,9 @@ def _prepack_with(engine: str, qw: torch.Tensor, bias: torch.Tensor | None) -> A
     before = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
-        return torch.ops.quantized.linear_prepack(qw, bias)
+        with warnings.catch_warnings():  # the quantized-tensor deprecation warning
+            warnings.simplefilter("ignore")
+            return torch.ops.quantized.linear_prepack(qw, bias)
     finally:
         torch.backends.quantized.engine = before
 
