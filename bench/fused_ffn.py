@@ -11,8 +11,12 @@ Per FFN (one transformer block's linear, GELU, linear), at batch 32 x 50 tokens 
   fp32      nn.Linear + GELU + nn.Linear
   int8      Int8Linear (torch backend: quantized::linear_dynamic, fbgemm, per-tensor reduce_range
             activations) + GELU + Int8Linear: what the int8 pass leaves
-  fused     FusedInt8FFN (pack's fuse_ffn): one C++ call, per-row 8-bit activations
+  fused     FusedInt8FFN (pack's fuse_ffn): one C++ call, per-row 8-bit activations; on a CPU with AMX,
+            calls of at least AMX_MIN_TOKENS tokens run its AMX path
+  fused_vnni  the same kernel held to its AVX-512 VNNI path (only shown where AMX is available)
   fused_pt  the same kernel on its portable (non-VNNI) path (``--generic``)
+``--crossover``: the kernel's AMX path against its VNNI path by token count (where AMX is available),
+which is what AMX_MIN_TOKENS is set from.
 Whole models (``--model``): ``int8`` is the int8 pass + pack, ``fused`` the same with fuse_ffn.
 Timing: rounds interleave the candidates; each round takes the median of several calls; the table shows
 the minimum over rounds of those medians (min-of-medians) in microseconds, and ratios against int8.
@@ -32,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackcomp.kernels import ds_cpu
-from stackcomp.kernels.ffn import ffn_forward_cpu, ffn_kernel
-from stackcomp.nn.fused import FusedInt8FFN
+from stackcomp.kernels.ffn import AMX_MULTIPLE, ffn_forward_cpu, ffn_has_amx, ffn_kernel, ffn_operands
+from stackcomp.nn.fused import AMX_MIN_TOKENS, FusedInt8FFN
 from stackcomp.nn.quantized import Int8Linear
 
 CASES = {"b32x50": (32, 50), "b1x20": (1, 20)}
@@ -69,10 +73,34 @@ def ffn_candidates(d: int, hid: int, act: str, x: torch.Tensor, generic: bool) -
     fns = {"fp32": lambda: lin2(F.gelu(lin1(x), approximate=approx)),
            "int8": lambda: q2(F.gelu(q1(x), approximate=approx)),
            "fused": lambda: fused(x)}
+    run = fused._kernel()
+    if run.amx:
+        fns["fused_vnni"] = lambda: ffn_forward_cpu(x, run.ops, act, run.ext, path="vnni")
     if generic:
-        ext, ops, _ = fused._kernel()
-        fns["fused_pt"] = lambda: ffn_forward_cpu(x, ops, act, ext, force_generic=True)
+        fns["fused_pt"] = lambda: ffn_forward_cpu(x, run.ops, act, run.ext, path="generic")
     return fns
+
+
+def bench_crossover(args) -> None:
+    """The kernel's AMX path against its VNNI path (same operands, 64-padded) by token count."""
+    d, hid = (int(v) for v in args.dims.split("x"))
+    ext = ds_cpu.get_extension()
+    if not ffn_has_amx(ext):
+        print("crossover: no AMX here (CPU, OS or build): nothing to compare")
+        return
+    lin1, lin2 = nn.Linear(d, hid), nn.Linear(hid, d)
+    ops = ffn_operands(*(t for lay in (Int8Linear.from_linear(lin1), Int8Linear.from_linear(lin2))
+                         for t in (lay.weight, lay.weight_scale, lay.bias)), multiple=AMX_MULTIPLE)
+    print(f"AMX vs VNNI path of the fused FFN {d}->{hid}->{d} by tokens (AMX_MIN_TOKENS = {AMX_MIN_TOKENS}); "
+          "min-of-medians, microseconds")
+    for nt in args.threads:
+        torch.set_num_threads(nt)
+        for tokens in (8, 16, 24, 32, 48, 64, 96, 128, 256, 1600):
+            x = torch.randn(tokens, d)
+            fns = {p: (lambda p=p: ffn_forward_cpu(x, ops, args.act, ext, path=p)) for p in ("vnni", "best")}
+            r = time_interleaved(fns, args.rounds, clock=CLOCKS[args.clock])
+            print(f"  threads={nt} tokens={tokens:5d}  vnni {r['vnni']:8.1f}  amx {r['best']:8.1f}  "
+                  f"vnni/amx {r['vnni'] / r['best']:.2f}")
 
 
 def bench_ffn(args) -> None:
@@ -162,6 +190,7 @@ def main() -> None:
     ap.add_argument("--model", nargs="?", const="student", default=None,
                     help="also time whole models: a saved model folder, or none for a random 3-layer student")
     ap.add_argument("--no-ffn", action="store_true", help="skip the per-FFN table")
+    ap.add_argument("--crossover", action="store_true", help="also the AMX path vs the VNNI path by token count")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or the main thread's CPU time (shared machines; only with --threads 1)")
     args = ap.parse_args()
@@ -174,9 +203,12 @@ def main() -> None:
     if not ffn_kernel(ext):
         raise SystemExit(f"the C++ kernel has no fused FFN here ({ds_cpu.build_error() or 'stale build'}): "
                          "python setup.py build_ext --inplace")
-    print(f"kernel: {ds_cpu.variant()} build, fused FFN path {'AVX-512 VNNI' if ext.ffn_has_vnni() else 'portable'}")
+    paths = ("AMX (long calls), " if ffn_has_amx(ext) else "") + ("AVX-512 VNNI" if ext.ffn_has_vnni() else "portable")
+    print(f"kernel: {ds_cpu.variant()} build, fused FFN path {paths}")
     if not args.no_ffn:
         bench_ffn(args)
+    if args.crossover:
+        bench_crossover(args)
     if args.model is not None:
         bench_models(args)
 

@@ -29,8 +29,9 @@ import stackcomp
 from stackcomp.artifacts import export_model
 from stackcomp.errors import PassError
 from stackcomp.kernels import ds_cpu
-from stackcomp.kernels.ffn import ffn_forward_cpu, ffn_kernel, ffn_operands, fused_ffn_reference
-from stackcomp.nn.fused import FusedFFNInput, FusedInt8FFN, find_ffns
+from stackcomp.kernels.ffn import (AMX_MULTIPLE, ffn_forward_cpu, ffn_has_amx, ffn_kernel, ffn_operands,
+                                   fused_ffn_reference)
+from stackcomp.nn.fused import AMX_MIN_TOKENS, ENV, FusedFFNInput, FusedInt8FFN, find_ffns
 from stackcomp.nn.quantized import Int8Linear, quantize_rows
 from stackcomp.passes.base import PassContext, as_analysis
 from stackcomp.passes.int8 import Int8Pass
@@ -80,10 +81,15 @@ def check_against_oracle(y, x, qw, act):
     return int(near.sum())
 
 
+# (path, operand padding): VNNI and portable on the plain layout; "best" on the AMX layout (the AMX path
+# where the CPU has it, VNNI elsewhere), and the portable loop on it (padding changes no number)
+PATHS = [("vnni", 4), ("generic", 4), ("best", AMX_MULTIPLE), ("generic", AMX_MULTIPLE)]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
-@pytest.mark.parametrize("generic", [False, True])
-def test_kernel_matches_oracle_and_fp32(shape, act, generic):
+@pytest.mark.parametrize("path,multiple", PATHS)
+def test_kernel_matches_oracle_and_fp32(shape, act, path, multiple):
     ext = _ext()
     T, inp, hid, out = shape
     w1, b1, w2, b2 = _ffn(inp, hid, out)
@@ -91,7 +97,7 @@ def test_kernel_matches_oracle_and_fp32(shape, act, generic):
     x = torch.randn(T, inp, generator=torch.Generator().manual_seed(1))
     if T > 3:
         x[2] = 0.0  # a zero row: scale 0
-    y = ffn_forward_cpu(x, ffn_operands(*qw), act, ext, force_generic=generic)
+    y = ffn_forward_cpu(x, ffn_operands(*qw, multiple=multiple), act, ext, path=path)
     check_against_oracle(y, x, qw, act)
     fp32 = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh" if act == "gelu_tanh" else "none"), w2, b2)
     rel = float((y - fp32).abs().max() / fp32.abs().max())
@@ -111,7 +117,7 @@ def test_generic_and_vnni_paths_agree_and_zero_tokens(threads, tokens):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fast, slow = (ffn_forward_cpu(x, ops, "gelu", ext, force_generic=g) for g in (False, True))
+        fast, slow = (ffn_forward_cpu(x, ops, "gelu", ext, path=p) for p in ("vnni", "generic"))
     finally:
         torch.set_num_threads(old)
     assert fast.shape == (tokens, 1, 48)
@@ -122,12 +128,63 @@ def test_generic_and_vnni_paths_agree_and_zero_tokens(threads, tokens):
         ffn_forward_cpu(torch.zeros(2, 60), ops, "gelu", ext)
 
 
+def _amx_ext():
+    ext = _ext()
+    if not ffn_has_amx(ext):
+        pytest.skip("this CPU (or its OS, or the build) has no AMX: the AMX path cannot run here")
+    return ext
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 64, 64, 16), (31, 128, 320, 40), (33, 384, 1536, 384), (150, 100, 300, 70)])
+def test_amx_path_gives_the_vnni_paths_numbers(threads, shape):
+    """Same integer sums, same epilogue code: the AMX and VNNI paths agree bit for bit on the AMX
+    layout, for short blocks (rows padded to 32), a lone 16-channel group, and in/hidden padded to 64."""
+    ext = _amx_ext()
+    T, inp, hid, out = shape
+    qw = _quantized(*_ffn(inp, hid, out, seed=T))
+    ops = ffn_operands(*qw, multiple=AMX_MULTIPLE)
+    assert ops.w1p.shape[1] * 4 % AMX_MULTIPLE == 0 and ops.w2p.shape[1] * 4 % AMX_MULTIPLE == 0
+    x = torch.randn(T, inp, generator=torch.Generator().manual_seed(3))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        amx, vnni = (ffn_forward_cpu(x, ops, "gelu", ext, path=p) for p in ("best", "vnni"))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(amx, vnni)
+    check_against_oracle(amx, x, qw, "gelu")
+
+
+@pytest.mark.parametrize("hid", [200, 256])
+def test_module_takes_amx_for_long_calls_only(monkeypatch, hid):
+    """Calls of AMX_MIN_TOKENS tokens or more run on AMX operands (a second, 64-padded copy packed on the
+    first such call where the sizes need it; the same operands where they are multiples of 64); short calls
+    and STACKCOMP_FFN_KERNEL=vnni keep the VNNI path; every route gives the same numbers."""
+    _amx_ext()
+    monkeypatch.delenv(ENV, raising=False)
+    torch.manual_seed(0)
+    layer = FusedInt8FFN.from_layers(nn.Linear(64, hid), "gelu", nn.Linear(hid, 32)).eval()
+    short, long = torch.randn(AMX_MIN_TOKENS - 1, 64), torch.randn(2, AMX_MIN_TOKENS, 64)
+    with torch.no_grad():
+        y_short = layer(short)
+        run = layer._kernel()
+        assert run.amx and run.amx_ops is None
+        y_long = layer(long)
+        assert (run.amx_ops is run.ops) == (hid % AMX_MULTIPLE == 0)
+        assert run.amx_ops.w2p.shape[1] * 4 % AMX_MULTIPLE == 0
+        monkeypatch.setenv(ENV, "vnni")
+        layer._cache = None
+        assert not layer._kernel().amx
+        assert torch.equal(layer(long), y_long) and torch.equal(layer(short), y_short)
+
+
 def test_the_portable_build_runs_the_fused_ffn():
     _ext()
     generic, why = ds_cpu.import_built("generic")
     if generic is None:
         pytest.skip(f"the generic build is not installed ({why})")
-    assert not generic.ffn_has_vnni()
+    assert not generic.ffn_has_vnni() and not generic.ffn_has_amx()
     w1, b1, w2, b2 = _ffn(40, 80, 24)
     qw = _quantized(w1, b1, w2, b2)
     x = torch.randn(45, 40)

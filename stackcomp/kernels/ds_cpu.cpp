@@ -126,7 +126,7 @@ torch::Tensor ds_forward_vnni8(torch::Tensor x, torch::Tensor dpk, torch::Tensor
 // The fused int8 FFN y = W2 act(W1 x + b1) + b2 (ds_cpu_ffn.h); operands from ds_cpu.ffn_operands.
 torch::Tensor ffn_forward(torch::Tensor x, torch::Tensor w1p, torch::Tensor cor1, torch::Tensor ws1, torch::Tensor b1,
                           torch::Tensor w2p, torch::Tensor cor2, torch::Tensor ws2, torch::Tensor b2, int64_t hidden,
-                          int64_t out, int64_t act, bool force_generic) {
+                          int64_t out, int64_t act, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x: contiguous float32 CPU (T, in)");
   for (const auto* w : {&w1p, &w2p})
@@ -141,11 +141,14 @@ torch::Tensor ffn_forward(torch::Tensor x, torch::Tensor w1p, torch::Tensor cor1
   g.K4a = w1p.size(1);
   g.N16b = w2p.size(0);
   g.K4b = w2p.size(1);
-  TORCH_CHECK(g.K4a * 4 >= g.in && (g.K4a - 1) * 4 < g.in, "x has ", g.in, " features, w1p takes ", g.K4a * 4);
-  TORCH_CHECK(hidden >= 1 && g.N16a * 16 >= hidden && (g.N16a - 1) * 16 < hidden && g.K4b == 4 * g.N16a,
+  // K may be zero padded up to a multiple of 64 (ffn_operands(multiple=64), the AMX path's layout)
+  TORCH_CHECK(g.K4a * 4 >= g.in && g.K4a * 4 - g.in < 64, "x has ", g.in, " features, w1p takes ", g.K4a * 4);
+  TORCH_CHECK(hidden >= 1 && g.N16a * 16 >= hidden && g.N16a * 16 - hidden < 64 && g.K4b == 4 * g.N16a,
               "w1p/w2p do not match the intermediate size ", hidden);
   TORCH_CHECK(out >= 1 && g.N16b * 16 >= out && (g.N16b - 1) * 16 < out, "w2p does not match out ", out);
   TORCH_CHECK(act == FFN_GELU_ERF || act == FFN_GELU_TANH, "act: 0 (gelu erf) or 1 (gelu tanh)");
+  TORCH_CHECK(path == FFN_PATH_BEST || path == FFN_PATH_VNNI || path == FFN_PATH_GENERIC,
+              "path: 0 (best), 1 (VNNI, no AMX) or 2 (portable)");
   const int64_t na = g.N16a * 16, nb = g.N16b * 16;
   TORCH_CHECK(cor1.scalar_type() == at::kInt && cor1.numel() == na && cor1.is_contiguous() &&
                   cor2.scalar_type() == at::kInt && cor2.numel() == nb && cor2.is_contiguous(),
@@ -159,7 +162,7 @@ torch::Tensor ffn_forward(torch::Tensor x, torch::Tensor w1p, torch::Tensor cor1
   FfnOps o{w1p.data_ptr<int8_t>(), w2p.data_ptr<int8_t>(), cor1.data_ptr<int32_t>(), cor2.data_ptr<int32_t>(),
            ws1.data_ptr<float>(), ws2.data_ptr<float>(), b1.data_ptr<float>(), b2.data_ptr<float>(),
            static_cast<int>(act)};
-  run_ffn(g, o, x.data_ptr<float>(), y.data_ptr<float>(), force_generic);
+  run_ffn(g, o, x.data_ptr<float>(), y.data_ptr<float>(), static_cast<int>(path));
   return y;
 }
 
@@ -197,5 +200,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni8", &has_vnni8, "whether ds_forward_vnni8 was compiled in");
   m.def("ffn_forward", &ffn_forward, "fused int8 FFN W2 act(W1 x + b1) + b2 (CPU)");
   m.def("ffn_has_vnni", &ffn_has_vnni, "whether ffn_forward has its AVX-512 VNNI path (else the portable one)");
+  m.def("ffn_has_amx", &ffn_has_amx, "whether ffn_forward can run its AMX path here (compiled in, CPU, OS permission)");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
 }

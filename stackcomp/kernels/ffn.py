@@ -19,6 +19,8 @@ test can bound exactly that (``tests/test_fused_ffn.py``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,30 @@ from stackcomp.kernels.reference import KernelError
 
 #: activations the kernel computes, by the names the module and the oracle use, and their kernel codes
 ACTS = {"gelu": 0, "gelu_tanh": 1}
+#: the kernel's paths (ds_cpu_ffn.h FfnPath): best available, AVX-512 VNNI without AMX, portable loop
+PATHS = {"best": 0, "vnni": 1, "generic": 2}
+#: input padding of the AMX path's operands (``ffn_operands(multiple=...)``): one tile row is 64 codes
+AMX_MULTIPLE = 64
+
+
+class FFNOperands(NamedTuple):
+    """What :func:`ffn_operands` makes: the first ten are ``ffn_forward``'s weight arguments in order."""
+
+    w1p: torch.Tensor
+    cor1: torch.Tensor
+    ws1: torch.Tensor
+    b1: torch.Tensor
+    w2p: torch.Tensor
+    cor2: torch.Tensor
+    ws2: torch.Tensor
+    b2: torch.Tensor
+    hidden: int
+    out: int
+    in_features: int
+    multiple: int
+
+    def kernel_args(self) -> tuple:
+        return tuple(self)[:10]
 
 
 def _pack_weight(q: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -47,17 +73,29 @@ def _padded(v: torch.Tensor | None, n: int, size: int) -> torch.Tensor:
 
 
 def ffn_operands(w1: torch.Tensor, w1_scale: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                 w2_scale: torch.Tensor, b2: torch.Tensor | None) -> tuple:
-    """The kernel's weight operands (layouts in ds_cpu_ffn.h) from int8 weights and per-channel scales:
-    ``(w1p, cor1, ws1, b1, w2p, cor2, ws2, b2, hidden, out)``. Made once per layer (the module caches them)."""
+                 w2_scale: torch.Tensor, b2: torch.Tensor | None, multiple: int = 4) -> tuple:
+    """The kernel's weight operands (layouts in ds_cpu_ffn.h) from int8 weights and per-channel scales.
+    Made once per layer (the module caches them).
+
+    ``multiple``: both GEMMs' inputs (x's features, the hidden size) zero padded to a multiple of it: 4 for the
+    VNNI and portable paths, 64 for the AMX path (:data:`AMX_MULTIPLE`; a tile holds 64 input codes), which
+    every path can run but which costs the others the padded channels."""
+    if multiple not in (4, AMX_MULTIPLE):
+        raise KernelError(f"fused FFN: multiple must be 4 or {AMX_MULTIPLE}, got {multiple}")
     hid, inp = w1.shape
     out, hid2 = w2.shape
     if hid2 != hid:
         raise KernelError(f"fused FFN: W1 has {hid} outputs, W2 takes {hid2} inputs")
-    w1p, cor1, n16a = _pack_weight(w1.detach().cpu(), -(-inp // 4) * 4)
+    w1_out = -(-hid // multiple) * multiple  # hidden channels made, zero padded: GEMM2's padded input
+    w1p, cor1, n16a = _pack_weight(_zero_rows(w1.detach().cpu(), w1_out), -(-inp // multiple) * multiple)
     w2p, cor2, n16b = _pack_weight(w2.detach().cpu(), n16a * 16)
-    return (w1p, cor1, _padded(w1_scale, hid, n16a * 16), _padded(b1, hid, n16a * 16),
-            w2p, cor2, _padded(w2_scale, out, n16b * 16), _padded(b2, out, n16b * 16), hid, out)
+    return FFNOperands(w1p, cor1, _padded(w1_scale, hid, n16a * 16), _padded(b1, hid, n16a * 16),
+                       w2p, cor2, _padded(w2_scale, out, n16b * 16), _padded(b2, out, n16b * 16), hid, out, inp, multiple)
+
+
+def _zero_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w with zero rows appended up to ``rows`` (padded hidden channels: weight, scale and bias 0, so GELU(0) = 0)."""
+    return w if w.shape[0] >= rows else torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
 
 
 def ffn_kernel(ext) -> bool:
@@ -65,17 +103,26 @@ def ffn_kernel(ext) -> bool:
     return ext is not None and hasattr(ext, "ffn_forward")
 
 
-def ffn_forward_cpu(x: torch.Tensor, ops: tuple, act: str, ext, force_generic: bool = False) -> torch.Tensor:
+def ffn_has_amx(ext) -> bool:
+    """Whether the extension can take its AMX path in this process (an older build has no such check)."""
+    return ext is not None and hasattr(ext, "ffn_has_amx") and bool(ext.ffn_has_amx())
+
+
+def ffn_forward_cpu(x: torch.Tensor, ops: FFNOperands, act: str, ext, path: str = "best") -> torch.Tensor:
     """Run the kernel: x (..., in) any float dtype on CPU -> (..., out) in x's dtype (fp32 inside).
-    ``force_generic`` runs the portable path even where the VNNI one is compiled in (tests, A/B)."""
-    inp = ops[0].shape[1] * 4
+
+    ``path`` (:data:`PATHS`): "best" takes AMX where the CPU has it and ``ops`` were made with
+    ``multiple=64``, else AVX-512 VNNI where compiled in, else the portable loop; "vnni" never AMX;
+    "generic" the portable loop (tests, A/B). All give the same integer sums."""
+    if path not in PATHS:
+        raise KernelError(f"fused FFN: path must be one of {sorted(PATHS)}, got {path!r}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[-1] > inp or x2.shape[-1] <= inp - 4:
-        raise KernelError(f"fused FFN: input has {x.shape[-1]} features, the layer takes {inp - 3}..{inp}")
+    if x2.shape[-1] != ops.in_features:
+        raise KernelError(f"fused FFN: input has {x.shape[-1]} features, the layer takes {ops.in_features}")
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    y = ext.ffn_forward(x2, *ops, ACTS[act], force_generic)
+    y = ext.ffn_forward(x2, *ops.kernel_args(), ACTS[act], PATHS[path])
     return y.reshape(*lead, y.shape[-1]).to(x.dtype)
 
 
