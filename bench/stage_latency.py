@@ -8,6 +8,8 @@
                                                                   # `pack target: onnx` stage wrote, in ONNX Runtime
     ... runs/minilm-sst2-fast ft prune25_fused prune25_fused%fbgemm  # STAGE%fbgemm: the torch int8 linears on
                                                                   # fbgemm only (no oneDNN for large calls)
+    ... runs/minilm-sst2-fast ft prune25_fused prune25_fused%vnni    # STAGE%vnni: fused FFNs without their AMX
+                                                                  # path; both: STAGE%fbgemm%vnni
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -82,6 +84,19 @@ def stage_model_folder(run: Run, spec: str) -> tuple[str, os.PathLike]:
 #: ``STAGE%fbgemm``: the stage's model with the torch int8 backend's oneDNN switch off
 #: (``stackcomp.nn.quantized.ONEDNN_MIN_WORK``), to show what that switch gives side by side
 FBGEMM = "%fbgemm"
+#: ``STAGE%vnni``: the stage's model with its fused FFNs held to the kernel's VNNI path (no AMX)
+VNNI = "%vnni"
+
+
+def without_ffn_amx(model):
+    """``model`` with every FusedInt8FFN's AMX path off (its kernel handle made now, amx cleared)."""
+    from stackcomp.nn.fused import FusedInt8FFN
+
+    for m in model.modules():
+        run = m._kernel() if isinstance(m, FusedInt8FFN) else None
+        if run is not None:
+            run.amx = False
+    return model
 
 #: ``STAGE@<suffix>``: the ONNX graph file a ``pack target: onnx`` stage wrote in its artifact
 ONNX_GRAPHS = {"onnx": "model.onnx", "onnx_int8": "model.int8.onnx"}
@@ -137,11 +152,16 @@ def main() -> None:
         if graph is not None:
             models[graph[0]] = graph[1]
             continue
-        fbgemm = spec.endswith(FBGEMM)
-        name, folder = stage_model_folder(run, spec.removesuffix(FBGEMM))
+        base, switches = spec, []
+        while base.endswith((FBGEMM, VNNI)):
+            switch = FBGEMM if base.endswith(FBGEMM) else VNNI
+            base, switches = base.removesuffix(switch), [switch, *switches]
+        name, folder = stage_model_folder(run, base)
         folders[name] = folder
         model = load_model(folder, device="cpu").eval()
-        models[name + (FBGEMM if fbgemm else "")] = WithWork(model, 1 << 62) if fbgemm else model
+        if VNNI in switches:
+            model = without_ffn_amx(model)
+        models[name + "".join(switches)] = WithWork(model, 1 << 62) if FBGEMM in switches else model
     if not folders:
         raise SystemExit("the stages must include at least one torch model (the first sets the tokenizer)")
     args.stages = list(models)

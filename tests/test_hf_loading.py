@@ -84,8 +84,9 @@ EMBEDDING_KINDS = {
     "vocab_pruned": _vocab_pruned,
     "vocab_pruned_int8": lambda e: RemappedInt8Embedding.from_remapped(_vocab_pruned(e)),
 }
-#: kinds built from another kind's model: every attention block's int8 q/k/v fused (FusedInt8QKV + parts)
-FUSED_KINDS = {"int8_fused_qkv": "int8"}
+#: kinds built from another kind's model: every attention block's int8 q/k/v fused (FusedInt8QKV + parts);
+#: every block output's residual add + LayerNorm fused around its int8 dense (FusedResidualNorm)
+FUSED_KINDS = {"int8_fused_qkv": "int8", "int8_fused_norm": "int8"}
 KINDS = [*LINEAR_KINDS, *EMBEDDING_KINDS, *FUSED_KINDS]
 #: kinds whose forward is the float product of what to_dense() returns (int8 layers quantize activations)
 EXACT_DENSE = {"ds", "ds_int8_packed", "lowrank", "blocklr", "losparse", "dsf", "sparse24", "int8_embedding",
@@ -94,9 +95,14 @@ EXACT_DENSE = {"ds", "ds_int8_packed", "lowrank", "blocklr", "losparse", "dsf", 
 
 def compressed_model(kind: str, seed: int = 0):
     if kind in FUSED_KINDS:
+        from stackcomp.nn.fused_norm import find_residual_norms, residual_norm_module
         from stackcomp.nn.fused_qkv import find_qkvs, fused_qkv_modules
 
         model = compressed_model(FUSED_KINDS[kind], seed)
+        if kind == "int8_fused_norm":
+            for site in find_residual_norms(model):
+                set_module(model, site.name, residual_norm_module(model, site))
+            return model
         for site in find_qkvs(model):
             for name, new in fused_qkv_modules(model, site).items():
                 set_module(model, name, new)

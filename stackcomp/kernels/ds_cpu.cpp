@@ -4,6 +4,7 @@
 #include "ds_cpu_kernels.h"
 #include "ds_cpu_vnni8.h"
 #include "ds_cpu_ffn.h"
+#include "ds_cpu_norm.h"
 
 using namespace dskern;
 
@@ -166,6 +167,25 @@ torch::Tensor ffn_forward(torch::Tensor x, torch::Tensor w1p, torch::Tensor cor1
   return y;
 }
 
+// LayerNorm(h + res) * gamma + beta over the last dimension, one pass per row (ds_cpu_norm.h)
+torch::Tensor add_layernorm(torch::Tensor h, torch::Tensor res, torch::Tensor gamma, torch::Tensor beta, double eps) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && res.scalar_type() == at::kFloat && h.device().is_cpu() &&
+                  res.device().is_cpu(), "h, res: float32 CPU tensors");
+  TORCH_CHECK(h.sizes() == res.sizes() && h.dim() >= 1, "h and res must have one shape, got ", h.sizes(), " and ",
+              res.sizes());
+  const int64_t n = h.size(-1);
+  for (const auto* t : {&gamma, &beta})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->numel() == n && t->device().is_cpu(),
+                "gamma, beta: float32 (", n, ")");
+  TORCH_CHECK(eps >= 0, "eps must be >= 0");
+  const auto hc = h.contiguous(), rc = res.contiguous(), gc = gamma.contiguous(), bc = beta.contiguous();
+  auto out = torch::empty_like(hc);
+  if (n == 0 || hc.numel() == 0) return out;
+  add_layernorm_rows(hc.data_ptr<float>(), rc.data_ptr<float>(), gc.data_ptr<float>(), bc.data_ptr<float>(),
+                     static_cast<float>(eps), hc.numel() / n, n, out.data_ptr<float>());
+  return out;
+}
+
 bool has_vnni8() {
 #if defined(DS_HAVE_VNNI8)
   return true;
@@ -201,5 +221,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn_forward", &ffn_forward, "fused int8 FFN W2 act(W1 x + b1) + b2 (CPU)");
   m.def("ffn_has_vnni", &ffn_has_vnni, "whether ffn_forward has its AVX-512 VNNI path (else the portable one)");
   m.def("ffn_has_amx", &ffn_has_amx, "whether ffn_forward can run its AMX path here (compiled in, CPU, OS permission)");
+  m.def("add_layernorm", &add_layernorm, "LayerNorm(h + res) * gamma + beta, one pass per row (CPU)");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
 }

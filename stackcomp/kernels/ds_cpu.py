@@ -54,7 +54,8 @@ from stackcomp.rundir import atomic_write_text
 log = logging.getLogger("stackcomp.kernels")
 
 SOURCE = Path(__file__).with_name("ds_cpu.cpp")
-HEADERS = tuple(Path(__file__).with_name(h) for h in ("ds_cpu_kernels.h", "ds_cpu_vnni8.h", "ds_cpu_ffn.h"))
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("ds_cpu_kernels.h", "ds_cpu_vnni8.h", "ds_cpu_ffn.h",
+                                                      "ds_cpu_norm.h"))
 #: at most this many tokens take the bandwidth-bound loop (output rows as SIMD lanes)
 SMALL_MAX_TOKENS = 2
 #: int8 layers with more nonzeros per row and block than this gather in fp32 (see q15_values)

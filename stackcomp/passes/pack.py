@@ -17,6 +17,11 @@
   (:class:`~stackcomp.nn.fused_qkv.FusedInt8QKV`): the input is quantized once instead of three
   times. The arithmetic is the same, so the outputs must match the unfused model's to
   ``FUSE_QKV_TOLERANCE``.
+* ``fuse_norm: true`` (CPU, off by default): each BERT-style block output (``SelfOutput`` /
+  ``Output``: ``LayerNorm(dense(h) + input)``) becomes a :class:`~stackcomp.nn.fused_norm.FusedResidualNorm`,
+  whose residual add and LayerNorm run as one C++ pass per row; its ``dense`` (int8, a fused FFN) is
+  kept. The numbers are the same up to float rounding, which the int8 layers after it may turn into a
+  rounding step: the outputs must match the unfused model's to ``FUSE_NORM_TOLERANCE``.
 
 What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
 the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
@@ -58,7 +63,7 @@ class PackParams(PassParams):
     onnx_tolerance: float = Field(default=1e-3, gt=0, description="target onnx: max |torch - ORT| / max|logit| (fp32)")
     onnx_opset: int = Field(default=18, ge=13)
     parity_sequences: int = Field(default=8, ge=1, description="dev sequences in the parity checks (onnx, fuse_ffn, "
-                                  "fuse_qkv)")
+                                  "fuse_qkv, fuse_norm)")
     fuse_ffn: bool = Field(default=False, description="CPU: fuse each FFN (linear, GELU, linear; nn.Linear or "
                            "Int8Linear) into one int8 kernel call with per-row activation scales",
                            json_schema_extra=KEY_OMIT_DEFAULT)
@@ -68,11 +73,17 @@ class PackParams(PassParams):
                                       json_schema_extra=KEY_OMIT_DEFAULT)
     fuse_qkv: bool = Field(default=False, description="fuse each attention block's query, key and value Int8Linear "
                            "into one int8 GEMM (the input quantized once)", json_schema_extra=KEY_OMIT_DEFAULT)
+    fuse_norm: bool = Field(default=False, description="CPU: run each BERT-style block output's residual add and "
+                            "LayerNorm as one kernel pass (its dense layer kept)", json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 #: fuse_qkv computes what the three int8 linears did (the same input rounding): only float summation
 #: order may differ, so the outputs must agree to this (relative, Frobenius, over the parity batches)
 FUSE_QKV_TOLERANCE = 1e-4
+#: fuse_norm computes the same sums in another float order; an int8 layer after it may round a changed
+#: value one step the other way, so the bound is looser than fuse_qkv's, and far under what a module
+#: that computes something else than LayerNorm(dense(h) + input) gives (order 1)
+FUSE_NORM_TOLERANCE = 1e-2
 
 
 class PackPass(Pass):
@@ -115,6 +126,7 @@ class PackPass(Pass):
                 plan[name] = {"from": type(m).__name__, "to": type(new).__name__, **_details(new, config)}
         ffn = self._plan_ffn(model, layout, plan) if self.params.fuse_ffn else None
         qkv = self._plan_qkv(model, plan) if self.params.fuse_qkv else None
+        norm = self._plan_norm(model, layout, plan) if self.params.fuse_norm else None
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "cpu_variant": cpu_variant, "layers": plan,
@@ -125,7 +137,8 @@ class PackPass(Pass):
             report["sparse24_note"] = f"{len(n24_dense)} 2:4-sparse linear(s) kept dense: {n24_dense[0]}"
             ctx.log.info("%s", report["sparse24_note"])
         state = {"packed": packed}
-        for key, fusion, what in (("ffn", ffn, "FFN(s)"), ("qkv", qkv, "attention projection(s)")):
+        for key, fusion, what in (("ffn", ffn, "FFN(s)"), ("qkv", qkv, "attention projection(s)"),
+                                  ("norm", norm, "residual add + LayerNorm(s)")):
             if fusion is None:
                 continue
             report[f"fuse_{key}"] = fusion["report"]
@@ -152,6 +165,32 @@ class PackPass(Pass):
         report = {"fused": sorted(modules), "unfused": unfused}
         if not sites:
             report["note"] = "no attention projections of a known structure (query/key/value, q_lin/k_lin/v_lin)"
+        return {"modules": modules, "report": report}
+
+    def _plan_norm(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
+        """The block outputs whose residual add + LayerNorm to fuse (built in ``transform``, after the
+        other fusions, so each keeps its final ``dense``) and the report."""
+        from stackcomp.nn.fused_norm import find_residual_norms
+
+        sites = find_residual_norms(model)
+        why_not = None
+        if layout != "cpu":
+            why_not = f"the fused residual LayerNorm runs on CPU; this pack's layout is {layout}"
+        elif self.params.target == "onnx":
+            why_not = "target onnx: the graph keeps LayerNorm as its own op (ONNX Runtime fuses it itself)"
+        modules: dict[str, dict[str, nn.Module]] = {}
+        unfused: dict[str, str] = {}
+        for site in sites:
+            reason = site.reason or why_not
+            if reason is not None:
+                unfused[site.name] = reason
+                continue
+            modules[site.name] = {}  # made in transform
+            plan[site.name] = {"from": type(model.get_submodule(site.name)).__name__, "to": "FusedResidualNorm"}
+        report = {"fused": sorted(modules), "unfused": unfused}
+        if not sites:
+            report["note"] = ("no block output of a known structure (a dense and a LayerNorm child, forward(hidden_states, "
+                              "input_tensor): BERT, RoBERTa, ELECTRA, XLM-R, DeBERTa-v2)")
         return {"modules": modules, "report": report}
 
     def _plan_ffn(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
@@ -201,6 +240,8 @@ class PackPass(Pass):
             self._fuse_ffn(model, ctx, state["ffn"])
         if state.get("qkv"):
             self._fuse_qkv(model, ctx, state["qkv"])
+        if state.get("norm"):
+            self._fuse_norm(model, ctx, state["norm"])
         if self.params.target == "onnx":
             self._export(model, ctx)
         return model
@@ -255,6 +296,20 @@ class PackPass(Pass):
         if not err <= FUSE_QKV_TOLERANCE:
             raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused QKV projection(s) the {answers[0][1]} "
                             f"differ from the unfused model's by {err:.3g} (relative; at most {FUSE_QKV_TOLERANCE})")
+
+    def _fuse_norm(self, model: nn.Module, ctx: PassContext, sites: dict[str, dict[str, nn.Module]]) -> None:
+        """Swap the fused residual LayerNorms in; the outputs must not change (``FUSE_NORM_TOLERANCE``)."""
+        from stackcomp.nn.fused_norm import ResidualNormSite, residual_norm_module
+
+        built = {name: {name: residual_norm_module(model, ResidualNormSite(name, None))} for name in sites}
+        batches, unfused, answers = self._swap_in(model, ctx, built)
+        err = _rel_error([a for a, _ in answers], unfused)
+        ctx.report["fuse_norm_parity"] = {"fused_vs_unfused": err, "tolerance": FUSE_NORM_TOLERANCE,
+                                          "batches": len(batches), "compared": answers[0][1]}
+        if not err <= FUSE_NORM_TOLERANCE:
+            raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused residual LayerNorm(s) the {answers[0][1]} "
+                            f"differ from the unfused model's by {err:.3g} (relative; at most {FUSE_NORM_TOLERANCE}): "
+                            f"a block output that does not compute LayerNorm(dense(h) + input)?")
 
     def _export(self, model: nn.Module, ctx: PassContext) -> None:
         from stackcomp.onnx_export import (
