@@ -3,6 +3,7 @@ oneDNN (which uses the AMX tiles of Sapphire Rapids and later Xeons), by token c
 
     python bench/int8_engines.py --threads 2
     python bench/int8_engines.py --threads 1 --tokens 1,20,64,1408
+    python bench/int8_engines.py --threads 2 --kernel              # + the kernel backend against the torch one
     STACKCOMP_DATA_DIR=../shared/data python bench/int8_engines.py --model --threads 2 --batch-size 32
 
 The ``torch`` int8 backend runs oneDNN (a copy of the weight packed on first use) from
@@ -11,6 +12,11 @@ that threshold comes from. Shapes are MiniLM's (hidden 384, FFN 1536) and pruned
 and activations are random (the speed does not depend on them). Each cell is the min over rounds
 of the per-round median microseconds; ``fbgemm/oneDNN`` > 1 means oneDNN is faster. The last
 column checks the two engines' outputs agree (max |diff| / max |y|).
+
+``--kernel``: also the ``kernel`` int8 backend (8-bit per-row activations on stackcomp's compiled kernel,
+VNNI / AMX) against the ``torch`` backend as it runs (fbgemm, or oneDNN from ``ONEDNN_MIN_WORK``), each as an
+``Int8Linear`` of the same weights; ``torch/kernel`` > 1 means the kernel is faster; the error columns are
+each backend's relative Frobenius error against the fp32 product.
 
 ``--model``: the whole all-MiniLM-L6-v2 on SST-2 dev batches (the offline weights, classifier
 head untrained: speed and agreement only), fp32 against the int8 pass (``backend: torch``) run
@@ -116,6 +122,33 @@ def bench_model(args) -> None:
     print("(err: relative Frobenius error of the encoder's last hidden states, the largest over the batches)")
 
 
+def bench_kernel(args) -> None:
+    """The ``kernel`` int8 backend against the ``torch`` one (with its oneDNN switch), per shape and token count."""
+    from torch import nn
+
+    ok, why = Q.get_backend("kernel").available(torch.device("cpu"))
+    if not ok:
+        raise SystemExit(f"the kernel backend cannot run here: {why}")
+    torch.manual_seed(0)
+    print(f"threads {args.threads}; AMX (oneDNN for the torch backend's large calls): {onednn_for_large_calls()}")
+    print(f"{'shape':22s} {'tokens':>6s} {'torch us':>9s} {'kernel us':>10s} {'torch/kernel':>13s} "
+          f"{'err torch':>10s} {'err kernel':>11s}")
+    for label, (k, n) in SHAPES.items():
+        lin = nn.Linear(k, n)
+        layers = {b: Q.Int8Linear.from_linear(lin, b) for b in ("torch", "kernel")}
+        for m in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(m, k)
+            best: dict[str, float] = {}
+            with torch.inference_mode():
+                for _ in range(args.rounds):  # backends interleaved within each round
+                    for b, layer in layers.items():
+                        best[b] = min(best.get(b, float("inf")), median_us(lambda l=layer: l(x), args.reps))
+                ref = lin(x)
+                err = {b: float((layer(x) - ref).norm() / ref.norm()) for b, layer in layers.items()}
+            print(f"{label:22s} {m:6d} {best['torch']:9.1f} {best['kernel']:10.1f} {best['torch'] / best['kernel']:13.2f} "
+                  f"{err['torch']:10.4f} {err['kernel']:11.4f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -123,12 +156,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--model", action="store_true", help="time the whole MiniLM int8 model instead")
+    ap.add_argument("--kernel", action="store_true", help="time the kernel int8 backend against the torch one instead")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
         return bench_model(args)
+    if args.kernel:
+        return bench_kernel(args)
     torch.manual_seed(0)
     print(f"threads {args.threads}; AMX (oneDNN used for large calls): {onednn_for_large_calls()}")
     print(f"{'shape':22s} {'tokens':>6s} {'fbgemm us':>10s} {'oneDNN us':>10s} {'fbgemm/oneDNN':>14s} {'diff':>9s}")

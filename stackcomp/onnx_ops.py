@@ -79,12 +79,12 @@ def _(x, q, scale, bias):
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 runs: str) -> torch.Tensor:
     """``y = x (q * scale)^T + bias`` as the int8 backend named ``runs`` computes it, as a recordable op
-    (``"torch"``, ``"bitsandbytes"`` or ``"intmm"``; anything else: the dequantized GEMM, the layers' fallback)."""
+    (``"torch"``, ``"bitsandbytes"``, ``"intmm"`` or ``"kernel"``; anything else: the dequantized GEMM, the layers' fallback)."""
     x32 = x.float()
     b = None if bias is None else bias.float()
     if runs == "torch":
         y = torch.ops.stackcomp.int8_linear_per_tensor(x32, q, scale, b)
-    elif runs in ("bitsandbytes", "intmm"):  # the same per-row arithmetic
+    elif runs in ("bitsandbytes", "intmm", "kernel"):  # the same per-row arithmetic
         y = torch.ops.stackcomp.int8_linear_per_row(x32, q, scale, b)
     else:
         y = F.linear(x32, q.float() * scale.unsqueeze(-1), b)

@@ -34,7 +34,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _backends() -> list[str]:
-    return [b for b in ("torch", "intmm") if get_backend(b).available(torch.device("cpu"))[0]]
+    return [b for b in ("torch", "intmm", "kernel") if get_backend(b).available(torch.device("cpu"))[0]]
 
 
 def _ctx(tmp_path):

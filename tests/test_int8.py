@@ -40,8 +40,8 @@ from stackcomp.recipe import recipe_from_dict
 
 from conftest import make_tiny_model
 
-ACT_TOL = {"bitsandbytes": 2e-2, "intmm": 2e-2, "torch": 4e-2}
-BACKENDS = ["torch", "bitsandbytes", "intmm"]
+ACT_TOL = {"bitsandbytes": 2e-2, "intmm": 2e-2, "kernel": 2e-2, "torch": 4e-2}
+BACKENDS = ["torch", "bitsandbytes", "intmm", "kernel"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -292,3 +292,72 @@ def test_onednn_copy_is_packed_on_the_first_large_call_only(monkeypatch):
             assert handle.onednn is not None
     finally:
         Q.onednn_for_large_calls.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the kernel backend
+
+
+def _kernel_backend():
+    be = get_backend("kernel")
+    ok, why = be.available(torch.device("cpu"))
+    if not ok:
+        pytest.skip(why)
+    return be
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 16), (7, 100, 70), (33, 384, 384), (300, 96, 200)])
+def test_kernel_backend_is_intmm_arithmetic_in_one_call(shape):
+    """The kernel backend's outputs are intmm's per-row arithmetic (its exact-sum torch form) to float
+    rounding, on every path it has here; the AMX and VNNI paths agree bit for bit."""
+    from stackcomp.kernels import ds_cpu
+    from stackcomp.kernels.ffn import AMX_MULTIPLE, ffn_has_amx, linear_forward_cpu, linear_operands, linear_reference
+
+    _kernel_backend()
+    T, i, o = shape
+    g = torch.Generator().manual_seed(T)
+    q, s = quantize_rows(torch.randn(o, i, generator=g))
+    b = torch.randn(o, generator=g)
+    x = torch.randn(T, i, generator=g)
+    x[0] = 0.0  # a zero row: scale 0
+    ref = linear_reference(x, q, s, b)
+    ext = ds_cpu.get_extension()
+    outs = {}
+    for multiple in (4, AMX_MULTIPLE):
+        ops = linear_operands(q, s, b, multiple)
+        for path in ("best", "vnni", "generic"):
+            outs[multiple, path] = y = linear_forward_cpu(x, ops, ext, path)
+            assert rel(y, ref) < 1e-6, (multiple, path, rel(y, ref))
+    if ffn_has_amx(ext):
+        assert torch.equal(outs[AMX_MULTIPLE, "best"], outs[AMX_MULTIPLE, "vnni"])
+    intmm = Int8Linear(i, o, backend="intmm")
+    intmm.weight.copy_(q)
+    intmm.weight_scale.copy_(s)
+    intmm.bias.copy_(b)
+    assert rel(intmm(x), ref) < 1e-5  # the same arithmetic as torch._int_mm's backend
+
+
+def test_kernel_backend_takes_amx_for_long_calls(monkeypatch):
+    """Calls of AMX_MIN_TOKENS rows or more run on AMX operands (a 64-padded copy made on the first such
+    call where the input size needs it); STACKCOMP_FFN_KERNEL=vnni keeps the VNNI path; same numbers."""
+    from stackcomp.kernels import ds_cpu
+    from stackcomp.kernels.ffn import ffn_has_amx
+    from stackcomp.nn.fused import AMX_MIN_TOKENS, ENV
+
+    _kernel_backend()
+    if not ffn_has_amx(ds_cpu.get_extension()):
+        pytest.skip("no AMX here (CPU, OS or build)")
+    monkeypatch.delenv(ENV, raising=False)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(96, 40), "kernel")
+    short, long = torch.randn(AMX_MIN_TOKENS - 1, 96), torch.randn(AMX_MIN_TOKENS, 96)
+    with torch.no_grad():
+        y_short = layer(short)
+        _, handle = layer._prepared[1]
+        assert handle.amx and handle.amx_ops is None
+        y_long = layer(long)
+        assert handle.amx_ops is not handle.ops and handle.amx_ops.wp.shape[1] * 4 == 128
+        monkeypatch.setenv(ENV, "vnni")
+        layer._prepared = None
+        assert torch.equal(layer(long), y_long) and torch.equal(layer(short), y_short)
+        assert not layer._prepared[1][1].amx
+

@@ -21,6 +21,7 @@ from stackcomp.nn.quantized import (
     IntMMInt8,
     Int8Linear,
     Int8LowRankLinear,
+    KernelInt8,
     TorchDynamicInt8,
     quantize_rows,
 )
@@ -61,7 +62,7 @@ def _int8(model, tmp_path, backend):
 # ----------------------------------------------------------------------------- int8 ops
 
 
-@pytest.mark.parametrize("backend", [TorchDynamicInt8, BitsAndBytesInt8, IntMMInt8])
+@pytest.mark.parametrize("backend", [TorchDynamicInt8, BitsAndBytesInt8, IntMMInt8, KernelInt8])
 def test_int8_ops_compute_what_the_backend_computes(backend):
     """The recorded op is the backend's arithmetic, not the dequantized GEMM (which differs by the
     activation rounding): inputs with and without negatives, all zeros, a zero row."""
@@ -85,7 +86,7 @@ def test_int8_ops_compute_what_the_backend_computes(backend):
     assert rel(int8_linear(xs[0], q, s, b, be.name), deq) > 1e-4  # the rounding is really there
 
 
-@pytest.mark.parametrize("backend", ["torch", "bitsandbytes", "intmm"])
+@pytest.mark.parametrize("backend", ["torch", "bitsandbytes", "intmm", "kernel"])
 def test_int8_pack_onnx_passes_default_parity_with_integer_matmuls(tmp_path, backend):
     if backend == "bitsandbytes":
         pytest.importorskip("bitsandbytes")

@@ -167,6 +167,36 @@ torch::Tensor ffn_forward(torch::Tensor x, torch::Tensor w1p, torch::Tensor cor1
   return y;
 }
 
+// One int8 linear y = x W^T + b, x quantized per row to 8 bits (the fused FFN's second GEMM alone,
+// ds_cpu_ffn.h run_linear); operands from stackcomp.kernels.ffn.linear_operands.
+torch::Tensor linear_forward(torch::Tensor x, torch::Tensor wp, torch::Tensor cor, torch::Tensor ws, torch::Tensor b,
+                             int64_t out, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x: contiguous float32 CPU (T, in)");
+  TORCH_CHECK(wp.dim() == 4 && wp.scalar_type() == at::kChar && wp.is_contiguous() && wp.size(2) == 16 &&
+                  wp.size(3) == 4 && wp.device().is_cpu(), "wp: contiguous int8 (N16, K4, 16, 4)");
+  FfnGeo g{};
+  g.T = x.size(0);
+  g.in = x.size(1);
+  g.out = out;
+  g.K4b = wp.size(1);
+  g.N16b = wp.size(0);
+  TORCH_CHECK(g.K4b * 4 >= g.in && g.K4b * 4 - g.in < 64, "x has ", g.in, " features, wp takes ", g.K4b * 4);
+  TORCH_CHECK(out >= 1 && g.N16b * 16 >= out && (g.N16b - 1) * 16 < out, "wp does not match out ", out);
+  TORCH_CHECK(path == FFN_PATH_BEST || path == FFN_PATH_VNNI || path == FFN_PATH_GENERIC,
+              "path: 0 (best), 1 (VNNI, no AMX) or 2 (portable)");
+  const int64_t nb = g.N16b * 16;
+  TORCH_CHECK(cor.scalar_type() == at::kInt && cor.numel() == nb && cor.is_contiguous(), "cor: int32 (N16*16)");
+  for (const auto* t : {&ws, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == nb && t->is_contiguous(), "ws/b: float32 (N16*16)");
+  auto y = torch::empty({g.T, out}, x.options());
+  if (g.T == 0) return y;
+  FfnOps o{nullptr, wp.data_ptr<int8_t>(), nullptr, cor.data_ptr<int32_t>(), nullptr, ws.data_ptr<float>(),
+           nullptr, b.data_ptr<float>(), FFN_GELU_ERF};
+  run_linear(g, o, x.data_ptr<float>(), y.data_ptr<float>(), static_cast<int>(path));
+  return y;
+}
+
 // LayerNorm(h + res) * gamma + beta over the last dimension, one pass per row (ds_cpu_norm.h)
 torch::Tensor add_layernorm(torch::Tensor h, torch::Tensor res, torch::Tensor gamma, torch::Tensor beta, double eps) {
   TORCH_CHECK(h.scalar_type() == at::kFloat && res.scalar_type() == at::kFloat && h.device().is_cpu() &&
@@ -221,6 +251,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn_forward", &ffn_forward, "fused int8 FFN W2 act(W1 x + b1) + b2 (CPU)");
   m.def("ffn_has_vnni", &ffn_has_vnni, "whether ffn_forward has its AVX-512 VNNI path (else the portable one)");
   m.def("ffn_has_amx", &ffn_has_amx, "whether ffn_forward can run its AMX path here (compiled in, CPU, OS permission)");
+  m.def("linear_forward", &linear_forward, "int8 linear, x quantized per row to 8 bits (CPU)");
   m.def("add_layernorm", &add_layernorm, "LayerNorm(h + res) * gamma + beta, one pass per row (CPU)");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
 }

@@ -576,6 +576,44 @@ __attribute__((target("amx-tile,amx-int8"))) inline void run_ffn_amx(const FfnGe
     _tile_release();
   });
 }
+
+// One int8 linear (the FFN's second GEMM alone: g.K4b, g.N16b, g.out; o.w2, o.cor2, o.ws2, o.b2) on AMX
+__attribute__((target("amx-tile,amx-int8"))) inline void run_linear_amx(const FfnGeo& g, const FfnOps& o,
+                                                                         const float* x, float* y) {
+  const int64_t ldx = g.K4b * 4;
+  const int64_t nblocks = (g.T + FFN_AMX_ROWS - 1) / FFN_AMX_ROWS;
+  DS_PARALLEL_FOR(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    FfnTileConfig cfg;
+    _tile_loadconfig(&cfg);
+    Buf<uint8_t> xq(FFN_AMX_ROWS * ldx);
+    Buf<int32_t> acc(FFN_AMX_ROWS * 32);
+    float sx[FFN_AMX_ROWS];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * FFN_AMX_ROWS, rn = std::min<int64_t>(FFN_AMX_ROWS, g.T - r0);
+      ffn_quantize_rows_u8(x + r0 * g.in, g.in, rn, g.in, xq.data(), ldx, sx);
+      if (rn < FFN_AMX_ROWS)
+        std::memset(xq.data() + rn * ldx, 128, static_cast<size_t>((FFN_AMX_ROWS - rn) * ldx));
+      for (int64_t n = 0; n < g.N16b; n += 2) {
+        const bool single = n + 1 == g.N16b;
+        ffn_amx_pair(xq.data(), ldx, o.w2, g.K4b, n, single, acc.data());
+        for (int v = 0; v < (single ? 1 : 2); ++v) {
+          const int64_t c = (n + v) * 16, left = g.out - c;
+          if (left <= 0) break;
+          const __mmask16 k = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+          const __m512i cor = _mm512_loadu_si512(o.cor2 + c);
+          const __m512 ws = _mm512_loadu_ps(o.ws2 + c), bias = _mm512_loadu_ps(o.b2 + c);
+          for (int64_t r = 0; r < rn; ++r) {
+            const __m512i a = _mm512_loadu_si512(acc.data() + r * 32 + v * 16);
+            const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sx[r]), ws);
+            _mm512_mask_storeu_ps(y + (r0 + r) * g.out + c, k,
+                                  _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, cor)), f, bias));
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
 #pragma GCC pop_options
 #endif
 
@@ -615,6 +653,82 @@ inline void run_ffn(const FfnGeo& g, const FfnOps& o, const float* x, float* y, 
 #endif
   (void)path;
   run_ffn_generic(g, o, x, y);
+}
+
+// ---------------------------------------------------------------------------- one int8 linear
+//
+// y = x W^T + b with x's rows quantized as the FFN's are (per row, 8 bits) and W in the packed layout: the
+// FFN's second GEMM alone, on the same three paths. The geometry and operands are the FFN's "b" half:
+// g.T tokens, g.in = g's input features, g.K4b/g.N16b the packed weight, g.out outputs; o.w2/cor2/ws2/b2.
+
+inline void run_linear_generic(const FfnGeo& g, const FfnOps& o, const float* x, float* y) {
+  const int64_t Kp = g.K4b * 4;
+  const int64_t nblocks = (g.T + FFN_BLOCK - 1) / FFN_BLOCK;
+  DS_PARALLEL_FOR(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    Buf<int8_t> xq(FFN_BLOCK * Kp);
+    Buf<int8_t> wt(16 * Kp);
+    float sx[FFN_BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * FFN_BLOCK, rn = std::min<int64_t>(FFN_BLOCK, g.T - r0);
+      for (int64_t r = 0; r < rn; ++r) sx[r] = ffn_quantize_row_i8(x + (r0 + r) * g.in, g.in, Kp, xq.data() + r * Kp);
+      for (int64_t n16 = 0; n16 < g.N16b; ++n16) {
+        ffn_tile_rows(o.w2, g.K4b, n16, wt.data());
+        for (int64_t r = 0; r < rn; ++r)
+          for (int l = 0; l < 16; ++l) {
+            const int64_t c = n16 * 16 + l;
+            if (c < g.out)
+              y[(r0 + r) * g.out + c] =
+                  static_cast<float>(ffn_dot_i8(xq.data() + r * Kp, wt.data() + l * Kp, Kp)) * (sx[r] * o.ws2[c]) +
+                  o.b2[c];
+          }
+      }
+    }
+  });
+}
+
+#if defined(DS_HAVE_FFN_VNNI)
+inline void run_linear_vnni(const FfnGeo& g, const FfnOps& o, const float* x, float* y) {
+  const int64_t ldx = g.K4b * 4;
+  const int64_t nblocks = (g.T + FFN_BLOCK - 1) / FFN_BLOCK;
+  if (nblocks >= DS_NUM_THREADS() || g.T > FFN_BLOCK) {  // blocks of rows in parallel
+    DS_PARALLEL_FOR(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      Buf<uint8_t> xq(FFN_BLOCK * ldx);
+      float sx[FFN_BLOCK];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * FFN_BLOCK, rn = std::min<int64_t>(FFN_BLOCK, g.T - r0);
+        ffn_quantize_rows_u8(x + r0 * g.in, g.in, rn, g.in, xq.data(), ldx, sx);
+        ffn_gemm2(g, o, xq.data(), sx, rn, 0, g.N16b, y + r0 * g.out);
+      }
+    });
+    return;
+  }
+  // few tokens on several threads: the output channels split between them
+  Buf<uint8_t> xq(FFN_BLOCK * ldx);
+  float sx[FFN_BLOCK];
+  ffn_quantize_rows_u8(x, g.in, g.T, g.in, xq.data(), ldx, sx);
+  const int64_t items = (g.N16b + FFN_CV - 1) / FFN_CV;
+  DS_PARALLEL_FOR(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      ffn_gemm2(g, o, xq.data(), sx, g.T, i * FFN_CV, std::min<int64_t>(g.N16b, (i + 1) * FFN_CV), y);
+  });
+}
+#endif
+
+inline void run_linear(const FfnGeo& g, const FfnOps& o, const float* x, float* y, int path) {
+#if defined(DS_HAVE_FFN_AMX)
+  if (path == FFN_PATH_BEST && g.K4b % 16 == 0 && ffn_amx_ready()) {
+    run_linear_amx(g, o, x, y);
+    return;
+  }
+#endif
+#if defined(DS_HAVE_FFN_VNNI)
+  if (path != FFN_PATH_GENERIC) {
+    run_linear_vnni(g, o, x, y);
+    return;
+  }
+#endif
+  (void)path;
+  run_linear_generic(g, o, x, y);
 }
 
 }  // namespace dskern

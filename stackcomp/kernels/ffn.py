@@ -98,6 +98,44 @@ def _zero_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     return w if w.shape[0] >= rows else torch.cat([w, w.new_zeros(rows - w.shape[0], w.shape[1])])
 
 
+class LinearOperands(NamedTuple):
+    """One int8 linear in the kernel's layout (:func:`linear_operands`); the first four and ``out`` are
+    ``linear_forward``'s weight arguments."""
+
+    wp: torch.Tensor
+    cor: torch.Tensor
+    ws: torch.Tensor
+    b: torch.Tensor
+    out: int
+    in_features: int
+    multiple: int
+
+
+def linear_operands(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, multiple: int = 4) -> LinearOperands:
+    """An int8 weight (out, in) with per-row scales, packed as the fused FFN's weights are; the input
+    zero padded to a multiple of ``multiple`` (4, or :data:`AMX_MULTIPLE` for the AMX path)."""
+    if multiple not in (4, AMX_MULTIPLE):
+        raise KernelError(f"int8 linear: multiple must be 4 or {AMX_MULTIPLE}, got {multiple}")
+    out, inp = q.shape
+    wp, cor, n16 = _pack_weight(q.detach().cpu(), -(-inp // multiple) * multiple)
+    return LinearOperands(wp, cor, _padded(scale, out, n16 * 16), _padded(bias, out, n16 * 16), out, inp, multiple)
+
+
+def linear_forward_cpu(x: torch.Tensor, ops: LinearOperands, ext, path: str = "best") -> torch.Tensor:
+    """``y = x W^T + b`` with x's rows quantized to 8 bits each (the FFN kernel's second GEMM alone); x
+    (tokens, in) float32 contiguous on CPU. ``path`` as :func:`ffn_forward_cpu`'s."""
+    if x.shape[-1] != ops.in_features:
+        raise KernelError(f"int8 linear: input has {x.shape[-1]} features, the layer takes {ops.in_features}")
+    return ext.linear_forward(x, ops.wp, ops.cor, ops.ws, ops.b, ops.out, PATHS[path])
+
+
+def linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear_forward_cpu`'s arithmetic in torch ops (exact integer sums in float64)."""
+    qx, sx, _ = quantize_rows_act(x.float())
+    y = (qx.double() @ q.double().t()).float() * (sx.unsqueeze(-1) * scale.float())
+    return y if bias is None else y + bias.float()
+
+
 def ffn_kernel(ext) -> bool:
     """Whether the loaded extension has the fused FFN (a build older than ds_cpu_ffn.h has not)."""
     return ext is not None and hasattr(ext, "ffn_forward")

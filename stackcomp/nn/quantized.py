@@ -18,6 +18,9 @@ Backends (:func:`get_backend`), each behind one adapter class:
   ``int8_mm_dequant`` returns fp16). CPU and CUDA.
 * ``intmm`` -- :class:`IntMMInt8`: the same per-row arithmetic as bitsandbytes on PyTorch's own
   int8 GEMM (``torch._int_mm``, oneDNN). CPU only.
+* ``kernel`` -- :class:`KernelInt8`: the same per-row arithmetic on stackcomp's compiled CPU kernel
+  (the fused FFN's GEMM: AVX-512 VNNI, AMX tiles for calls of 16+ tokens where the CPU has AMX), the
+  rounding, the GEMM and the rescale in one call. CPU only.
 
 Where a backend cannot run (torch on CUDA, bitsandbytes not installed when a saved layer is
 loaded) the layer computes with its dequantized weights and logs it once: same stored numbers,
@@ -454,8 +457,69 @@ class IntMMInt8(Int8Backend):
         return y if bias is None else y + bias
 
 
+@dataclass
+class KernelInt8Handle:
+    """The ``kernel`` backend's prepared weight: its operands for the VNNI (or portable) path, and for
+    calls of at least ``AMX_MIN_TOKENS`` rows where ``amx``, the AMX path's (inputs padded to 64; packed
+    on the first such call unless the input size is a multiple of 64 already)."""
+
+    ext: Any
+    ops: Any
+    weights: tuple
+    small_path: str
+    amx: bool
+    amx_ops: Any = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from stackcomp.kernels.ffn import AMX_MULTIPLE, linear_forward_cpu, linear_operands
+        from stackcomp.nn.fused import AMX_MIN_TOKENS
+
+        if self.amx and x.shape[0] >= AMX_MIN_TOKENS:
+            if self.amx_ops is None:
+                fits = self.ops.in_features % AMX_MULTIPLE == 0
+                self.amx_ops = self.ops if fits else linear_operands(*self.weights, multiple=AMX_MULTIPLE)
+            return linear_forward_cpu(x, self.amx_ops, self.ext, path="best")
+        return linear_forward_cpu(x, self.ops, self.ext, path=self.small_path)
+
+
+class KernelInt8(Int8Backend):
+    """stackcomp's compiled CPU kernel (``linear_forward``: the fused FFN's GEMM alone, ds_cpu_ffn.h)
+    with ``intmm``'s arithmetic: each input row rounded to 8 bits by its own absmax, exact int32 sums,
+    rescaled by row and column scale. One C++ call does the rounding, the GEMM (AVX-512 VNNI; AMX tiles
+    for calls of ``AMX_MIN_TOKENS`` rows or more where the CPU has AMX) and the rescale, where the
+    ``intmm`` backend runs each as torch ops. ``STACKCOMP_FFN_KERNEL=vnni`` / ``generic`` hold it to
+    those paths as they do the fused FFN. CPU only; exports as ``intmm`` does."""
+
+    name = "kernel"
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        if torch.device(device).type != "cpu":
+            return False, "the kernel backend runs on CPU only (bitsandbytes runs int8 on CUDA)"
+        from stackcomp.kernels import ds_cpu
+
+        ext = ds_cpu.get_extension()
+        if ext is None or not hasattr(ext, "linear_forward"):
+            return False, ("the C++ CPU kernel is not loaded (" + (ds_cpu.build_error() or "disabled or unavailable")
+                           + ")" if ext is None else "the loaded C++ kernel predates linear_forward: rebuild it")
+        return True, ""
+
+    def prepare(self, q, scale, bias):
+        from stackcomp.kernels import ds_cpu
+        from stackcomp.kernels.ffn import ffn_has_amx, linear_operands
+        from stackcomp.nn.fused import ENV
+
+        ext = ds_cpu.get_extension()
+        env = os.environ.get(ENV, "").strip().lower()
+        weights = (q.detach().cpu(), scale.detach().float().cpu(), None if bias is None else bias.detach().float().cpu())
+        return KernelInt8Handle(ext, linear_operands(*weights), weights, "generic" if env == "generic" else "vnni",
+                                amx=env not in ("generic", "vnni") and ffn_has_amx(ext))
+
+    def run(self, x, handle):
+        return handle(x)
+
+
 BACKENDS: dict[str, type[Int8Backend]] = {"torch": TorchDynamicInt8, "bitsandbytes": BitsAndBytesInt8,
-                                          "intmm": IntMMInt8}
+                                          "intmm": IntMMInt8, "kernel": KernelInt8}
 _FALLBACK = DequantizedInt8()
 _warned: set[tuple[str, str]] = set()
 

@@ -6,7 +6,8 @@ row), ``LowRankLinear`` -> ``Int8LowRankLinear`` (both factors). Other compresse
 int8 form yet and are left as they are (listed in the report). ``backend`` picks who runs the
 int8 arithmetic: ``bitsandbytes`` or ``torch`` (PyTorch's dynamic int8 linear, faster on CPU:
 fbgemm, and oneDNN's AMX kernel for calls of many tokens where the CPU has AMX; the same numbers
-either way, see ``stackcomp.nn.quantized.ONEDNN_MIN_WORK``).
+either way, see ``stackcomp.nn.quantized.ONEDNN_MIN_WORK``), ``intmm`` or ``kernel`` (8-bit
+activations per row, on ``torch._int_mm`` or on stackcomp's compiled CPU kernel).
 
 ``embeddings: true`` (or ``"int8"``) also turns the model's ``nn.Embedding`` tables (word,
 position, token type) into ``Int8Embedding`` (per-row scales): for a small model they are most of
@@ -48,10 +49,11 @@ from stackcomp.targets import matches, select_modules, set_module, why_none_sele
 
 
 class Int8Params(PassParams):
-    backend: Literal["bitsandbytes", "torch", "intmm"] = Field(
+    backend: Literal["bitsandbytes", "torch", "intmm", "kernel"] = Field(
         default="bitsandbytes", description="who runs the int8 arithmetic: bitsandbytes (CPU, CUDA), torch (CPU: "
         "fbgemm, 7-bit per-tensor activations; large calls on oneDNN's AMX kernel where the CPU has AMX, "
-        "same arithmetic) or intmm (CPU: torch._int_mm, 8-bit per-row activations)")
+        "same arithmetic), intmm (CPU: torch._int_mm, 8-bit per-row activations) or kernel (CPU: intmm's "
+        "arithmetic in stackcomp's compiled kernel, AVX-512 VNNI or AMX)")
     targets: list[str] | None = Field(default=None,
                                       description="module globs / re: patterns (default: encoder linears); [] "
                                                   "quantizes no linear, only the tables (with embeddings)")
