@@ -160,3 +160,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_pack(model, tmp_path, **params):
+    """``pack`` (target cpu unless given) on ``model`` as the engine runs it: (model, the pass context)."""
+    from stackcomp.passes.base import PassContext, as_analysis
+    from stackcomp.passes.pack import PackPass
+
+    p = PackPass({"target": "cpu", **params})
+    ctx = PassContext(stage="pack", work_dir=tmp_path)
+    ctx.analysis = as_analysis(p.analyze(model, ctx))
+    return p.transform(model, ctx), ctx
+
+
+def run_int8(model, tmp_path, backend: str = "torch"):
+    """The ``int8`` pass (encoder linears) on ``model``: the quantized model."""
+    from stackcomp.passes.base import PassContext, as_analysis
+    from stackcomp.passes.int8 import Int8Pass
+
+    q = Int8Pass({"backend": backend})
+    ctx = PassContext(stage="int8", work_dir=tmp_path)
+    ctx.analysis = as_analysis(q.analyze(model, ctx))
+    return q.transform(model, ctx)
+

@@ -33,11 +33,8 @@ from stackcomp.kernels.ffn import (AMX_MULTIPLE, ffn_forward_cpu, ffn_has_amx, f
                                    fused_ffn_reference)
 from stackcomp.nn.fused import AMX_MIN_TOKENS, ENV, FusedFFNInput, FusedInt8FFN, find_ffns
 from stackcomp.nn.quantized import Int8Linear, quantize_rows
-from stackcomp.passes.base import PassContext, as_analysis
-from stackcomp.passes.int8 import Int8Pass
-from stackcomp.passes.pack import PackPass
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, run_int8, run_pack
 
 TIE = 2.5e-4
 REL = 2e-6
@@ -104,6 +101,16 @@ def test_kernel_matches_oracle_and_fp32(shape, act, path, multiple):
     assert rel < FP32_TOL
 
 
+def _on_threads(n: int, fn):
+    """``fn()`` with torch's thread count set to ``n`` (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [7, 150])
 def test_generic_and_vnni_paths_agree_and_zero_tokens(threads, tokens):
@@ -114,12 +121,7 @@ def test_generic_and_vnni_paths_agree_and_zero_tokens(threads, tokens):
     qw = _quantized(w1, b1, w2, b2)
     ops = ffn_operands(*qw)
     x = torch.randn(tokens, 64).reshape(-1, 1, 64)  # leading dims kept
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fast, slow = (ffn_forward_cpu(x, ops, "gelu", ext, path=p) for p in ("vnni", "generic"))
-    finally:
-        torch.set_num_threads(old)
+    fast, slow = _on_threads(threads, lambda: [ffn_forward_cpu(x, ops, "gelu", ext, path=p) for p in ("vnni", "generic")])
     assert fast.shape == (tokens, 1, 48)
     check_against_oracle(fast.reshape(-1, 48), x.reshape(-1, 64), qw, "gelu")
     check_against_oracle(slow.reshape(-1, 48), x.reshape(-1, 64), qw, "gelu")
@@ -146,12 +148,7 @@ def test_amx_path_gives_the_vnni_paths_numbers(threads, shape):
     ops = ffn_operands(*qw, multiple=AMX_MULTIPLE)
     assert ops.w1p.shape[1] * 4 % AMX_MULTIPLE == 0 and ops.w2p.shape[1] * 4 % AMX_MULTIPLE == 0
     x = torch.randn(T, inp, generator=torch.Generator().manual_seed(3))
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        amx, vnni = (ffn_forward_cpu(x, ops, "gelu", ext, path=p) for p in ("best", "vnni"))
-    finally:
-        torch.set_num_threads(old)
+    amx, vnni = _on_threads(threads, lambda: [ffn_forward_cpu(x, ops, "gelu", ext, path=p) for p in ("best", "vnni")])
     assert torch.equal(amx, vnni)
     check_against_oracle(amx, x, qw, "gelu")
 
@@ -215,35 +212,17 @@ def test_module_from_linears_and_int8_linears(int8):
     assert isinstance(FusedInt8FFN.from_manifest(layer.manifest()), FusedInt8FFN)
 
 
-def _ctx(tmp_path):
-    return PassContext(stage="pack", work_dir=tmp_path)
-
-
-def _pack(model, tmp_path, **params):
-    p = PackPass({"target": "cpu", **params})
-    ctx = _ctx(tmp_path)
-    ctx.analysis = as_analysis(p.analyze(model, ctx))
-    return p.transform(model, ctx), ctx
-
-
-def _int8(model, tmp_path):
-    q = Int8Pass({"backend": "torch"})
-    ctx = _ctx(tmp_path)
-    ctx.analysis = as_analysis(q.analyze(model, ctx))
-    return q.transform(model, ctx)
-
-
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "albert"])
 @pytest.mark.parametrize("int8", [False, True])
 def test_pack_fuses_ffns_checks_parity_and_round_trips(tmp_path, kind, int8):
     _ext()
     model = make_tiny_model(kind)
     if int8:
-        model = _int8(model, tmp_path)
+        model = run_int8(model, tmp_path)
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    model, ctx = _pack(model, tmp_path, fuse_ffn=True)
+    model, ctx = run_pack(model, tmp_path, fuse_ffn=True)
     report = ctx.analysis.report
     n = {"bert": 2, "distilbert": 2, "albert": 1}[kind]  # ALBERT shares one layer
     if not _ext().ffn_has_vnni():  # a build without the VNNI path (STACKCOMP_CPU_ISA=avx2): pack declines
@@ -288,7 +267,7 @@ def test_pack_leaves_other_ffns_unfused_and_says_why(tmp_path):
     model.bert.encoder.layer[1].output.dense = nn.Identity()  # not a linear: no FFN found there
     sites = {s.second: s for s in find_ffns(model)}
     assert len(sites) == 1 and "not GELU" in sites["bert.encoder.layer.0.output.dense"].reason
-    model, ctx = _pack(model, tmp_path, fuse_ffn=True)
+    model, ctx = run_pack(model, tmp_path, fuse_ffn=True)
     report = ctx.analysis.report
     assert report["ffn_fused"] == 0 and "not GELU" in report["fuse_ffn"]["unfused"]["bert.encoder.layer.0.output.dense"]
     assert not any(isinstance(m, FusedInt8FFN) for m in model.modules())
@@ -296,18 +275,18 @@ def test_pack_leaves_other_ffns_unfused_and_says_why(tmp_path):
 
 def test_fuse_ffn_is_off_by_default_and_parity_failures_raise(tmp_path):
     _ext()
-    model, ctx = _pack(make_tiny_model("bert"), tmp_path)
+    model, ctx = run_pack(make_tiny_model("bert"), tmp_path)
     assert "ffn_fused" not in ctx.analysis.report
     assert not any(isinstance(m, FusedInt8FFN) for m in model.modules())
     if not _ext().ffn_has_vnni():
         pytest.skip("this build has no VNNI path: pack fuses nothing, so there is no parity to fail")
     # the tiny random model's logits hardly depend on its FFNs (negating them moves the logits by
     # ~2%), so a tight tolerance: the kernel passes it (~1e-4), a kernel computing wrongly does not
-    _pack(make_tiny_model("bert"), tmp_path, fuse_ffn=True, fuse_ffn_tolerance=1e-3)
+    run_pack(make_tiny_model("bert"), tmp_path, fuse_ffn=True, fuse_ffn_tolerance=1e-3)
     real = FusedInt8FFN.forward
     try:
         FusedInt8FFN.forward = lambda self, x: -real(self, x)
         with pytest.raises(PassError, match="fuse_ffn_tolerance"):
-            _pack(make_tiny_model("bert"), tmp_path, fuse_ffn=True, fuse_ffn_tolerance=1e-3)
+            run_pack(make_tiny_model("bert"), tmp_path, fuse_ffn=True, fuse_ffn_tolerance=1e-3)
     finally:
         FusedInt8FFN.forward = real

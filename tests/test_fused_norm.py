@@ -23,11 +23,9 @@ from stackcomp.nn.dense import densify
 from stackcomp.nn.fused import FusedInt8FFN
 from stackcomp.nn.fused_norm import FusedResidualNorm, ResidualNorm, find_residual_norms
 from stackcomp.nn.fused_qkv import FusedInt8QKV
-from stackcomp.passes.base import PassContext, as_analysis
-from stackcomp.passes.int8 import Int8Pass
-from stackcomp.passes.pack import FUSE_NORM_TOLERANCE, PackPass
+from stackcomp.passes.pack import FUSE_NORM_TOLERANCE
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, run_int8, run_pack
 
 TOL = 1e-5
 
@@ -98,35 +96,17 @@ def test_found_by_structure(kind, per_layer):
     assert len(sites) == per_layer * layers and all(s.reason is None for s in sites)
 
 
-def _ctx(tmp_path):
-    return PassContext(stage="pack", work_dir=tmp_path)
-
-
-def _pack(model, tmp_path, **params):
-    p = PackPass({"target": "cpu", **params})
-    ctx = _ctx(tmp_path)
-    ctx.analysis = as_analysis(p.analyze(model, ctx))
-    return p.transform(model, ctx), ctx
-
-
-def _int8(model, tmp_path):
-    q = Int8Pass({"backend": "torch"})
-    ctx = _ctx(tmp_path)
-    ctx.analysis = as_analysis(q.analyze(model, ctx))
-    return q.transform(model, ctx)
-
-
 @pytest.mark.parametrize("others", [False, True])
 def test_pack_fuses_norms_checks_parity_and_round_trips(tmp_path, others):
     """fuse_norm alone on an int8 model, and after fuse_ffn + fuse_qkv (its dense is then the fused FFN);
     logits as before, sizes unchanged, the saved model loads with the same modules and logits, and
     densify gives a plain model that computes the same."""
     ext = _ext()
-    model = _int8(make_tiny_model("bert"), tmp_path / "i")
+    model = run_int8(make_tiny_model("bert"), tmp_path / "i")
     ids = torch.randint(0, 1000, (3, 11))
     fusions = {"fuse_ffn": True, "fuse_qkv": True} if others and ext.ffn_has_vnni() else {}
-    unfused, _ = _pack(_int8(make_tiny_model("bert"), tmp_path / "j"), tmp_path / "u", **fusions)
-    model, ctx = _pack(model, tmp_path / "p", fuse_norm=True, **fusions)
+    unfused, _ = run_pack(run_int8(make_tiny_model("bert"), tmp_path / "j"), tmp_path / "u", **fusions)
+    model, ctx = run_pack(model, tmp_path / "p", fuse_norm=True, **fusions)
     report = ctx.analysis.report
     assert report["norm_fused"] == 4 and not report["fuse_norm"]["unfused"]
     norms = [m for m in model.modules() if isinstance(m, FusedResidualNorm)]
@@ -153,18 +133,18 @@ def test_pack_fuses_norms_checks_parity_and_round_trips(tmp_path, others):
 
 def test_fuse_norm_off_by_default_unfit_modules_say_why_and_parity_failures_raise(tmp_path):
     _ext()
-    model, ctx = _pack(make_tiny_model("bert"), tmp_path)
+    model, ctx = run_pack(make_tiny_model("bert"), tmp_path)
     assert "norm_fused" not in ctx.analysis.report
     model = make_tiny_model("bert")
     model.bert.encoder.layer[0].output.LayerNorm = nn.LayerNorm(model.config.hidden_size, elementwise_affine=False)
-    model, ctx = _pack(model, tmp_path, fuse_norm=True)
+    model, ctx = run_pack(model, tmp_path, fuse_norm=True)
     report = ctx.analysis.report
     assert report["norm_fused"] == 3 and "affine" in report["fuse_norm"]["unfused"]["bert.encoder.layer.0.output"]
     real = FusedResidualNorm.forward
     try:
         FusedResidualNorm.forward = lambda self, h, x: real(self, h, x) + 1.0  # not LayerNorm(dense(h) + x)
         with pytest.raises(PassError, match="fused residual LayerNorm"):
-            _pack(make_tiny_model("bert"), tmp_path, fuse_norm=True)
+            run_pack(make_tiny_model("bert"), tmp_path, fuse_norm=True)
     finally:
         FusedResidualNorm.forward = real
 

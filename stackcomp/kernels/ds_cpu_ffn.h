@@ -515,6 +515,29 @@ __attribute__((target("amx-tile,amx-int8"))) inline void ffn_amx_pair(const uint
   }
 }
 
+// GEMM2 (o.w2: g.K4b x g.N16b, g.out outputs) of a 32-row block of codes q (row scales s) and its epilogue
+// y = acc * (s_r * ws_c) + b_c for the block's rn real rows; acc is a 32 x 32 int32 scratch
+__attribute__((target("amx-tile,amx-int8"))) inline void ffn_amx_gemm2(const FfnGeo& g, const FfnOps& o,
+                                                                        const uint8_t* q, int64_t ldq, const float* s,
+                                                                        int64_t rn, int32_t* acc, float* y) {
+  for (int64_t n = 0; n < g.N16b; n += 2) {
+    const bool single = n + 1 == g.N16b;
+    ffn_amx_pair(q, ldq, o.w2, g.K4b, n, single, acc);
+    for (int v = 0; v < (single ? 1 : 2); ++v) {
+      const int64_t c = (n + v) * 16, left = g.out - c;
+      if (left <= 0) break;
+      const __mmask16 k = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+      const __m512i cor = _mm512_loadu_si512(o.cor2 + c);
+      const __m512 ws = _mm512_loadu_ps(o.ws2 + c), bias = _mm512_loadu_ps(o.b2 + c);
+      for (int64_t r = 0; r < rn; ++r) {
+        const __m512i a = _mm512_loadu_si512(acc + r * 32 + v * 16);
+        const __m512 f = _mm512_mul_ps(_mm512_set1_ps(s[r]), ws);
+        _mm512_mask_storeu_ps(y + r * g.out + c, k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, cor)), f, bias));
+      }
+    }
+  }
+}
+
 __attribute__((target("amx-tile,amx-int8"))) inline void run_ffn_amx(const FfnGeo& g, const FfnOps& o, const float* x,
                                                                       float* y) {
   const int64_t ldx = g.K4a * 4, ldh = g.N16a * 16;  // ldh == 4 K4b: the hidden codes are GEMM2's A
@@ -555,23 +578,7 @@ __attribute__((target("amx-tile,amx-int8"))) inline void run_ffn_amx(const FfnGe
         }
       }
       ffn_requantize(g, h.data(), rn, hmax.data(), hq.data(), sh);
-      for (int64_t n = 0; n < g.N16b; n += 2) {  // GEMM2 + scale, bias
-        const bool single = n + 1 == g.N16b;
-        ffn_amx_pair(hq.data(), ldh, o.w2, g.K4b, n, single, acc.data());
-        for (int v = 0; v < (single ? 1 : 2); ++v) {
-          const int64_t c = (n + v) * 16, left = g.out - c;
-          if (left <= 0) break;
-          const __mmask16 k = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-          const __m512i cor = _mm512_loadu_si512(o.cor2 + c);
-          const __m512 ws = _mm512_loadu_ps(o.ws2 + c), bias = _mm512_loadu_ps(o.b2 + c);
-          for (int64_t r = 0; r < rn; ++r) {
-            const __m512i a = _mm512_loadu_si512(acc.data() + r * 32 + v * 16);
-            const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sh[r]), ws);
-            _mm512_mask_storeu_ps(y + (r0 + r) * g.out + c, k,
-                                  _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, cor)), f, bias));
-          }
-        }
-      }
+      ffn_amx_gemm2(g, o, hq.data(), ldh, sh, rn, acc.data(), y + r0 * g.out);  // GEMM2 + scale, bias
     }
     _tile_release();
   });
@@ -593,23 +600,7 @@ __attribute__((target("amx-tile,amx-int8"))) inline void run_linear_amx(const Ff
       ffn_quantize_rows_u8(x + r0 * g.in, g.in, rn, g.in, xq.data(), ldx, sx);
       if (rn < FFN_AMX_ROWS)
         std::memset(xq.data() + rn * ldx, 128, static_cast<size_t>((FFN_AMX_ROWS - rn) * ldx));
-      for (int64_t n = 0; n < g.N16b; n += 2) {
-        const bool single = n + 1 == g.N16b;
-        ffn_amx_pair(xq.data(), ldx, o.w2, g.K4b, n, single, acc.data());
-        for (int v = 0; v < (single ? 1 : 2); ++v) {
-          const int64_t c = (n + v) * 16, left = g.out - c;
-          if (left <= 0) break;
-          const __mmask16 k = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-          const __m512i cor = _mm512_loadu_si512(o.cor2 + c);
-          const __m512 ws = _mm512_loadu_ps(o.ws2 + c), bias = _mm512_loadu_ps(o.b2 + c);
-          for (int64_t r = 0; r < rn; ++r) {
-            const __m512i a = _mm512_loadu_si512(acc.data() + r * 32 + v * 16);
-            const __m512 f = _mm512_mul_ps(_mm512_set1_ps(sx[r]), ws);
-            _mm512_mask_storeu_ps(y + (r0 + r) * g.out + c, k,
-                                  _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, cor)), f, bias));
-          }
-        }
-      }
+      ffn_amx_gemm2(g, o, xq.data(), ldx, sx, rn, acc.data(), y + r0 * g.out);
     }
     _tile_release();
   });

@@ -167,25 +167,25 @@ class PackPass(Pass):
             report["note"] = "no attention projections of a known structure (query/key/value, q_lin/k_lin/v_lin)"
         return {"modules": modules, "report": report}
 
+    def _not_cpu(self, layout: str, what: str, onnx_why: str) -> str | None:
+        """Why a CPU-side fusion does not apply to this pack as a whole (None: it may)."""
+        if layout != "cpu":
+            return f"{what} runs on CPU; this pack's layout is {layout}"
+        if self.params.target == "onnx":
+            return f"target onnx: {onnx_why}"
+        return None
+
     def _plan_norm(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
         """The block outputs whose residual add + LayerNorm to fuse (built in ``transform``, after the
         other fusions, so each keeps its final ``dense``) and the report."""
         from stackcomp.nn.fused_norm import find_residual_norms
 
         sites = find_residual_norms(model)
-        why_not = None
-        if layout != "cpu":
-            why_not = f"the fused residual LayerNorm runs on CPU; this pack's layout is {layout}"
-        elif self.params.target == "onnx":
-            why_not = "target onnx: the graph keeps LayerNorm as its own op (ONNX Runtime fuses it itself)"
-        modules: dict[str, dict[str, nn.Module]] = {}
-        unfused: dict[str, str] = {}
-        for site in sites:
-            reason = site.reason or why_not
-            if reason is not None:
-                unfused[site.name] = reason
-                continue
-            modules[site.name] = {}  # made in transform
+        why_not = self._not_cpu(layout, "the fused residual LayerNorm",
+                                "the graph keeps LayerNorm as its own op (ONNX Runtime fuses it itself)")
+        fuse, unfused = _split_sites(sites, lambda site: site.name, why_not)
+        modules: dict[str, dict[str, nn.Module]] = {site.name: {} for site in fuse}  # made in transform
+        for site in fuse:
             plan[site.name] = {"from": type(model.get_submodule(site.name)).__name__, "to": "FusedResidualNorm"}
         report = {"fused": sorted(modules), "unfused": unfused}
         if not sites:
@@ -200,24 +200,17 @@ class PackPass(Pass):
         from stackcomp.nn.fused import find_ffns, fused_modules
 
         sites = find_ffns(model)
-        why_not = None
-        if layout != "cpu":
-            why_not = f"the fused FFN kernel runs on CPU; this pack's layout is {layout}"
-        elif self.params.target == "onnx":
-            why_not = "target onnx: the graph keeps the int8 linears (MatMulInteger); the fused op is a torch-side kernel"
-        elif not ffn_kernel(ds_cpu.get_extension()):
+        why_not = self._not_cpu(layout, "the fused FFN kernel",
+                                "the graph keeps the int8 linears (MatMulInteger); the fused op is a torch-side kernel")
+        if why_not is None and not ffn_kernel(ds_cpu.get_extension()):
             why_not = ("the loaded C++ kernel has no fused FFN (" + (ds_cpu.build_error() or "built before it existed; "
                        "rebuild: python setup.py build_ext --inplace") + ")")
-        elif not ds_cpu.get_extension().ffn_has_vnni():
+        elif why_not is None and not ds_cpu.get_extension().ffn_has_vnni():
             why_not = (f"this CPU runs the {ds_cpu.variant()} build: the fused FFN has no AVX-512 VNNI path there "
                        "(its portable loop is slower than the int8 backend)")
+        fuse, unfused = _split_sites(sites, lambda site: site.second, why_not)
         modules: dict[str, dict[str, nn.Module]] = {}
-        unfused: dict[str, str] = {}
-        for site in sites:
-            reason = site.reason or why_not
-            if reason is not None:
-                unfused[site.second] = reason
-                continue
+        for site in fuse:
             new = fused_modules(model, site)
             modules[site.second] = new
             for name, m in new.items():
@@ -339,6 +332,18 @@ class PackPass(Pass):
             ctx.report["onnx"]["int8"] = {"path": "onnx/model.int8.onnx", "nodes_left_fp32": len(fp32_nodes),
                                           "parity": parity(model, ort_session(qpath), batches)}
         model.to(device)
+
+
+def _split_sites(sites: list, name_of, why_not: str | None) -> tuple[list, dict[str, str]]:
+    """The fusable sites, and name -> reason for the others (their own reason, else the pack-wide one)."""
+    fuse, unfused = [], {}
+    for site in sites:
+        reason = site.reason or why_not
+        if reason is None:
+            fuse.append(site)
+        else:
+            unfused[name_of(site)] = reason
+    return fuse, unfused
 
 
 def _details(new: nn.Module, config: PackConfig) -> dict:
