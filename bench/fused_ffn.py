@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackcomp.kernels import ds_cpu
-from stackcomp.kernels.ffn import AMX_MULTIPLE, ffn_forward_cpu, ffn_has_amx, ffn_kernel, ffn_operands
-from stackcomp.nn.fused import AMX_MIN_TOKENS, FusedInt8FFN
+from stackcomp.kernels.ffn import AMX_MIN_TOKENS, AMX_MULTIPLE, ffn_forward_cpu, ffn_has_amx, ffn_kernel, ffn_operands
+from stackcomp.nn.fused import FusedInt8FFN
 from stackcomp.nn.quantized import Int8Linear
 
 CASES = {"b32x50": (32, 50), "b1x20": (1, 20)}

@@ -29,9 +29,9 @@ import stackcomp
 from stackcomp.artifacts import export_model
 from stackcomp.errors import PassError
 from stackcomp.kernels import ds_cpu
-from stackcomp.kernels.ffn import (AMX_MULTIPLE, ffn_forward_cpu, ffn_has_amx, ffn_kernel, ffn_operands,
-                                   fused_ffn_reference)
-from stackcomp.nn.fused import AMX_MIN_TOKENS, ENV, FusedFFNInput, FusedInt8FFN, find_ffns
+from stackcomp.kernels.ffn import (AMX_MIN_TOKENS, AMX_MULTIPLE, ENV, ffn_forward_cpu, ffn_has_amx, ffn_kernel,
+                                   ffn_operands, fused_ffn_reference)
+from stackcomp.nn.fused import FusedFFNInput, FusedInt8FFN, find_ffns
 from stackcomp.nn.quantized import Int8Linear, quantize_rows
 
 from conftest import make_tiny_model, run_int8, run_pack

@@ -341,7 +341,7 @@ def test_kernel_backend_takes_amx_for_long_calls(monkeypatch):
     call where the input size needs it); STACKCOMP_FFN_KERNEL=vnni keeps the VNNI path; same numbers."""
     from stackcomp.kernels import ds_cpu
     from stackcomp.kernels.ffn import ffn_has_amx
-    from stackcomp.nn.fused import AMX_MIN_TOKENS, ENV
+    from stackcomp.kernels.ffn import AMX_MIN_TOKENS, ENV
 
     _kernel_backend()
     if not ffn_has_amx(ds_cpu.get_extension()):

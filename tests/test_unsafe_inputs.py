@@ -55,7 +55,7 @@ def _recipe(tmp_path, model, extra=""):
     return p
 
 
-def test_pickle_weights_refused_with_how_to(tmp_path, pickle_model):
+def test_pickle_weights_refused_with_how_to(tmp_path, pickle_model, data_env):
     d, _ = pickle_model
     with pytest.raises(ModelError, match=r"pickle.*allow_pickle: true"):
         load_base_model(str(d))
@@ -97,7 +97,7 @@ def _remote_code_model(tmp_path, tiny_model_dirs, model_type):
     return d, marker
 
 
-def test_remote_code_refused_with_how_to_and_not_run(tmp_path, tiny_model_dirs):
+def test_remote_code_refused_with_how_to_and_not_run(tmp_path, tiny_model_dirs, data_env):
     d, marker = _remote_code_model(tmp_path, tiny_model_dirs, "my-bert-kind")
     with pytest.raises(ModelError, match=r"own Python code.*trust_remote_code: true"):
         load_base_model(str(d))

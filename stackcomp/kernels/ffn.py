@@ -32,6 +32,14 @@ ACTS = {"gelu": 0, "gelu_tanh": 1}
 PATHS = {"best": 0, "vnni": 1, "generic": 2}
 #: input padding of the AMX path's operands (``ffn_operands(multiple=...)``): one tile row is 64 codes
 AMX_MULTIPLE = 64
+#: calls with at least this many tokens take the kernel's AMX path where the CPU has AMX (the fused FFN and
+#: the ``kernel`` int8 backend). It runs blocks of 32 rows, one per thread, so a short call leaves threads idle
+#: that the VNNI path's channel split uses; ``bench/fused_ffn.py --crossover`` measured AMX ahead from 16
+#: tokens on 1 and 2 threads (docs/results.md)
+AMX_MIN_TOKENS = 16
+#: ``STACKCOMP_FFN_KERNEL=generic`` runs the kernel's portable path even where the VNNI one is built; ``vnni``
+#: never takes the AMX path (A/B runs, tests)
+ENV = "STACKCOMP_FFN_KERNEL"
 
 
 class FFNOperands(NamedTuple):

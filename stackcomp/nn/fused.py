@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from stackcomp.factorize.budget import FP32_BYTES, linear_params, tensor_bytes
-from stackcomp.kernels.ffn import (ACTS, AMX_MULTIPLE, FFNOperands, ffn_forward_cpu, ffn_has_amx, ffn_kernel,
-                                   ffn_operands, fused_ffn_reference)
+from stackcomp.kernels.ffn import (ACTS, AMX_MIN_TOKENS, AMX_MULTIPLE, ENV, FFNOperands, ffn_forward_cpu, ffn_has_amx,
+                                   ffn_kernel, ffn_operands, fused_ffn_reference)
 from stackcomp.kernels.reference import KernelError
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
 from stackcomp.nn.manifest import DeclaredLayer, Field, choice, count
@@ -41,13 +41,6 @@ FFN_PATTERNS: tuple[tuple[str, str, str], ...] = (
     ("ffn.lin1", "ffn.activation", "ffn.lin2"),                                  # DistilBERT
     ("ffn", "activation", "ffn_output"),                                         # ALBERT
 )
-#: ``STACKCOMP_FFN_KERNEL=generic`` runs the portable C++ path even where the VNNI one is built; ``vnni``
-#: never takes the AMX path (A/B, tests)
-ENV = "STACKCOMP_FFN_KERNEL"
-#: calls with at least this many tokens take the kernel's AMX path where the CPU has AMX. It runs blocks of
-#: 32 rows, one per thread, so a short call leaves threads idle that the VNNI path's channel split uses;
-#: ``bench/fused_ffn.py --crossover`` measured AMX ahead from 16 tokens on 1 and 2 threads (docs/results.md)
-AMX_MIN_TOKENS = 16
 _warned: set[str] = set()
 
 

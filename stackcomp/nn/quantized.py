@@ -471,8 +471,7 @@ class KernelInt8Handle:
     amx_ops: Any = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from stackcomp.kernels.ffn import AMX_MULTIPLE, linear_forward_cpu, linear_operands
-        from stackcomp.nn.fused import AMX_MIN_TOKENS
+        from stackcomp.kernels.ffn import AMX_MIN_TOKENS, AMX_MULTIPLE, linear_forward_cpu, linear_operands
 
         if self.amx and x.shape[0] >= AMX_MIN_TOKENS:
             if self.amx_ops is None:
@@ -505,8 +504,7 @@ class KernelInt8(Int8Backend):
 
     def prepare(self, q, scale, bias):
         from stackcomp.kernels import ds_cpu
-        from stackcomp.kernels.ffn import ffn_has_amx, linear_operands
-        from stackcomp.nn.fused import ENV
+        from stackcomp.kernels.ffn import ENV, ffn_has_amx, linear_operands
 
         ext = ds_cpu.get_extension()
         env = os.environ.get(ENV, "").strip().lower()
