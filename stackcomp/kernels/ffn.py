@@ -1,7 +1,9 @@
 """The fused int8 FFN ``y = W2 act(W1 x + b1) + b2``: its kernel operands, its torch oracle, and a caller.
 
 The C++ kernel is ``ffn_forward`` of the DS CPU extension (``ds_cpu_ffn.h``, built with it, so every
-ISA variant has it: AVX-512 VNNI where compiled in, a portable loop elsewhere). Its numbers, which
+ISA variant has it: AVX-512 VNNI where compiled in, AMX tiles on top where the CPU has them, a portable
+loop elsewhere; all give the same integer sums). Its second GEMM alone is ``linear_forward``, the
+``kernel`` int8 backend (:func:`linear_operands`, :func:`linear_forward_cpu`). Its numbers, which
 :func:`fused_ffn_reference` computes with torch ops:
 
 * each row of x is quantized on its own: ``q = clamp(round(x * (127 / amax_row)), -127, 127)``, scale
@@ -81,7 +83,7 @@ def _padded(v: torch.Tensor | None, n: int, size: int) -> torch.Tensor:
 
 
 def ffn_operands(w1: torch.Tensor, w1_scale: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                 w2_scale: torch.Tensor, b2: torch.Tensor | None, multiple: int = 4) -> tuple:
+                 w2_scale: torch.Tensor, b2: torch.Tensor | None, multiple: int = 4) -> FFNOperands:
     """The kernel's weight operands (layouts in ds_cpu_ffn.h) from int8 weights and per-channel scales.
     Made once per layer (the module caches them).
 

@@ -473,6 +473,7 @@ class KernelInt8Handle:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from stackcomp.kernels.ffn import AMX_MIN_TOKENS, AMX_MULTIPLE, linear_forward_cpu, linear_operands
 
+        x = x.float().contiguous()  # a layer's slice of its input (a DS block) may be strided
         if self.amx and x.shape[0] >= AMX_MIN_TOKENS:
             if self.amx_ops is None:
                 fits = self.ops.in_features % AMX_MULTIPLE == 0
