@@ -434,7 +434,9 @@ inline void run_ffn_vnni(const FfnGeo& g, const FfnOps& o, const float* x, float
 }
 #endif
 
-#if defined(DS_HAVE_FFN_VNNI) && defined(__linux__) && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12))
+// GCC 11+ only: the tile code relies on `#pragma GCC target` reaching the lambdas inside the functions, which
+// clang does not honour (a clang build keeps the VNNI path)
+#if defined(DS_HAVE_FFN_VNNI) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define DS_HAVE_FFN_AMX 1
 }  // namespace dskern
 #include <cpuid.h>
