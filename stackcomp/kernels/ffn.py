@@ -21,7 +21,10 @@ test can bound exactly that (``tests/test_fused_ffn.py``).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,9 @@ class FFNOperands(NamedTuple):
 
     def kernel_args(self) -> tuple:
         return tuple(self)[:10]
+
+    def fits_amx(self) -> bool:
+        return self.in_features % AMX_MULTIPLE == 0 and self.ws1.numel() % AMX_MULTIPLE == 0
 
 
 def _pack_weight(q: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -120,6 +126,9 @@ class LinearOperands(NamedTuple):
     in_features: int
     multiple: int
 
+    def fits_amx(self) -> bool:
+        return self.in_features % AMX_MULTIPLE == 0
+
 
 def linear_operands(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, multiple: int = 4) -> LinearOperands:
     """An int8 weight (out, in) with per-row scales, packed as the fused FFN's weights are; the input
@@ -149,6 +158,37 @@ def linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
 def ffn_kernel(ext) -> bool:
     """Whether the loaded extension has the fused FFN (a build older than ds_cpu_ffn.h has not)."""
     return ext is not None and hasattr(ext, "ffn_forward")
+
+
+@dataclass
+class KernelRoute:
+    """Which path of the kernel a layer's call takes, and with which operands (the fused FFN's and the
+    ``kernel`` int8 backend's): ``small_path`` ("vnni", the portable loop in a build without VNNI, or
+    "generic") for every call, except that calls of at least :data:`AMX_MIN_TOKENS` rows take the AMX
+    path where ``amx``. The AMX path needs inputs padded to :data:`AMX_MULTIPLE`: where the layer's sizes
+    are not multiples of it already, ``remake(AMX_MULTIPLE)`` packs that second copy on the first long call."""
+
+    ext: Any
+    ops: Any  # FFNOperands or LinearOperands
+    remake: Callable[[int], Any]
+    small_path: str = "vnni"
+    amx: bool = False
+    amx_ops: Any = None
+
+    @classmethod
+    def for_extension(cls, ext, ops, remake: Callable[[int], Any]) -> KernelRoute:
+        """The route :data:`ENV` and this process's CPU allow."""
+        env = os.environ.get(ENV, "").strip().lower()
+        return cls(ext, ops, remake, "generic" if env == "generic" else "vnni",
+                   amx=env not in ("generic", "vnni") and ffn_has_amx(ext))
+
+    def pick(self, rows: int) -> tuple[Any, str]:
+        """(operands, path) for a call of ``rows`` rows."""
+        if not (self.amx and rows >= AMX_MIN_TOKENS):
+            return self.ops, self.small_path
+        if self.amx_ops is None:
+            self.amx_ops = self.ops if self.ops.fits_amx() else self.remake(AMX_MULTIPLE)
+        return self.amx_ops, "best"
 
 
 def ffn_has_amx(ext) -> bool:

@@ -16,7 +16,6 @@ Inference only; the ``pack`` pass (``fuse_ffn: true``) makes them.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,8 +23,7 @@ import torch
 from torch import nn
 
 from stackcomp.factorize.budget import FP32_BYTES, linear_params, tensor_bytes
-from stackcomp.kernels.ffn import (ACTS, AMX_MIN_TOKENS, AMX_MULTIPLE, ENV, FFNOperands, ffn_forward_cpu, ffn_has_amx,
-                                   ffn_kernel, ffn_operands, fused_ffn_reference)
+from stackcomp.kernels.ffn import ACTS, KernelRoute, ffn_forward_cpu, ffn_kernel, ffn_operands, fused_ffn_reference
 from stackcomp.kernels.reference import KernelError
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
 from stackcomp.nn.manifest import DeclaredLayer, Field, choice, count
@@ -150,7 +148,7 @@ class FusedInt8FFN(DeclaredLayer):
     def _stored(self) -> tuple:
         return (self.weight1, self.weight1_scale, self.bias1, self.weight2, self.weight2_scale, self.bias2)
 
-    def _kernel(self) -> FFNKernel | None:
+    def _kernel(self) -> KernelRoute | None:
         """The C++ kernel and its operands where it runs, else None; made once per weights/kernel-build
         (the operand packing is a permute of the int8 weights)."""
         from stackcomp.kernels import ds_cpu
@@ -160,9 +158,9 @@ class FusedInt8FFN(DeclaredLayer):
             ext = ds_cpu.get_extension()
             run = None
             if ffn_kernel(ext):
-                env = os.environ.get(ENV, "").strip().lower()
-                run = FFNKernel(ext, ffn_operands(*self._stored()), "generic" if env == "generic" else "vnni",
-                                self._stored(), amx=env not in ("generic", "vnni") and ffn_has_amx(ext))
+                stored = self._stored()
+                run = KernelRoute.for_extension(ext, ffn_operands(*stored),
+                                                lambda multiple: ffn_operands(*stored, multiple=multiple))
             elif "nokernel" not in _warned:
                 _warned.add("nokernel")
                 why = ds_cpu.build_error() or ("the loaded extension predates the fused FFN kernel: rebuild it"
@@ -178,7 +176,8 @@ class FusedInt8FFN(DeclaredLayer):
         run = None if (grad or _exporting() or x.device.type != "cpu") else self._kernel()
         if run is None:
             return self.forward_reference(x, exact=False).to(x.dtype)
-        return run(x, self.activation)
+        ops, path = run.pick(x.numel() // x.shape[-1])
+        return ffn_forward_cpu(x, ops, self.activation, run.ext, path=path)
 
     def forward_reference(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """The kernel's arithmetic as torch ops (the oracle; ``exact=False``: fp32 sums, standard ops)."""
@@ -222,32 +221,6 @@ class FusedInt8FFN(DeclaredLayer):
 
 
 # ----------------------------------------------------------------------------- finding FFNs
-
-
-@dataclass
-class FFNKernel:
-    """How a :class:`FusedInt8FFN` runs the C++ kernel: ``small_path`` ("vnni", which is the portable loop
-    in a build without VNNI, or "generic") for every call, except that calls of at least
-    :data:`AMX_MIN_TOKENS` tokens take the AMX path where ``amx``. Its operands pad inputs to 64
-    (:data:`~stackcomp.kernels.ffn.AMX_MULTIPLE`): where the layer's sizes are not multiples of 64
-    already, that second copy is packed on the first large call."""
-
-    ext: Any
-    ops: FFNOperands
-    small_path: str
-    #: the layer's int8 weights, scales and biases (what ffn_operands packs), for the AMX copy
-    weights: tuple
-    amx: bool = False
-    amx_ops: FFNOperands | None = None
-
-    def __call__(self, x: torch.Tensor, activation: str) -> torch.Tensor:
-        if self.amx and x.numel() >= AMX_MIN_TOKENS * x.shape[-1]:
-            if self.amx_ops is None:
-                o = self.ops
-                fits = o.in_features % AMX_MULTIPLE == 0 and o.ws1.numel() % AMX_MULTIPLE == 0
-                self.amx_ops = o if fits else ffn_operands(*self.weights, multiple=AMX_MULTIPLE)
-            return ffn_forward_cpu(x, self.amx_ops, activation, self.ext, path="best")
-        return ffn_forward_cpu(x, self.ops, activation, self.ext, path=self.small_path)
 
 
 @dataclass(frozen=True)

@@ -457,31 +457,6 @@ class IntMMInt8(Int8Backend):
         return y if bias is None else y + bias
 
 
-@dataclass
-class KernelInt8Handle:
-    """The ``kernel`` backend's prepared weight: its operands for the VNNI (or portable) path, and for
-    calls of at least ``AMX_MIN_TOKENS`` rows where ``amx``, the AMX path's (inputs padded to 64; packed
-    on the first such call unless the input size is a multiple of 64 already)."""
-
-    ext: Any
-    ops: Any
-    weights: tuple
-    small_path: str
-    amx: bool
-    amx_ops: Any = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from stackcomp.kernels.ffn import AMX_MIN_TOKENS, AMX_MULTIPLE, linear_forward_cpu, linear_operands
-
-        x = x.float().contiguous()  # a layer's slice of its input (a DS block) may be strided
-        if self.amx and x.shape[0] >= AMX_MIN_TOKENS:
-            if self.amx_ops is None:
-                fits = self.ops.in_features % AMX_MULTIPLE == 0
-                self.amx_ops = self.ops if fits else linear_operands(*self.weights, multiple=AMX_MULTIPLE)
-            return linear_forward_cpu(x, self.amx_ops, self.ext, path="best")
-        return linear_forward_cpu(x, self.ops, self.ext, path=self.small_path)
-
-
 class KernelInt8(Int8Backend):
     """stackcomp's compiled CPU kernel (``linear_forward``: the fused FFN's GEMM alone, ds_cpu_ffn.h)
     with ``intmm``'s arithmetic: each input row rounded to 8 bits by its own absmax, exact int32 sums,
@@ -505,16 +480,18 @@ class KernelInt8(Int8Backend):
 
     def prepare(self, q, scale, bias):
         from stackcomp.kernels import ds_cpu
-        from stackcomp.kernels.ffn import ENV, ffn_has_amx, linear_operands
+        from stackcomp.kernels.ffn import KernelRoute, linear_operands
 
-        ext = ds_cpu.get_extension()
-        env = os.environ.get(ENV, "").strip().lower()
         weights = (q.detach().cpu(), scale.detach().float().cpu(), None if bias is None else bias.detach().float().cpu())
-        return KernelInt8Handle(ext, linear_operands(*weights), weights, "generic" if env == "generic" else "vnni",
-                                amx=env not in ("generic", "vnni") and ffn_has_amx(ext))
+        return KernelRoute.for_extension(ds_cpu.get_extension(), linear_operands(*weights),
+                                         lambda multiple: linear_operands(*weights, multiple=multiple))
 
     def run(self, x, handle):
-        return handle(x)
+        from stackcomp.kernels.ffn import linear_forward_cpu
+
+        x = x.float().contiguous()  # a layer's slice of its input (a DS block) may be strided
+        ops, path = handle.pick(x.shape[0])
+        return linear_forward_cpu(x, ops, handle.ext, path=path)
 
 
 BACKENDS: dict[str, type[Int8Backend]] = {"torch": TorchDynamicInt8, "bitsandbytes": BitsAndBytesInt8,
