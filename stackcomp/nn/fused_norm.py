@@ -153,9 +153,10 @@ def find_residual_norms(model: nn.Module) -> list[ResidualNormSite]:
         if not (_linear_like(dense) and isinstance(norm, nn.LayerNorm)):
             continue
         try:
-            params = list(inspect.signature(m.forward).parameters)
+            signature = list(inspect.signature(m.forward).parameters.values())
         except (TypeError, ValueError):
             continue
+        params = [p.name for p in signature]
         if params[:2] != ["hidden_states", "input_tensor"]:
             continue
         reason = None
@@ -163,8 +164,7 @@ def find_residual_norms(model: nn.Module) -> list[ResidualNormSite]:
             reason = f"LayerNorm normalizes {tuple(norm.normalized_shape)}, the dense gives {dense.out_features}"
         elif norm.weight is None or norm.bias is None:
             reason = "LayerNorm without elementwise affine weight and bias"
-        elif len(params) > 2 and any(p.default is inspect.Parameter.empty
-                                     for p in list(inspect.signature(m.forward).parameters.values())[2:]):
+        elif any(p.default is inspect.Parameter.empty for p in signature[2:]):
             reason = f"forward takes more inputs ({', '.join(params[2:])})"
         sites.append(ResidualNormSite(name, reason))
     return sites
