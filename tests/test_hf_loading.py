@@ -38,6 +38,7 @@ from stackcomp.nn.quantized import (
     Int8LowRankLinear,
 )
 from stackcomp.nn.remapped import RemappedEmbedding, RemappedInt8Embedding
+from stackcomp.nn.unpadded import apply_unpadding
 from stackcomp.passes.base import PassContext, run_pass
 from stackcomp.passes.export import ExportPass
 from stackcomp.targets import set_module
@@ -85,8 +86,9 @@ EMBEDDING_KINDS = {
     "vocab_pruned_int8": lambda e: RemappedInt8Embedding.from_remapped(_vocab_pruned(e)),
 }
 #: kinds built from another kind's model: every attention block's int8 q/k/v fused (FusedInt8QKV + parts);
-#: every block output's residual add + LayerNorm fused around its int8 dense (FusedResidualNorm)
-FUSED_KINDS = {"int8_fused_qkv": "int8", "int8_fused_norm": "int8"}
+#: every block output's residual add + LayerNorm fused around its int8 dense (FusedResidualNorm);
+#: the int8 model run unpadded (stackcomp.nn.unpadded: a config flag, hooks applied again on load)
+FUSED_KINDS = {"int8_fused_qkv": "int8", "int8_fused_norm": "int8", "int8_unpad": "int8"}
 KINDS = [*LINEAR_KINDS, *EMBEDDING_KINDS, *FUSED_KINDS]
 #: kinds whose forward is the float product of what to_dense() returns (int8 layers quantize activations)
 EXACT_DENSE = {"ds", "ds_int8_packed", "lowrank", "blocklr", "losparse", "dsf", "sparse24", "int8_embedding",
@@ -99,6 +101,8 @@ def compressed_model(kind: str, seed: int = 0):
         from stackcomp.nn.fused_qkv import find_qkvs, fused_qkv_modules
 
         model = compressed_model(FUSED_KINDS[kind], seed)
+        if kind == "int8_unpad":
+            return apply_unpadding(model)
         if kind == "int8_fused_norm":
             for site in find_residual_norms(model):
                 set_module(model, site.name, residual_norm_module(model, site))
@@ -143,7 +147,8 @@ WITH_STACKCOMP = """
     for kind, path in folders.items():
         ref = logits(stackcomp.load(path))
         hf = AutoModelForSequenceClassification.from_pretrained(path)
-        res = {{"equal": bool(torch.equal(logits(hf), ref)), "layers": sorted({{type(m).__name__ for m in hf.modules()}})}}
+        res = {{"equal": bool(torch.equal(logits(hf), ref)), "layers": sorted({{type(m).__name__ for m in hf.modules()}}),
+               "attn": hf.config._attn_implementation}}
         for how, model in (("hf", hf), ("stackcomp", stackcomp.load(path))):
             again = f"{{path}}-resaved-from-{{how}}"
             model.save_pretrained(again)
@@ -221,6 +226,7 @@ def without_stackcomp(exports, with_stackcomp):
 def test_from_pretrained_builds_the_compressed_layers_after_import_stackcomp(kind, with_stackcomp, exports):
     res = with_stackcomp[kind]
     assert res["equal"], f"{kind}: from_pretrained logits differ from stackcomp.load's"
+    assert res["attn"] == ("stackcomp_unpadded" if kind == "int8_unpad" else "sdpa")  # unpadded again on load
     manifest = json.loads((Path(exports[0][kind]) / "stackcomp_manifest.json").read_text())
     assert {e["type"] for e in manifest["layers"].values()} <= set(res["layers"])  # the compressed classes, not dense
     # and they are the model's logits before export

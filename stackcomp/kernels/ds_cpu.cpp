@@ -5,6 +5,7 @@
 #include "ds_cpu_vnni8.h"
 #include "ds_cpu_ffn.h"
 #include "ds_cpu_norm.h"
+#include "ds_cpu_attention.h"
 
 using namespace dskern;
 
@@ -216,6 +217,30 @@ torch::Tensor add_layernorm(torch::Tensor h, torch::Tensor res, torch::Tensor ga
   return out;
 }
 
+// softmax(scale Q K^T) V per packed sequence and head (ds_cpu_attention.h); q, k, v: (tokens, heads, head_dim)
+// views with a contiguous head dim; cu_seqlens: int64 (batch + 1) sequence starts
+torch::Tensor varlen_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens,
+                               double scale, bool force_generic) {
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1,
+                "q, k, v: float32 CPU (tokens, heads, head_dim) with a contiguous head dim");
+  TORCH_CHECK(q.sizes() == k.sizes() && q.sizes() == v.sizes(), "q, k, v must have one shape, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1 &&
+                  cu_seqlens.device().is_cpu(), "cu_seqlens: int64 CPU (batch + 1)");
+  const auto cu = cu_seqlens.contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  const int64_t T = q.size(0), H = q.size(1), d = q.size(2), B = cu.numel() - 1;
+  TORCH_CHECK(c[0] == 0 && c[B] == T, "cu_seqlens must start at 0 and end at the token count ", T);
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(c[b + 1] >= c[b], "cu_seqlens must not decrease");
+  auto out = torch::empty({T, H, d}, q.options());
+  if (T == 0 || H == 0 || d == 0) return out;
+  auto view = [](const torch::Tensor& t) { return dskern::AttnView{t.data_ptr<float>(), t.stride(0), t.stride(1)}; };
+  dskern::varlen_attention_run(view(q), view(k), view(v), c, B, H, d, static_cast<float>(scale),
+                               out.data_ptr<float>(), force_generic);
+  return out;
+}
+
 bool has_vnni8() {
 #if defined(DS_HAVE_VNNI8)
   return true;
@@ -253,5 +278,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn_has_amx", &ffn_has_amx, "whether ffn_forward can run its AMX path here (compiled in, CPU, OS permission)");
   m.def("linear_forward", &linear_forward, "int8 linear, x quantized per row to 8 bits (CPU)");
   m.def("add_layernorm", &add_layernorm, "LayerNorm(h + res) * gamma + beta, one pass per row (CPU)");
+  m.def("varlen_attention", &varlen_attention, "attention over packed variable-length sequences (CPU)");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
 }

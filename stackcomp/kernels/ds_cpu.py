@@ -55,7 +55,7 @@ log = logging.getLogger("stackcomp.kernels")
 
 SOURCE = Path(__file__).with_name("ds_cpu.cpp")
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("ds_cpu_kernels.h", "ds_cpu_vnni8.h", "ds_cpu_ffn.h",
-                                                      "ds_cpu_norm.h"))
+                                                      "ds_cpu_norm.h", "ds_cpu_attention.h"))
 #: at most this many tokens take the bandwidth-bound loop (output rows as SIMD lanes)
 SMALL_MAX_TOKENS = 2
 #: int8 layers with more nonzeros per row and block than this gather in fp32 (see q15_values)

@@ -108,11 +108,16 @@ class CompressedLayer(nn.Module):
 def link_layers(model: nn.Module) -> None:
     """Run each compressed layer type's ``link_model(model)`` hook, once per type present: layers that
     read from another module (the key and value parts of a fused QKV projection) find it once the
-    model is built from a manifest. ``stackcomp.load`` and transformers' loading path call this."""
+    model is built from a manifest, and a model packed unpadded gets its hooks back
+    (:func:`~stackcomp.nn.unpadded.link_unpadding`). ``stackcomp.load`` and transformers' loading path
+    call this."""
     for cls in {type(m) for m in model.modules() if isinstance(m, CompressedLayer)}:
         hook = getattr(cls, "link_model", None)
         if callable(hook):
             hook(model)
+    from stackcomp.nn.unpadded import link_unpadding  # a model packed with `unpad: true` runs unpadded again
+
+    link_unpadding(model)
 
 
 def dense_storage(linear: nn.Linear) -> LayerStorage:

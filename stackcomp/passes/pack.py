@@ -22,6 +22,10 @@
   whose residual add and LayerNorm run as one C++ pass per row; its ``dense`` (int8, a fused FFN) is
   kept. The numbers are the same up to float rounding, which the int8 layers after it may turn into a
   rounding step: the outputs must match the unfused model's to ``FUSE_NORM_TOLERANCE``.
+* ``unpad: true`` (CPU, off by default): the encoder runs on each batch's real tokens only, packed
+  without padding, and attention runs each sequence at its own length in the C++ kernel
+  (:mod:`stackcomp.nn.unpadded`). A model it cannot apply to is a plan-time error naming why. The
+  answers must match the padded model's to ``UNPAD_TOLERANCE`` on batches with padding.
 
 What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
 the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
@@ -45,7 +49,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from stackcomp.errors import PassError
+from stackcomp.errors import PassError, PlanError
 from stackcomp.kernels.dispatch import choose_kernel
 from stackcomp.nn.base import CompressedLayer
 from stackcomp.nn.conversions import Keep, PackConfig, find_conversion
@@ -63,7 +67,7 @@ class PackParams(PassParams):
     onnx_tolerance: float = Field(default=1e-3, gt=0, description="target onnx: max |torch - ORT| / max|logit| (fp32)")
     onnx_opset: int = Field(default=18, ge=13)
     parity_sequences: int = Field(default=8, ge=1, description="dev sequences in the parity checks (onnx, fuse_ffn, "
-                                  "fuse_qkv, fuse_norm)")
+                                  "fuse_qkv, fuse_norm, unpad)")
     fuse_ffn: bool = Field(default=False, description="CPU: fuse each FFN (linear, GELU, linear; nn.Linear or "
                            "Int8Linear) into one int8 kernel call with per-row activation scales",
                            json_schema_extra=KEY_OMIT_DEFAULT)
@@ -75,6 +79,8 @@ class PackParams(PassParams):
                            "into one int8 GEMM (the input quantized once)", json_schema_extra=KEY_OMIT_DEFAULT)
     fuse_norm: bool = Field(default=False, description="CPU: run each BERT-style block output's residual add and "
                             "LayerNorm as one kernel pass (its dense layer kept)", json_schema_extra=KEY_OMIT_DEFAULT)
+    unpad: bool = Field(default=False, description="CPU: run the encoder on each batch's real tokens only (no "
+                        "padding; attention per sequence in the C++ kernel)", json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 #: fuse_qkv computes what the three int8 linears did (the same input rounding): only float summation
@@ -84,6 +90,10 @@ FUSE_QKV_TOLERANCE = 1e-4
 #: value one step the other way, so the bound is looser than fuse_qkv's, and far under what a module
 #: that computes something else than LayerNorm(dense(h) + input) gives (order 1)
 FUSE_NORM_TOLERANCE = 1e-2
+#: unpad computes every real token's answer from the same numbers in another float order (attention
+#: sums, and the per-tensor activation scale of torch-backend int8 linears, which no longer sees pad
+#: positions): like fuse_norm, an int8 layer may round a changed value one step the other way
+UNPAD_TOLERANCE = 2e-2
 
 
 class PackPass(Pass):
@@ -127,6 +137,7 @@ class PackPass(Pass):
         ffn = self._plan_ffn(model, layout, plan) if self.params.fuse_ffn else None
         qkv = self._plan_qkv(model, plan) if self.params.fuse_qkv else None
         norm = self._plan_norm(model, layout, plan) if self.params.fuse_norm else None
+        unpad = self._plan_unpad(model, layout) if self.params.unpad else None
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "cpu_variant": cpu_variant, "layers": plan,
@@ -146,6 +157,9 @@ class PackPass(Pass):
             state[key] = fusion["modules"]
             ctx.log.info("fuse_%s: %d %s fused, %d left unfused", key, report[f"{key}_fused"], what,
                          len(fusion["report"]["unfused"]))
+        if unpad is not None:
+            report["unpad"] = unpad
+            state["unpad"] = True
         return Analysis(report=report, state=state)
 
     def _plan_qkv(self, model: nn.Module, plan: dict[str, dict]) -> dict:
@@ -193,6 +207,15 @@ class PackPass(Pass):
                               "input_tensor): BERT, RoBERTa, ELECTRA, XLM-R, DeBERTa-v2)")
         return {"modules": modules, "report": report}
 
+    def _plan_unpad(self, model: nn.Module, layout: str) -> dict:
+        """Whether the encoder can run unpadded here: a PlanError naming why not (it was asked for)."""
+        from stackcomp.nn.unpadded import unpad_unsupported
+
+        why = self._not_cpu(layout, "unpadding", "the exported graph takes padded batches") or unpad_unsupported(model)
+        if why is not None:
+            raise PlanError(f"pack unpad: {why}; drop `unpad: true` from this stage")
+        return {"attention": "packed sequences, stackcomp's varlen kernel"}
+
     def _plan_ffn(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
         """The FFNs to fuse (their new modules by site) and the report: fused sites, the rest with why."""
         from stackcomp.kernels import ds_cpu
@@ -235,6 +258,8 @@ class PackPass(Pass):
             self._fuse_qkv(model, ctx, state["qkv"])
         if state.get("norm"):
             self._fuse_norm(model, ctx, state["norm"])
+        if state.get("unpad"):
+            self._unpad(model, ctx)
         if self.params.target == "onnx":
             self._export(model, ctx)
         return model
@@ -303,6 +328,26 @@ class PackPass(Pass):
             raise PassError(f"stage {ctx.stage!r}: with {len(sites)} fused residual LayerNorm(s) the {answers[0][1]} "
                             f"differ from the unfused model's by {err:.3g} (relative; at most {FUSE_NORM_TOLERANCE}): "
                             f"a block output that does not compute LayerNorm(dense(h) + input)?")
+
+    def _unpad(self, model: nn.Module, ctx: PassContext) -> None:
+        """Run the encoder unpadded; on batches with padding, each real token's answers must not change
+        (``UNPAD_TOLERANCE``)."""
+        from stackcomp.nn.unpadded import apply_unpadding
+
+        batches = [_with_padding(b) for b in _parity_batches(model, ctx, self.params.parity_sequences)]
+        padded = [_real_outputs(model, b, ctx.task) for b in batches]
+        apply_unpadding(model)
+        answers = [_real_outputs(model, b, ctx.task) for b in batches]
+        what = answers[0][1]
+        err = _rel_error([a for a, _ in answers], [p for p, _ in padded])
+        ctx.report["unpad_parity"] = {"unpadded_vs_padded": err, "tolerance": UNPAD_TOLERANCE,
+                                      "batches": len(batches), "compared": what,
+                                      "real_token_share": _real_share(batches)}
+        ctx.log.info("unpad parity (%s): %.3g relative to the padded model's", what, err)
+        if not err <= UNPAD_TOLERANCE:
+            raise PassError(f"stage {ctx.stage!r}: unpadded, the {what} differ from the padded model's by {err:.3g} "
+                            f"(relative; at most {UNPAD_TOLERANCE}): does {type(model).__name__} mix tokens "
+                            "outside its attention, or read positions inside its blocks?")
 
     def _export(self, model: nn.Module, ctx: PassContext) -> None:
         from stackcomp.onnx_export import (
@@ -401,6 +446,33 @@ def _outputs(model: nn.Module, batch: dict[str, torch.Tensor], task: Any = None)
                 return out[name].float().cpu(), name
     out = model(**batch)
     return (out.logits.float().cpu(), "logits") if hasattr(out, "logits") else (out[0].float().cpu(), "first output")
+
+
+def _with_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` if its attention mask has padding, else a copy whose rows after the first lose their last
+    tokens (at least one kept): unpad's parity must see padded rows."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[0] < 2 or not bool(mask.all()):
+        return batch
+    mask = mask.clone()
+    width = mask.shape[1]
+    for row in range(1, mask.shape[0]):
+        mask[row, max(1, width - row * max(1, width // (2 * mask.shape[0]))):] = 0
+    return {**batch, "attention_mask": mask}
+
+
+def _real_share(batches: list[dict[str, torch.Tensor]]) -> float:
+    masks = [b["attention_mask"] for b in batches if b.get("attention_mask") is not None]
+    return float(sum(int(m.sum()) for m in masks) / max(1, sum(m.numel() for m in masks)))
+
+
+def _real_outputs(model: nn.Module, batch: dict[str, torch.Tensor], task: Any = None) -> tuple[torch.Tensor, str]:
+    """:func:`_outputs` with per-token answers (batch, length, ...) kept at real tokens only."""
+    out, what = _outputs(model, batch, task)
+    mask = batch.get("attention_mask")
+    if mask is not None and out.dim() >= 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+        out = out[mask.bool().cpu()]
+    return out, what
 
 
 def _parity_batches(model: nn.Module, ctx: PassContext, n: int) -> list[dict[str, torch.Tensor]]:
