@@ -239,3 +239,15 @@ def test_a_copied_model_runs_unpadded_on_its_own():
     assert calls == [torch.Size([1, int(mask.sum()), model.config.hidden_size])]
     remove_unpadding(twin)  # the copy's hooks, not the original's
     assert model.config._attn_implementation == "stackcomp_unpadded"
+
+
+def test_a_mask_it_does_not_pack_runs_padded():
+    """A call whose mask is not a plain padding mask (packed position ids without a mask, which
+    transformers turns into a block-diagonal mask) gets SDPA's 4-D mask and runs padded."""
+    model = make_tiny_model("bert")
+    ids = torch.randint(1000, 2000, (1, 10))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])  # three sequences packed in one row
+    with torch.inference_mode():
+        ref = model(input_ids=ids, position_ids=positions).logits
+        apply_unpadding(model)
+        assert torch.allclose(model(input_ids=ids, position_ids=positions).logits, ref, atol=TOL)

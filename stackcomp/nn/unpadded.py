@@ -60,15 +60,18 @@ def _exporting() -> bool:
 # ----------------------------------------------------------------------------- transformers' interfaces
 
 
-def padding_mask(*, attention_mask: torch.Tensor | None = None, mask_function: Any = None, **_: Any):
-    """The mask function: the ``(batch, length)`` padding mask itself (bool), or None without padding."""
-    from transformers.masking_utils import bidirectional_mask_function
+def padding_mask(**kwargs: Any):
+    """The mask function: the ``(batch, length)`` padding mask itself (bool), or None without padding.
+    Any other mask (packed position ids, a combined mask function) is SDPA's 4-D mask: the hooks
+    step aside for it and the attention runs padded."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
-    if mask_function is not None and mask_function is not bidirectional_mask_function:
-        raise NotImplementedError(f"{ATTN_IMPLEMENTATION}: only plain bidirectional (encoder) attention is supported")
-    if attention_mask is None or bool(attention_mask.all()):
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("mask_function") is not bidirectional_mask_function:
+        return sdpa_mask(**kwargs)
+    if mask is None or bool(mask.all()):
         return None
-    return attention_mask.bool()
+    return mask.bool()
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -81,6 +84,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    kwargs.pop("is_causal", None)  # an encoder's attention is bidirectional
     if attention_mask is None or attention_mask.dim() != 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale,
                                       is_causal=False, **kwargs)
