@@ -55,7 +55,7 @@ class BuildKernelVariants(BuildExtension):
 isa = _isa()
 source = f"{KERNELS}/ds_cpu.cpp"
 headers = [f"{KERNELS}/ds_cpu_kernels.h", f"{KERNELS}/ds_cpu_vnni8.h", f"{KERNELS}/ds_cpu_ffn.h", f"{KERNELS}/ds_cpu_norm.h",
-           f"{KERNELS}/ds_cpu_attention.h"]
+           f"{KERNELS}/ds_cpu_attention.h", f"{KERNELS}/ds_cpu_embedding.h"]
 extensions = [
     CppExtension(isa.module_name(v.name), [source], depends=headers,
                  extra_compile_args=[*isa.COMMON_CFLAGS, *v.cflags], extra_link_args=list(isa.LDFLAGS))

@@ -10,6 +10,8 @@
                                                                   # fbgemm only (no oneDNN for large calls)
     ... runs/minilm-sst2-fast ft prune25_fused prune25_fused%vnni    # STAGE%vnni: fused FFNs without their AMX
                                                                   # path; both: STAGE%fbgemm%vnni
+    ... runs/minilm-sst2-fast ft prune25_vocab_kernel_unpad%torchtables  # STAGE%torchtables: 4-bit tables
+                                                                  # looked up with torch ops (no compiled lookup)
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -35,6 +37,7 @@ from transformers import AutoTokenizer
 from stackcomp.artifacts import load_model
 from stackcomp.data import DataOptions
 from stackcomp.evaluate import size_report
+from stackcomp.nn.quantized import Int4Embedding
 from stackcomp.report import Run
 from stackcomp.tasks import get_task
 
@@ -86,6 +89,9 @@ def stage_model_folder(run: Run, spec: str) -> tuple[str, os.PathLike]:
 FBGEMM = "%fbgemm"
 #: ``STAGE%vnni``: the stage's model with its fused FFNs held to the kernel's VNNI path (no AMX)
 VNNI = "%vnni"
+#: ``STAGE%torchtables``: the stage's model with its 4-bit tables looked up by torch ops
+TORCH_TABLES = "%torchtables"
+SWITCHES = (FBGEMM, VNNI, TORCH_TABLES)
 
 
 def without_ffn_amx(model):
@@ -153,14 +159,18 @@ def main() -> None:
             models[graph[0]] = graph[1]
             continue
         base, switches = spec, []
-        while base.endswith((FBGEMM, VNNI)):
-            switch = FBGEMM if base.endswith(FBGEMM) else VNNI
+        while base.endswith(SWITCHES):
+            switch = next(w for w in SWITCHES if base.endswith(w))
             base, switches = base.removesuffix(switch), [switch, *switches]
         name, folder = stage_model_folder(run, base)
         folders[name] = folder
         model = load_model(folder, device="cpu").eval()
         if VNNI in switches:
             model = without_ffn_amx(model)
+        if TORCH_TABLES in switches:
+            for m in model.modules():
+                if isinstance(m, Int4Embedding):
+                    m.kernel = False
         models[name + "".join(switches)] = WithWork(model, 1 << 62) if FBGEMM in switches else model
     if not folders:
         raise SystemExit("the stages must include at least one torch model (the first sets the tokenizer)")

@@ -179,6 +179,26 @@ def test_forward_equals_embedding_of_the_dequantized_table():
     assert q(torch.zeros(0, dtype=torch.long)).shape == (0, 48)
 
 
+@pytest.mark.parametrize("d,group", [(48, 16), (384, 64), (30, 5), (7, 7), (9, 3)])
+def test_compiled_lookup_gives_the_torch_lookup_bit_for_bit(d, group):
+    """code * scale is exact in fp32 (4-bit code, fp16 scale), so the kernel's fused multiply-add and
+    torch's multiply then add give the same floats; odd widths and odd groups take the byte-by-byte loop."""
+    from stackcomp.kernels import ds_cpu
+
+    if ds_cpu.extension_with("int4_embedding", "test") is None:
+        pytest.skip("the C++ CPU kernel is not available here")
+    torch.manual_seed(d)
+    q = Int4Embedding.from_embedding(nn.Embedding(50, d), group_size=group)
+    ids = torch.randint(0, 50, (4, 11))
+    fast = q(ids)
+    q.kernel = False
+    assert torch.equal(fast, q(ids))
+    q.kernel = True
+    assert q(ids.int()).dtype == torch.float32 and q(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, d)
+    with pytest.raises(RuntimeError, match="out of range for a table of 50 rows"):
+        q(torch.tensor([3, 50]))
+
+
 def test_odd_dim_and_group_larger_than_the_row():
     emb = nn.Embedding(10, 7)
     q = Int4Embedding.from_embedding(emb, group_size=64)  # one group per row

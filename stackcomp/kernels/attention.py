@@ -11,16 +11,10 @@ sequence at a time.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from stackcomp.kernels.reference import KernelError
-
-log = logging.getLogger("stackcomp.kernels")
-
-_warned: set[str] = set()
 
 
 def cu_seqlens_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -55,15 +49,7 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def _extension():
     from stackcomp.kernels import ds_cpu
 
-    ext = ds_cpu.get_extension()
-    if ext is not None and hasattr(ext, "varlen_attention"):
-        return ext
-    if "nokernel" not in _warned:
-        _warned.add("nokernel")
-        why = ds_cpu.build_error() or ("the loaded extension predates varlen_attention: rebuild it"
-                                       if ext is not None else "no kernel")
-        log.warning("varlen attention: the C++ kernel cannot run (%s); computing with torch ops", why)
-    return None
+    return ds_cpu.extension_with("varlen_attention", "varlen attention")
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,

@@ -6,6 +6,7 @@
 #include "ds_cpu_ffn.h"
 #include "ds_cpu_norm.h"
 #include "ds_cpu_attention.h"
+#include "ds_cpu_embedding.h"
 
 using namespace dskern;
 
@@ -241,6 +242,33 @@ torch::Tensor varlen_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+// rows of a 4-bit table (Int4Embedding's layout, ds_cpu_embedding.h) for ids of any shape: ids.shape + (width,)
+torch::Tensor int4_embedding(torch::Tensor weight, torch::Tensor scale, torch::Tensor offset, torch::Tensor ids,
+                             int64_t width) {
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.device().is_cpu(),
+              "weight: uint8 CPU (num, ceil(width / 2))");
+  TORCH_CHECK(width >= 1 && weight.size(1) == (width + 1) / 2, "weight has ", weight.size(1), " bytes a row, width ",
+              width, " needs ", (width + 1) / 2);
+  for (const auto* t : {&scale, &offset})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == weight.size(0) && t->device().is_cpu(),
+                "scale, offset: float16 CPU (num, groups)");
+  TORCH_CHECK(scale.sizes() == offset.sizes() && width % scale.size(1) == 0, "scale and offset must share a shape "
+              "whose groups divide the width ", width);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.device().is_cpu(), "ids: int64 CPU");
+  const auto w = weight.contiguous(), sc = scale.contiguous(), of = offset.contiguous(), ic = ids.contiguous();
+  const int64_t n = ic.numel(), num = w.size(0);
+  const int64_t* p = ic.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(p[t] >= 0 && p[t] < num, "index ", p[t], " is out of range for a table of ", num, " rows");
+  auto sizes = ic.sizes().vec();
+  sizes.push_back(width);
+  auto out = torch::empty(sizes, weight.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  dskern::int4_embedding_rows(w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), of.data_ptr<at::Half>(), p, n, width,
+                              sc.size(1), out.data_ptr<float>());
+  return out;
+}
+
 bool has_vnni8() {
 #if defined(DS_HAVE_VNNI8)
   return true;
@@ -279,5 +307,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_forward", &linear_forward, "int8 linear, x quantized per row to 8 bits (CPU)");
   m.def("add_layernorm", &add_layernorm, "LayerNorm(h + res) * gamma + beta, one pass per row (CPU)");
   m.def("varlen_attention", &varlen_attention, "attention over packed variable-length sequences (CPU)");
+  m.def("int4_embedding", &int4_embedding, "rows of a 4-bit embedding table as float32 (CPU)");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
 }

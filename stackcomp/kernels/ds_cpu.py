@@ -55,7 +55,8 @@ log = logging.getLogger("stackcomp.kernels")
 
 SOURCE = Path(__file__).with_name("ds_cpu.cpp")
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("ds_cpu_kernels.h", "ds_cpu_vnni8.h", "ds_cpu_ffn.h",
-                                                      "ds_cpu_norm.h", "ds_cpu_attention.h"))
+                                                      "ds_cpu_norm.h", "ds_cpu_attention.h",
+                                                      "ds_cpu_embedding.h"))
 #: at most this many tokens take the bandwidth-bound loop (output rows as SIMD lanes)
 SMALL_MAX_TOKENS = 2
 #: int8 layers with more nonzeros per row and block than this gather in fp32 (see q15_values)
@@ -77,6 +78,8 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"ext": None, "tried": False, "error": None, "gen": 0, "variant": None}
 #: (packed with, runs here) pairs already warned about
 _warned: set[tuple[str, str | None]] = set()
+#: callers of extension_with already warned that their kernel is missing
+_missing: set[str] = set()
 
 
 def build_flags(variant: str) -> list[str]:
@@ -244,6 +247,20 @@ def _load_finished(name: str, library: Path) -> ModuleType | None:
     return module
 
 
+def extension_with(function: str, who: str):
+    """The kernel module where it has ``function`` (kernels added later than some builds), else None;
+    ``who`` then logs once why it computes with torch ops instead."""
+    ext = get_extension()
+    if ext is not None and hasattr(ext, function):
+        return ext
+    if who not in _missing:
+        _missing.add(who)
+        why = build_error() or (f"the loaded extension predates {function}: rebuild it" if ext is not None
+                                else "no kernel")
+        log.warning("%s: the C++ kernel cannot run (%s); computing with torch ops", who, why)
+    return None
+
+
 def build_error() -> str | None:
     """Why the last build failed (None if it did not fail or was not tried)."""
     return _state["error"]
@@ -254,6 +271,7 @@ def reset() -> None:
     with _lock:
         _state.update(ext=None, tried=False, error=None, gen=_state["gen"] + 1, variant=None)
         _warned.clear()
+        _missing.clear()
 
 
 def available() -> bool:

@@ -17,7 +17,6 @@ them and checks the model's outputs against the unfused ones. Inference only: dr
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,9 +29,6 @@ from stackcomp.nn.manifest import DeclaredLayer, Field, count, flag
 from stackcomp.nn.quantized import _exporting
 
 __all__ = ["FusedResidualNorm", "ResidualNorm", "ResidualNormSite", "find_residual_norms", "residual_norm_module"]
-
-log = logging.getLogger("stackcomp.pack")
-_warned: set[str] = set()
 
 
 class ResidualNorm(nn.Module):
@@ -115,15 +111,7 @@ def _extension():
     """The CPU extension where it has ``add_layernorm`` (else None, logged once)."""
     from stackcomp.kernels import ds_cpu
 
-    ext = ds_cpu.get_extension()
-    if ext is not None and hasattr(ext, "add_layernorm"):
-        return ext
-    if "nokernel" not in _warned:
-        _warned.add("nokernel")
-        why = ds_cpu.build_error() or ("the loaded extension predates add_layernorm: rebuild it"
-                                       if ext is not None else "no kernel")
-        log.warning("FusedResidualNorm: the C++ kernel cannot run (%s); computing with torch ops", why)
-    return None
+    return ds_cpu.extension_with("add_layernorm", "FusedResidualNorm")
 
 
 # ----------------------------------------------------------------------------- finding them

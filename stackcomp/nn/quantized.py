@@ -853,12 +853,16 @@ class Int4Embedding(DeclaredLayer):
     (:func:`pack_nibbles`); ``weight_scale`` and ``weight_offset`` float16 (num_embeddings,
     embedding_dim / group_size). A lookup gathers only the packed rows of the ids and their
     scales, unpacks and dequantizes those rows. Inference only. ``padding_idx`` is kept as
-    ``nn.Embedding`` keeps it (a zero padding row stays exactly zero).
+    ``nn.Embedding`` keeps it (a zero padding row stays exactly zero). On CPU the compiled kernel
+    (``int4_embedding``) does the lookup in one pass per id, with the same numbers; ``kernel = False``
+    makes this module use torch ops (A/B runs), as exporting and other devices do.
     """
 
     layout_version: ClassVar[int] = 1
     replaces: ClassVar[str] = "embedding"
     manifest_fields = (*_TABLE, count("group_size", default=64))
+    #: use the compiled lookup where it can run (a plain attribute, not saved)
+    kernel: bool = True
     param_tensors = ("weight",)
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
@@ -897,6 +901,13 @@ class Int4Embedding(DeclaredLayer):
         return unpack_nibbles(self.weight, self.embedding_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.kernel and ids.device.type == "cpu" and not _exporting():
+            from stackcomp.kernels import ds_cpu
+
+            ext = ds_cpu.extension_with("int4_embedding", "Int4Embedding")
+            if ext is not None:  # the same numbers in one pass per id (ds_cpu_embedding.h)
+                return ext.int4_embedding(self.weight, self.weight_scale, self.weight_offset, ids.long(),
+                                          self.embedding_dim)
         rows = F.embedding(ids, self.weight)  # only the looked-up rows
         unpack = _unpack_nibbles_float if _exporting() else unpack_nibbles  # ONNX: no uint8 shifts
         codes = unpack(rows, self.embedding_dim)
