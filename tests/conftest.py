@@ -162,6 +162,20 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def kernel_extension(function: str):
+    """The compiled CPU kernel module, which must have ``function`` (else the build in the tree is older
+    than the source: rebuild it); the test is skipped where no kernel can run."""
+    import os
+
+    from stackcomp.kernels import ds_cpu
+
+    if os.environ.get("STACKCOMP_SKIP_KERNEL_BUILD") or ds_cpu.get_extension() is None:
+        pytest.skip("the C++ CPU kernel is not available here")
+    ext = ds_cpu.get_extension()
+    assert hasattr(ext, function), f"the loaded C++ kernel predates {function}: rebuild it (python setup.py build_ext --inplace)"
+    return ext
+
+
 def run_pack(model, tmp_path, **params):
     """``pack`` (target cpu unless given) on ``model`` as the engine runs it: (model, the pass context)."""
     from stackcomp.passes.base import PassContext, as_analysis

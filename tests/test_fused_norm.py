@@ -7,8 +7,6 @@ to a few float steps of the normalized values: 1e-5 absolute on values of order 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,17 +23,13 @@ from stackcomp.nn.fused_norm import FusedResidualNorm, ResidualNorm, find_residu
 from stackcomp.nn.fused_qkv import FusedInt8QKV
 from stackcomp.passes.pack import FUSE_NORM_TOLERANCE
 
-from conftest import make_tiny_model, run_int8, run_pack
+from conftest import kernel_extension, make_tiny_model, run_int8, run_pack
 
 TOL = 1e-5
 
 
 def _ext():
-    if os.environ.get("STACKCOMP_SKIP_KERNEL_BUILD") or ds_cpu.get_extension() is None:
-        pytest.skip("the C++ CPU kernel is not available here")
-    ext = ds_cpu.get_extension()
-    assert hasattr(ext, "add_layernorm"), "the loaded C++ kernel predates add_layernorm: rebuild it"
-    return ext
+    return kernel_extension("add_layernorm")
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (37, 384), (2, 5, 100), (0, 16)])

@@ -9,8 +9,6 @@ Bounds: the kernel sums in fp32 in another order than SDPA and its exp is a poly
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -18,14 +16,13 @@ from torch import nn
 import stackcomp
 from stackcomp.artifacts import export_model
 from stackcomp.errors import PlanError
-from stackcomp.kernels import ds_cpu
 from stackcomp.kernels.attention import cu_seqlens_from_mask, varlen_attention, varlen_attention_reference
 from stackcomp.kernels.reference import KernelError
 from stackcomp.nn.unpadded import CONFIG_FLAG, apply_unpadding, remove_unpadding, unpad_unsupported
 from stackcomp.passes.pack import UNPAD_TOLERANCE
 from stackcomp.targets import block_stacks
 
-from conftest import make_tiny_model, run_int8, run_pack
+from conftest import kernel_extension, make_tiny_model, run_int8, run_pack
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,11 +30,7 @@ TOL = 1e-5
 
 
 def _ext():
-    if os.environ.get("STACKCOMP_SKIP_KERNEL_BUILD") or ds_cpu.get_extension() is None:
-        pytest.skip("the C++ CPU kernel is not available here")
-    ext = ds_cpu.get_extension()
-    assert hasattr(ext, "varlen_attention"), "the loaded C++ kernel predates varlen_attention: rebuild it"
-    return ext
+    return kernel_extension("varlen_attention")
 
 
 def _packed_qkv(lengths: list[int], heads: int, head_dim: int, seed: int = 0):
