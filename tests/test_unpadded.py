@@ -244,3 +244,23 @@ def test_a_mask_it_does_not_pack_runs_padded():
         ref = model(input_ids=ids, position_ids=positions).logits
         apply_unpadding(model)
         assert torch.allclose(model(input_ids=ids, position_ids=positions).logits, ref, atol=TOL)
+
+
+def test_onnx_export_of_an_unpadded_model_is_the_padded_graph(tmp_path):
+    """Exported from an example without padding, the graph still masks padding: export sees
+    transformers' own mask, not the unpadded model's shortcut for a batch without padding."""
+    pytest.importorskip("onnxruntime")
+    from stackcomp.onnx_export import export_onnx, ort_session, run_session
+
+    model = make_tiny_model("bert")
+    ids, mask = _padded_batch()
+    with torch.inference_mode():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+    apply_unpadding(model)
+    example = {"input_ids": ids[:2, :5], "attention_mask": torch.ones(2, 5, dtype=torch.long),
+               "token_type_ids": torch.zeros(2, 5, dtype=torch.long)}
+    session = ort_session(export_onnx(model, tmp_path / "model.onnx", example))
+    got = run_session(session, {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)})
+    assert torch.allclose(torch.as_tensor(got), padded, atol=1e-4)
+    with torch.inference_mode():  # and the torch model still runs unpadded afterwards
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, padded, atol=TOL)

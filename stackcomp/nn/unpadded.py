@@ -67,8 +67,8 @@ def padding_mask(**kwargs: Any):
     from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
     mask = kwargs.get("attention_mask")
-    if kwargs.get("mask_function") is not bidirectional_mask_function:
-        return sdpa_mask(**kwargs)
+    if kwargs.get("mask_function") is not bidirectional_mask_function or _exporting():
+        return sdpa_mask(**kwargs)  # an exported graph gets transformers' own mask, for any input
     if mask is None or bool(mask.all()):
         return None
     return mask.bool()
