@@ -23,6 +23,7 @@ import torch
 import stackcomp
 from stackcomp.hf_integration import GUARD_WEIGHTS
 from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.half import HalfLinear
 from stackcomp.nn.lowrank import (
     BlockLowRankLinear,
     DoubleSparseLinear,
@@ -74,6 +75,7 @@ LINEAR_KINDS = {
     "losparse": lambda m: SparseLowRankLinear.from_linear(m, rank=4),
     "dsf": lambda m: DoubleSparseLinear.from_linear(m, density=0.5),
     "sparse24": _sparse24,
+    "half": HalfLinear.from_linear,
 }
 def _vocab_pruned(emb):
     return RemappedEmbedding.from_embedding(emb, torch.arange(0, emb.num_embeddings, 3), unseen="mean")
@@ -91,7 +93,7 @@ EMBEDDING_KINDS = {
 FUSED_KINDS = {"int8_fused_qkv": "int8", "int8_fused_norm": "int8", "int8_unpad": "int8"}
 KINDS = [*LINEAR_KINDS, *EMBEDDING_KINDS, *FUSED_KINDS]
 #: kinds whose forward is the float product of what to_dense() returns (int8 layers quantize activations)
-EXACT_DENSE = {"ds", "ds_int8_packed", "lowrank", "blocklr", "losparse", "dsf", "sparse24", "int8_embedding",
+EXACT_DENSE = {"half", "ds", "ds_int8_packed", "lowrank", "blocklr", "losparse", "dsf", "sparse24", "int8_embedding",
                "int4_embedding", "vocab_pruned", "vocab_pruned_int8"}
 
 

@@ -14,7 +14,7 @@ __all__ = ["LAYER_TYPES", "CompressedLayer", "LayerStorage", "dense_storage", "l
            "register_layer"]
 
 # Built-in layers register themselves on import.
-for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused", "fused_qkv", "fused_norm"):
+for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused", "fused_qkv", "fused_norm", "half"):
     try:
         __import__(f"stackcomp.nn.{_mod}")
     except ModuleNotFoundError as _e:  # a layer module not written yet

@@ -21,6 +21,11 @@ embeddings out); an explicit ``ignore`` still applies. A table tied to another w
 head) is left as it is. ``embedding_group_size`` and ``embedding_fit`` enter the stage key only
 with ``"int4"`` (where they matter), and the default ``minmax`` never, so older stages keep their keys.
 
+``fp16_targets`` (module patterns) stores the named ``nn.Linear`` layers with float16 weights instead
+(:class:`~stackcomp.nn.half.HalfLinear`): half their fp32 bytes at a far smaller error than int8's,
+for a layer where int8 costs more accuracy than its bytes are worth (a classifier's pooler, which the
+default ``ignore`` leaves fp32). A layer may not be both an int8 and an fp16 target.
+
 Which layers have an int8 form is the ``"int8"`` conversion registry's answer
 (:mod:`stackcomp.nn.conversions`): a plugin layer joins by registering one; a targeted compressed
 layer without one is listed under ``skipped``.
@@ -43,8 +48,9 @@ from stackcomp.factorize.budget import tensor_bytes
 from stackcomp.nn.base import CompressedLayer
 from stackcomp.nn.conversions import Int8Config, Keep, convert, convertible_types, find_conversion, layer_storage
 from stackcomp.nn.ds_linear import DSLinear
+from stackcomp.nn.half import HalfLinear
 from stackcomp.nn.quantized import Int4Embedding, Int8Embedding, QuantizationError, get_backend
-from stackcomp.passes.base import Analysis, Pass, PassContext, PassParams, as_analysis
+from stackcomp.passes.base import KEY_OMIT_DEFAULT, Analysis, Pass, PassContext, PassParams, as_analysis
 from stackcomp.targets import matches, select_modules, set_module, why_none_selected
 
 
@@ -66,6 +72,10 @@ class Int8Params(PassParams):
     embedding_fit: Literal["minmax", "mse"] = Field(
         default="minmax", description="int4 embeddings: how a group's scale and offset are fitted: mse (least squared "
                                    "error, clipping outliers) or minmax (the group's full range)")
+    fp16_targets: list[str] | None = Field(
+        default=None, description="module patterns whose nn.Linear weights are stored in float16 instead "
+        "(HalfLinear): layers where int8 costs more accuracy than their bytes are worth, e.g. a pooler",
+        json_schema_extra=KEY_OMIT_DEFAULT)
     error_tokens: int = Field(default=256, ge=1, description="tokens per layer used to measure the output error")
     calibration_sequences: int = Field(default=8, ge=1, description="sequences run to capture real activations")
     seed: int = Field(default=0, ge=0, lt=2**32, description="seed of the calibration picks (0 to 2**32-1)")
@@ -91,6 +101,8 @@ class Int8Params(PassParams):
             data.pop("embedding_group_size", None)
         if self.embedding_format != "int4" or self.embedding_fit == "minmax":
             data.pop("embedding_fit", None)
+        if self.fp16_targets is None:  # added later: unset, stages keep their dumps and keys
+            data.pop("fp16_targets", None)
         return data
 
 
@@ -134,6 +146,20 @@ class Int8Pass(Pass):
             raise QuantizationError(f"int8: DS layer {stf[0]} is still in STF training mode; quantize the frozen "
                                     "factors (ds_factorize freezes them at its end)")
         return layers, skipped
+
+    def _halves(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Linear]]:
+        """The ``nn.Linear`` modules ``fp16_targets`` names (none of them also an int8 target)."""
+        p = self.params
+        if not p.fp16_targets:
+            return []
+        halves = list(select_modules(model, p.fp16_targets, [], types=(nn.Linear,)))
+        if not halves:
+            raise PlanError(f"int8: fp16_targets {p.fp16_targets} match no nn.Linear of the model")
+        both = sorted({n for n, _ in halves} & {n for n, _ in layers})
+        if both:
+            raise PlanError(f"int8: {both[0]} is both an int8 target and an fp16 target; add it to `ignore` or "
+                            "drop it from fp16_targets")
+        return halves
 
     def _embeddings(self, model: nn.Module, ctx: PassContext) -> tuple[list[tuple[str, nn.Embedding]], list[str]]:
         """The embedding tables to quantize, and those left as they are: tied to another weight, or
@@ -207,9 +233,10 @@ class Int8Pass(Pass):
             raise QuantizationError(f"int8: backend bitsandbytes is not usable here: {why}")
         dev_ok, dev_why = backend.available(ctx.device)
         layers, skipped = self._layers(model)
-        if not layers and p.embedding_format is None:
+        if not layers and p.embedding_format is None and not p.fp16_targets:
             raise PlanError("int8: targets: [] quantizes no linear; set embeddings: int8 or int4 to quantize only "
                             "the embedding tables")
+        halves = self._halves(model, layers)
         embeddings, tied = self._embeddings(model, ctx)
         skipped += tied
         inputs = self._inputs(model, layers, ctx)
@@ -244,6 +271,12 @@ class Int8Pass(Pass):
                 bar.advance()
             if layers and not rows:
                 raise PlanError(f"int8: no targeted layer has an int8 form (skipped: {skipped})")
+            half_rows = {}
+            for name, module in halves:
+                quantized[name] = HalfLinear.from_linear(module)
+                half_rows[name] = {"type": "HalfLinear", "shape": [module.out_features, module.in_features],
+                                   "weight_error": _rel(quantized[name].to_dense().cpu(), module.weight.detach().cpu()),
+                                   "bytes_before": _bytes(module), "bytes_after": _bytes(quantized[name])}
             emb_rows = {}
             for name, module in embeddings:
                 q = _quantize_table(module, config, name)
@@ -259,6 +292,8 @@ class Int8Pass(Pass):
             "worst_layer": max(rows, key=lambda n: rows[n]["output_error"]) if rows else None,
             "bytes_before": before, "bytes_after": after, "ratio": before / after if after else None,
         }
+        if half_rows:
+            report["fp16_layers"] = half_rows
         if p.embedding_format is not None:
             report["embedding_format"] = p.embedding_format
             if p.embedding_format == "int4":
