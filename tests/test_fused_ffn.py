@@ -18,7 +18,6 @@ Bounds:
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -29,12 +28,12 @@ import stackcomp
 from stackcomp.artifacts import export_model
 from stackcomp.errors import PassError
 from stackcomp.kernels import ds_cpu
-from stackcomp.kernels.ffn import (AMX_MIN_TOKENS, AMX_MULTIPLE, ENV, ffn_forward_cpu, ffn_has_amx, ffn_kernel,
-                                   ffn_operands, fused_ffn_reference)
+from stackcomp.kernels.ffn import (AMX_MIN_TOKENS, AMX_MULTIPLE, ENV, ffn_forward_cpu, ffn_has_amx, ffn_operands,
+                                   fused_ffn_reference)
 from stackcomp.nn.fused import FusedFFNInput, FusedInt8FFN, find_ffns
 from stackcomp.nn.quantized import Int8Linear, quantize_rows
 
-from conftest import make_tiny_model, run_int8, run_pack
+from conftest import kernel_extension, make_tiny_model, run_int8, run_pack
 
 TIE = 2.5e-4
 REL = 2e-6
@@ -45,11 +44,7 @@ SHAPES = [(1, 24, 100, 21), (37, 24, 100, 21), (70, 33, 70, 17), (96, 48, 64, 32
 
 
 def _ext():
-    if os.environ.get("STACKCOMP_SKIP_KERNEL_BUILD") or ds_cpu.get_extension() is None:
-        pytest.skip("the C++ CPU kernel is not available here")
-    ext = ds_cpu.get_extension()
-    assert ffn_kernel(ext), "the loaded C++ kernel predates ffn_forward: rebuild it (python setup.py build_ext --inplace)"
-    return ext
+    return kernel_extension("ffn_forward")
 
 
 def _ffn(inp, hid, out, seed=0, bias=True):

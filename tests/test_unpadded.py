@@ -264,3 +264,17 @@ def test_onnx_export_of_an_unpadded_model_is_the_padded_graph(tmp_path):
     assert torch.allclose(torch.as_tensor(got), padded, atol=1e-4)
     with torch.inference_mode():  # and the torch model still runs unpadded afterwards
         assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, padded, atol=TOL)
+
+
+def test_a_bool_mask_changed_in_place_between_calls_is_read_again():
+    """The sequence starts are kept for one forward only, not on the caller's mask tensor."""
+    model = make_tiny_model("bert")
+    ids, mask = _padded_batch()
+    mask = mask.bool()
+    unpadded = apply_unpadding(make_tiny_model("bert"))
+    with torch.inference_mode():
+        unpadded(input_ids=ids, attention_mask=mask)
+        mask[0, 7:] = False  # the same tensor, another padding
+        got = unpadded(input_ids=ids, attention_mask=mask).logits
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got, ref, atol=TOL)

@@ -15,7 +15,6 @@ Inference only; the ``pack`` pass (``fuse_ffn: true``) makes them.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from stackcomp.factorize.budget import FP32_BYTES, linear_params, tensor_bytes
-from stackcomp.kernels.ffn import ACTS, KernelRoute, ffn_forward_cpu, ffn_kernel, ffn_operands, fused_ffn_reference
+from stackcomp.kernels.ffn import ACTS, KernelRoute, ffn_forward_cpu, ffn_operands, fused_ffn_reference
 from stackcomp.kernels.reference import KernelError
 from stackcomp.nn.base import CompressedLayer, LayerStorage, register_layer
 from stackcomp.nn.manifest import DeclaredLayer, Field, choice, count
@@ -31,7 +30,6 @@ from stackcomp.nn.quantized import Int8Linear, _exporting, _version, dequantize_
 
 __all__ = ["FFN_PATTERNS", "FFNSite", "FusedFFNInput", "FusedInt8FFN", "ffn_activation", "find_ffns", "fused_modules"]
 
-log = logging.getLogger("stackcomp.pack")
 
 #: (first linear, activation, second linear) relative to the module that holds them, per model family
 FFN_PATTERNS: tuple[tuple[str, str, str], ...] = (
@@ -39,7 +37,6 @@ FFN_PATTERNS: tuple[tuple[str, str, str], ...] = (
     ("ffn.lin1", "ffn.activation", "ffn.lin2"),                                  # DistilBERT
     ("ffn", "activation", "ffn_output"),                                         # ALBERT
 )
-_warned: set[str] = set()
 
 
 def ffn_activation(act: nn.Module) -> str | None:
@@ -155,17 +152,12 @@ class FusedInt8FFN(DeclaredLayer):
 
         key = (ds_cpu._state["gen"], tuple((t.data_ptr(), _version(t)) for t in self._stored() if t is not None))
         if self._cache is None or self._cache[0] != key:
-            ext = ds_cpu.get_extension()
+            ext = ds_cpu.extension_with("ffn_forward", "FusedInt8FFN")
             run = None
-            if ffn_kernel(ext):
+            if ext is not None:
                 stored = self._stored()
                 run = KernelRoute.for_extension(ext, ffn_operands(*stored),
                                                 lambda multiple: ffn_operands(*stored, multiple=multiple))
-            elif "nokernel" not in _warned:
-                _warned.add("nokernel")
-                why = ds_cpu.build_error() or ("the loaded extension predates the fused FFN kernel: rebuild it"
-                                               if ext is not None else "no kernel")
-                log.warning("FusedInt8FFN: the C++ kernel cannot run (%s); computing with torch ops", why)
             self._cache = (key, run)
         return self._cache[1]
 

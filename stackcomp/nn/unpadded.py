@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from stackcomp.kernels.attention import cu_seqlens_from_mask, varlen_attention
+from stackcomp.nn.quantized import _exporting
 from stackcomp.targets import block_stacks
 
 __all__ = ["ATTN_IMPLEMENTATION", "CONFIG_FLAG", "apply_unpadding", "link_unpadding", "remove_unpadding",
@@ -53,8 +54,10 @@ MASK_ARGS = ("attention_mask", "attn_mask")
 IN_BLOCK_POSITIONS = ("rope_theta", "global_rope_theta", "rotary_dim", "relative_attention", "rope_scaling")
 
 
-def _exporting() -> bool:
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+def _tracing() -> bool:
+    """Exporting (the int8 layers' test), or a jit trace or compile: a graph is recorded, so a packing
+    that depends on the mask's values would be baked into it."""
+    return bool(_exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 # ----------------------------------------------------------------------------- transformers' interfaces
@@ -67,11 +70,11 @@ def padding_mask(**kwargs: Any):
     from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
     mask = kwargs.get("attention_mask")
-    if kwargs.get("mask_function") is not bidirectional_mask_function or _exporting():
+    if kwargs.get("mask_function") is not bidirectional_mask_function or _tracing():
         return sdpa_mask(**kwargs)  # an exported graph gets transformers' own mask, for any input
     if mask is None or bool(mask.all()):
         return None
-    return mask.bool()
+    return mask.to(torch.bool, copy=True)  # this forward's own tensor: _cu_seqlens keeps its starts on it
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -92,12 +95,21 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         mask = attention_mask[:, None, None, :].bool()
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale,
                                       is_causal=False, **kwargs)
-    cu = cu_seqlens_from_mask(attention_mask)
+    cu = _cu_seqlens(attention_mask)
     if query.shape[0] != 1 or int(cu[-1]) != query.shape[2]:
         raise RuntimeError(f"{ATTN_IMPLEMENTATION}: queries of shape {tuple(query.shape)} match neither the padded "
                            f"batch {tuple(attention_mask.shape)} nor its {int(cu[-1])} packed tokens")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim) views
     return varlen_attention(q, k, v, cu, scale).unsqueeze(0), None
+
+
+def _cu_seqlens(mask: torch.Tensor) -> torch.Tensor:
+    """The mask's packed sequence starts, made once per forward: every block gets the same mask tensor."""
+    cu = getattr(mask, "_stackcomp_cu_seqlens", None)
+    if cu is None:
+        cu = cu_seqlens_from_mask(mask)
+        mask._stackcomp_cu_seqlens = cu
+    return cu
 
 
 def register_with_transformers() -> None:
@@ -187,7 +199,7 @@ class _Unpadder:
         hidden = self._get(args, kwargs, self.params[0])
         mask = self._get(args, kwargs, self.mask_arg)
         outer = self.local.__dict__.get("outer")
-        if (module.training or _exporting() or mask is None or not isinstance(hidden, torch.Tensor) or
+        if (module.training or _tracing() or mask is None or not isinstance(hidden, torch.Tensor) or
                 (outer and outer[-1])
                 or mask.dim() != 2 or hidden.dim() != 3 or mask.shape != hidden.shape[:2]):
             stack.append(None)
