@@ -8,13 +8,15 @@ from stackcomp.nn.base import (
     layer_class,
     link_layers,
     register_layer,
+    register_model_link,
 )
 
 __all__ = ["LAYER_TYPES", "CompressedLayer", "LayerStorage", "dense_storage", "layer_class", "link_layers",
-           "register_layer"]
+           "register_layer", "register_model_link"]
 
-# Built-in layers register themselves on import.
-for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused", "fused_qkv", "fused_norm", "half"):
+# Built-in layers (and model-wide link hooks) register themselves on import.
+for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused", "fused_qkv", "fused_norm", "half",
+             "unpadded"):
     try:
         __import__(f"stackcomp.nn.{_mod}")
     except ModuleNotFoundError as _e:  # a layer module not written yet

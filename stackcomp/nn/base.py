@@ -17,6 +17,7 @@ type in :mod:`stackcomp.nn.conversions`. Byte formulas come from :mod:`stackcomp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,19 +106,29 @@ class CompressedLayer(nn.Module):
         raise NotImplementedError
 
 
+#: model-wide link hooks (:func:`register_model_link`), run by :func:`link_layers` after the layers' own
+MODEL_LINKS: list[Callable[[nn.Module], None]] = []
+
+
+def register_model_link(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``hook(model)`` to run on every model :func:`link_layers` links: for what a saved model
+    needs set up again that is not a layer (an unpadded model's hooks, :mod:`stackcomp.nn.unpadded`)."""
+    if hook not in MODEL_LINKS:
+        MODEL_LINKS.append(hook)
+    return hook
+
+
 def link_layers(model: nn.Module) -> None:
     """Run each compressed layer type's ``link_model(model)`` hook, once per type present: layers that
     read from another module (the key and value parts of a fused QKV projection) find it once the
-    model is built from a manifest, and a model packed unpadded gets its hooks back
-    (:func:`~stackcomp.nn.unpadded.link_unpadding`). ``stackcomp.load`` and transformers' loading path
-    call this."""
+    model is built from a manifest. Then the model-wide hooks (:data:`MODEL_LINKS`). ``stackcomp.load``
+    and transformers' loading path call this."""
     for cls in {type(m) for m in model.modules() if isinstance(m, CompressedLayer)}:
         hook = getattr(cls, "link_model", None)
         if callable(hook):
             hook(model)
-    from stackcomp.nn.unpadded import link_unpadding  # a model packed with `unpad: true` runs unpadded again
-
-    link_unpadding(model)
+    for hook in MODEL_LINKS:
+        hook(model)
 
 
 def dense_storage(linear: nn.Linear) -> LayerStorage:

@@ -22,7 +22,8 @@ Models whose attention goes through transformers' attention interface and whose 
 only through the hidden states qualify (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, MiniLM, ...):
 :func:`unpad_unsupported` says why a model does not. ``pack`` (``unpad: true``) applies it and checks
 the outputs; the model's config keeps ``stackcomp_unpad: true``, and :func:`link_unpadding` (run by
-``stackcomp.load`` and transformers' loading path through ``link_layers``) applies it again on load.
+``stackcomp.load`` and transformers' loading path through ``link_layers``, as a registered model
+link) applies it again on load.
 Training, tracing, ONNX export and calls that ask for per-layer hidden states or attention weights
 (which transformers collects from the blocks themselves) see the padded model: the hooks step aside.
 """
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from stackcomp.kernels.attention import cu_seqlens_from_mask, varlen_attention
+from stackcomp.nn.base import register_model_link
 from stackcomp.nn.quantized import _exporting
 from stackcomp.targets import block_stacks
 
@@ -274,6 +276,7 @@ def remove_unpadding(model: nn.Module, attn_implementation: str = "sdpa") -> nn.
     return model
 
 
+@register_model_link
 def link_unpadding(model: nn.Module) -> None:
     """Apply unpadding to a model loaded with the :data:`CONFIG_FLAG` in its config (else nothing)."""
     if getattr(getattr(model, "config", None), CONFIG_FLAG, False):
