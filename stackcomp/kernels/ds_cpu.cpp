@@ -1,5 +1,6 @@
 // Torch binding of the packed DS CPU kernels (ds_cpu_kernels.h); built by ds_cpu.py.
 #include <torch/extension.h>
+#include <c10/util/ParallelGuard.h>
 
 #include "ds_cpu_kernels.h"
 #include "ds_cpu_vnni8.h"
@@ -269,6 +270,159 @@ torch::Tensor int4_embedding(torch::Tensor weight, torch::Tensor scale, torch::T
   return out;
 }
 
+
+// One post-norm encoder block (BERT's layout) in one call, for inference on packed tokens:
+//   y = LN1(Wo attn(Wqkv h) + bo + h),  out = LN2(FFN(y) + y)
+// with the int8 kernels above (linear_forward, varlen_attention, add_layernorm, ffn_forward). Python builds it
+// once per block from the block's fused layers (stackcomp/nn/native_blocks.py) and checks it against the
+// block's own modules; per call it saves the module glue (a dozen Python calls and their checks) that
+// dominates a single sentence's time.
+namespace {  // the types behind the EncoderBlock binding
+
+struct Int8Route {  // one int8 GEMM's operands for short calls and for long ones (the AMX layout)
+  std::vector<torch::Tensor> small, large;  // wp, cor, ws, b (linear) or w1p .. b2 (FFN)
+  int64_t small_path = 0, large_path = 0;
+  const std::vector<torch::Tensor>& pick(int64_t T, int64_t large_from, int64_t* path) const {
+    const bool big = T >= large_from;
+    *path = big ? large_path : small_path;
+    return big ? large : small;
+  }
+};
+
+struct EncoderBlock {
+  Int8Route qkv, attn_out, ffn;
+  // the modules' own tensors the operands were made from, with where they were and their in-place update
+  // counts then: fresh() is false once one moved or changed (Python then builds the block again)
+  std::vector<torch::Tensor> sources;
+  std::vector<int64_t> versions;
+  std::vector<const void*> places;
+  torch::Tensor ln1_gamma, ln1_beta, ln2_gamma, ln2_beta;
+  int64_t q_features = 0, k_features = 0, heads = 0, head_dim = 0, ffn_hidden = 0, act = 0, large_from = 0;
+  int64_t qkv_out = 0, attn_out_features = 0, ffn_out = 0;
+  int64_t serial_below = 0;  // calls of fewer tokens run on the calling thread alone (see forward)
+  double scale = 1.0, eps1 = 1e-12, eps2 = 1e-12;
+
+  static int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
+
+  void remember(std::vector<torch::Tensor> tensors) {
+    sources = std::move(tensors);
+    versions.clear();
+    places.clear();
+    for (const auto& t : sources) {
+      versions.push_back(version_of(t));
+      places.push_back(t.data_ptr());
+    }
+  }
+
+  bool fresh() const {
+    for (size_t i = 0; i < sources.size(); ++i)
+      if (sources[i].data_ptr() != places[i] || version_of(sources[i]) != versions[i]) return false;
+    return true;
+  }
+
+  // h: (tokens, hidden) float32; cu_seqlens: int64 (sequences + 1) starts of the packed sequences
+  torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cu_seqlens) const {
+    TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous() && h.device().is_cpu(),
+                "EncoderBlock: h must be contiguous float32 CPU (tokens, hidden)");
+    const int64_t T = h.size(0);
+    // A single sentence's GEMMs are one AMX block of rows, and its norms and attention a few microseconds:
+    // split across threads, the forks and joins cost more than the work they share
+    c10::optional<c10::ParallelGuard> serial;
+    if (T < serial_below) serial.emplace(true);
+    int64_t path = 0;
+    const auto& a = qkv.pick(T, large_from, &path);
+    auto y = linear_forward(h, a[0], a[1], a[2], a[3], qkv_out, path);  // (T, q + k + v)
+    const int64_t v_features = qkv_out - q_features - k_features;
+    auto q = y.narrow(1, 0, q_features).view({T, heads, head_dim});
+    auto k = y.narrow(1, q_features, k_features).view({T, heads, head_dim});
+    auto v = y.narrow(1, q_features + k_features, v_features).view({T, heads, head_dim});
+    auto ctx = varlen_attention(q, k, v, cu_seqlens, scale, false).view({T, q_features});
+    const auto& o = attn_out.pick(T, large_from, &path);
+    auto attn = linear_forward(ctx, o[0], o[1], o[2], o[3], attn_out_features, path);
+    auto mid = add_layernorm(attn, h, ln1_gamma, ln1_beta, eps1);
+    const auto& f = ffn.pick(T, large_from, &path);
+    auto ff = ffn_forward(mid, f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], ffn_hidden, ffn_out, act, path);
+    return add_layernorm(ff, mid, ln2_gamma, ln2_beta, eps2);
+  }
+};
+
+// One embedding table: Int4Embedding's 4-bit layout (uint8 codes, float16 scale and offset per group) or
+// float32 rows, behind an optional vocabulary remap (a pruned vocabulary's id -> kept row)
+struct EmbeddingTable {
+  torch::Tensor weight, scale, offset, remap;  // scale, offset: int4 only; remap: undefined for none
+  int64_t width = 0;
+  bool int4 = false;
+
+  torch::Tensor rows(const torch::Tensor& ids) const {
+    const auto r = remap.defined() ? remap.index_select(0, ids).to(at::kLong) : ids;
+    return int4 ? int4_embedding(weight, scale, offset, r, width) : weight.index_select(0, r);
+  }
+};
+
+// A BERT-layout encoder without its head, on packed tokens: LN(word + token type + position) then the blocks.
+// Built once by stackcomp/nn/native_blocks.py from the model's own modules (the blocks are EncoderBlocks).
+struct EncoderModel {
+  EmbeddingTable word, position, token_type;
+  torch::Tensor ln_gamma, ln_beta;
+  double eps = 1e-12;
+  std::vector<EncoderBlock> blocks;
+  int64_t serial_below = 0;
+  EncoderBlock sources;  // only its fresh(): the embedding tensors' places and versions
+
+  bool fresh() const {
+    if (!sources.fresh()) return false;
+    for (const auto& b : blocks)
+      if (!b.fresh()) return false;
+    return true;
+  }
+
+  // ids, token_types, positions: int64 (tokens); cu_seqlens: int64 (sequences + 1) -> (tokens, hidden)
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& token_types, const torch::Tensor& positions,
+                        const torch::Tensor& cu_seqlens) const {
+    for (const auto* t : {&ids, &token_types, &positions})
+      TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu() && t->size(0) == ids.size(0),
+                  "EncoderModel: ids, token types and positions must be int64 CPU (tokens)");
+    c10::optional<c10::ParallelGuard> serial;  // as EncoderBlock::forward: short calls on this thread alone
+    if (ids.size(0) < serial_below) serial.emplace(true);
+    auto e = word.rows(ids);
+    e.add_(token_type.rows(token_types));
+    auto h = add_layernorm(e, position.rows(positions), ln_gamma, ln_beta, eps);
+    for (const auto& b : blocks) h = b.forward(h, cu_seqlens);
+    return h;
+  }
+};
+
+static EmbeddingTable embedding_table(const std::vector<torch::Tensor>& t, int64_t width, bool int4, const char* who) {
+  TORCH_CHECK(t.size() == 4, "EncoderModel: the ", who, " table is weight, scale, offset, remap (empty for none)");
+  EmbeddingTable e;
+  e.weight = t[0];
+  e.width = width;
+  e.int4 = int4;
+  if (int4) {
+    e.scale = t[1];
+    e.offset = t[2];
+  } else {
+    TORCH_CHECK(t[0].dim() == 2 && t[0].scalar_type() == at::kFloat && t[0].size(1) == width,
+                "EncoderModel: the ", who, " table must be float32 (rows, ", width, ") or 4-bit");
+  }
+  if (t[3].numel()) e.remap = t[3];
+  return e;
+}
+
+static Int8Route int8_route(std::vector<torch::Tensor> small, std::vector<torch::Tensor> large, int64_t small_path,
+                            int64_t large_path, size_t n, const char* who) {
+  TORCH_CHECK(small.size() == n && large.size() == n, "EncoderBlock: ", who, " takes ", n,
+              " operand tensors for short and for long calls");
+  Int8Route r;
+  r.small = std::move(small);
+  r.large = std::move(large);
+  r.small_path = small_path;
+  r.large_path = large_path;
+  return r;
+}
+
+}  // namespace
+
 bool has_vnni8() {
 #if defined(DS_HAVE_VNNI8)
   return true;
@@ -309,4 +463,68 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_attention", &varlen_attention, "attention over packed variable-length sequences (CPU)");
   m.def("int4_embedding", &int4_embedding, "rows of a 4-bit embedding table as float32 (CPU)");
   m.def("build_info", &build_info, "ISA the extension was compiled for");
+  py::class_<EncoderBlock>(m, "EncoderBlock", "a post-norm encoder block's int8 kernels in one call (native_blocks.py)")
+      .def(py::init([](std::vector<torch::Tensor> qkv_small, std::vector<torch::Tensor> qkv_large, int64_t qkv_paths_small,
+                       int64_t qkv_path_large, std::vector<torch::Tensor> out_small, std::vector<torch::Tensor> out_large,
+                       int64_t out_path_small, int64_t out_path_large, std::vector<torch::Tensor> ffn_small,
+                       std::vector<torch::Tensor> ffn_large, int64_t ffn_path_small, int64_t ffn_path_large,
+                       std::vector<torch::Tensor> norms, std::vector<int64_t> sizes, std::vector<double> scalars,
+                       std::vector<torch::Tensor> sources) {
+             TORCH_CHECK(norms.size() == 4, "EncoderBlock: norms are ln1 gamma, beta, ln2 gamma, beta");
+             TORCH_CHECK(sizes.size() == 11, "EncoderBlock: sizes are qkv_out, q_features, k_features, heads, head_dim, "
+                         "attn_out_features, ffn_hidden, ffn_out, act, large_from, serial_below");
+             TORCH_CHECK(scalars.size() == 3, "EncoderBlock: scalars are scale, eps1, eps2");
+             EncoderBlock b;
+             b.qkv = int8_route(qkv_small, qkv_large, qkv_paths_small, qkv_path_large, 4, "qkv");
+             b.attn_out = int8_route(out_small, out_large, out_path_small, out_path_large, 4, "attn_out");
+             b.ffn = int8_route(ffn_small, ffn_large, ffn_path_small, ffn_path_large, 8, "ffn");
+             b.ln1_gamma = norms[0];
+             b.ln1_beta = norms[1];
+             b.ln2_gamma = norms[2];
+             b.ln2_beta = norms[3];
+             b.qkv_out = sizes[0];
+             b.q_features = sizes[1];
+             b.k_features = sizes[2];
+             b.heads = sizes[3];
+             b.head_dim = sizes[4];
+             b.attn_out_features = sizes[5];
+             b.ffn_hidden = sizes[6];
+             b.ffn_out = sizes[7];
+             b.act = sizes[8];
+             b.large_from = sizes[9];
+             b.serial_below = sizes[10];
+             b.scale = scalars[0];
+             b.eps1 = scalars[1];
+             b.eps2 = scalars[2];
+             TORCH_CHECK(b.heads >= 1 && b.head_dim >= 1 && b.q_features == b.heads * b.head_dim &&
+                         b.k_features == b.q_features && b.qkv_out == 3 * b.q_features,
+                         "EncoderBlock: query, key and value must each have heads * head_dim features");
+             b.remember(std::move(sources));
+             return b;
+           }))
+      .def("forward", &EncoderBlock::forward, "h (tokens, hidden), cu_seqlens (sequences + 1) -> (tokens, hidden)",
+           py::call_guard<py::gil_scoped_release>())
+      .def("fresh", &EncoderBlock::fresh, "whether the source tensors are where and as they were when it was built");
+  py::class_<EncoderModel>(m, "EncoderModel", "a BERT-layout encoder's embeddings and blocks in one call")
+      .def(py::init([](std::vector<std::vector<torch::Tensor>> tables, std::vector<int64_t> widths,
+                       std::vector<bool> int4, std::vector<torch::Tensor> norm, double eps,
+                       std::vector<EncoderBlock> blocks, int64_t serial_below, std::vector<torch::Tensor> sources) {
+             TORCH_CHECK(tables.size() == 3 && widths.size() == 3 && int4.size() == 3,
+                         "EncoderModel: three tables (word, position, token type)");
+             TORCH_CHECK(norm.size() == 2, "EncoderModel: norm is the embeddings' LayerNorm gamma, beta");
+             EncoderModel mdl;
+             mdl.word = embedding_table(tables[0], widths[0], int4[0], "word");
+             mdl.position = embedding_table(tables[1], widths[1], int4[1], "position");
+             mdl.token_type = embedding_table(tables[2], widths[2], int4[2], "token type");
+             mdl.ln_gamma = norm[0];
+             mdl.ln_beta = norm[1];
+             mdl.eps = eps;
+             mdl.blocks = std::move(blocks);
+             mdl.serial_below = serial_below;
+             mdl.sources.remember(std::move(sources));
+             return mdl;
+           }))
+      .def("forward", &EncoderModel::forward, "ids, token_types, positions (tokens), cu_seqlens -> (tokens, hidden)",
+           py::call_guard<py::gil_scoped_release>())
+      .def("fresh", &EncoderModel::fresh, "whether every tensor it was built from is where and as it was");
 }

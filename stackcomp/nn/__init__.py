@@ -16,7 +16,7 @@ __all__ = ["LAYER_TYPES", "CompressedLayer", "LayerStorage", "dense_storage", "l
 
 # Built-in layers (and model-wide link hooks) register themselves on import.
 for _mod in ("ds_linear", "lowrank", "quantized", "packed", "remapped", "fused", "fused_qkv", "fused_norm", "half",
-             "unpadded"):
+             "unpadded", "native_blocks"):
     try:
         __import__(f"stackcomp.nn.{_mod}")
     except ModuleNotFoundError as _e:  # a layer module not written yet

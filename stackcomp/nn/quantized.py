@@ -621,9 +621,14 @@ class Int8Linear(_Int8Layer):
 
             return int8_linear(x, self.weight, self.weight_scale, self.bias, _runner(self.backend, _CPU).name)
         x2, lead = _flat(x, self.in_features, "Int8Linear")
-        runner, h = self._prepared_for(x2.device, lambda r: r.prepare(self.weight, self.weight_scale, self.bias))
+        runner, h = self.prepared(x2.device)
         y = runner.run(x2, h) if x2.shape[0] else x2.new_zeros(0, self.out_features)
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def prepared(self, device: torch.device) -> tuple[Int8Backend, Any]:
+        """(the backend that runs on ``device``, its prepared weights): what ``forward`` runs, cached
+        until a buffer changes (native blocks take the kernel backend's operands from here)."""
+        return self._prepared_for(device, lambda r: r.prepare(self.weight, self.weight_scale, self.bias))
 
     def to_dense(self) -> torch.Tensor:
         return dequantize_rows(self.weight, self.weight_scale)

@@ -187,6 +187,11 @@ class _Unpadder:
         i = self.params.index(name)
         return args[i] if i < len(args) else kwargs.get(name)
 
+    def block_outputs_wanted(self) -> bool:
+        """Whether the model call in flight (this thread's) wants per-layer states or attention weights."""
+        outer = self.local.__dict__.get("outer")
+        return bool(outer and outer[-1])
+
     def outer_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """On the base model: whether this call asks for what the blocks would give packed."""
         config = getattr(module, "config", None)
@@ -239,6 +244,13 @@ class _Unpadder:
 
 
 _HANDLES = "_stackcomp_unpad_hooks"
+_UNPADDER = "_stackcomp_unpadder"
+
+
+def unpadder_of(model: nn.Module) -> _Unpadder | None:
+    """The hooks' state of an unpadded model (None: not unpadded)."""
+    holder = _holder(model)
+    return None if holder is None else getattr(holder[1], _UNPADDER, None)
 
 
 def apply_unpadding(model: nn.Module) -> nn.Module:
@@ -251,6 +263,7 @@ def apply_unpadding(model: nn.Module) -> nn.Module:
     if getattr(holder, _HANDLES, None) is None:
         unpadder = _Unpadder(holder)
         base = getattr(model, "base_model", model)
+        object.__setattr__(holder, _UNPADDER, unpadder)
         handles = (holder.register_forward_pre_hook(unpadder.pre, with_kwargs=True),
                    holder.register_forward_hook(unpadder.post, with_kwargs=True),
                    base.register_forward_pre_hook(unpadder.outer_pre, with_kwargs=True),
@@ -269,6 +282,7 @@ def remove_unpadding(model: nn.Module, attn_implementation: str = "sdpa") -> nn.
         h.remove()
     if handles is not None:
         object.__delattr__(holder[1], _HANDLES)
+        object.__delattr__(holder[1], _UNPADDER)
     if getattr(model, "config", None) is not None:
         model.config._attn_implementation = attn_implementation
         if hasattr(model.config, CONFIG_FLAG):

@@ -26,6 +26,12 @@
   without padding, and attention runs each sequence at its own length in the C++ kernel
   (:mod:`stackcomp.nn.unpadded`). A model it cannot apply to is a plan-time error naming why. The
   answers must match the padded model's to ``UNPAD_TOLERANCE`` on batches with padding.
+* ``native_blocks: true`` (CPU, with ``unpad``, ``fuse_qkv``, ``fuse_norm`` and ``fuse_ffn``; off by
+  default): each encoder block whose layers the fusions made int8 kernels runs as one C++ call
+  (:mod:`stackcomp.nn.native_blocks`), without the module glue that dominates a single sentence's
+  time. Blocks that do not qualify run their modules and the report says why; none qualifying is an
+  error. The answers must match the module path's to ``NATIVE_TOLERANCE``, on padded batches and on
+  single sequences.
 
 What becomes what is the ``"pack"`` conversion registry's answer (:mod:`stackcomp.nn.conversions`;
 the built-in ones are in :mod:`stackcomp.nn.packed`): a plugin layer joins by registering one. A
@@ -81,6 +87,8 @@ class PackParams(PassParams):
                             "LayerNorm as one kernel pass (its dense layer kept)", json_schema_extra=KEY_OMIT_DEFAULT)
     unpad: bool = Field(default=False, description="CPU: run the encoder on each batch's real tokens only (no "
                         "padding; attention per sequence in the C++ kernel)", json_schema_extra=KEY_OMIT_DEFAULT)
+    native_blocks: bool = Field(default=False, description="CPU, with unpad and the fusions: run each fused int8 "
+                                "encoder block as one C++ call (no per-module Python)", json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 #: fuse_qkv computes what the three int8 linears did (the same input rounding): only float summation
@@ -94,6 +102,9 @@ FUSE_NORM_TOLERANCE = 1e-2
 #: sums, and the per-tensor activation scale of torch-backend int8 linears, which no longer sees pad
 #: positions): like fuse_norm, an int8 layer may round a changed value one step the other way
 UNPAD_TOLERANCE = 2e-2
+#: native blocks call the kernels the modules call, in the same order; a single sequence's module path
+#: runs SDPA where the native block runs the varlen kernel (another float order), as unpadding does
+NATIVE_TOLERANCE = UNPAD_TOLERANCE
 
 
 class PackPass(Pass):
@@ -138,6 +149,8 @@ class PackPass(Pass):
         qkv = self._plan_qkv(model, plan) if self.params.fuse_qkv else None
         norm = self._plan_norm(model, layout, plan) if self.params.fuse_norm else None
         unpad = self._plan_unpad(model, layout) if self.params.unpad else None
+        if self.params.native_blocks:
+            self._plan_native(layout)
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "cpu_variant": cpu_variant, "layers": plan,
@@ -160,6 +173,8 @@ class PackPass(Pass):
         if unpad is not None:
             report["unpad"] = unpad
             state["unpad"] = True
+        if self.params.native_blocks:
+            state["native_blocks"] = True
         return Analysis(report=report, state=state)
 
     def _plan_qkv(self, model: nn.Module, plan: dict[str, dict]) -> dict:
@@ -216,6 +231,17 @@ class PackPass(Pass):
             raise PlanError(f"pack unpad: {why}; drop `unpad: true` from this stage")
         return {"attention": "packed sequences, stackcomp's varlen kernel"}
 
+    def _plan_native(self, layout: str) -> None:
+        """Native blocks are built from what unpad and the fusions make: a PlanError names what is missing."""
+        p = self.params
+        why = self._not_cpu(layout, "native blocks", "the exported graph runs ONNX Runtime's own kernels")
+        missing = [name for name in ("unpad", "fuse_qkv", "fuse_norm", "fuse_ffn") if not getattr(p, name)]
+        if why is None and missing:
+            why = (f"native blocks run the fused int8 layers on the unpadded layout; this stage also needs "
+                   f"{', '.join(f'`{m}: true`' for m in missing)}")
+        if why is not None:
+            raise PlanError(f"pack native_blocks: {why}")
+
     def _plan_ffn(self, model: nn.Module, layout: str, plan: dict[str, dict]) -> dict:
         """The FFNs to fuse (their new modules by site) and the report: fused sites, the rest with why."""
         from stackcomp.kernels import ds_cpu
@@ -260,6 +286,8 @@ class PackPass(Pass):
             self._fuse_norm(model, ctx, state["norm"])
         if state.get("unpad"):
             self._unpad(model, ctx)
+        if state.get("native_blocks"):
+            self._native_blocks(model, ctx)
         if self.params.target == "onnx":
             self._export(model, ctx)
         return model
@@ -348,6 +376,33 @@ class PackPass(Pass):
             raise PassError(f"stage {ctx.stage!r}: unpadded, the {what} differ from the padded model's by {err:.3g} "
                             f"(relative; at most {UNPAD_TOLERANCE}): does {type(model).__name__} mix tokens "
                             "outside its attention, or read positions inside its blocks?")
+
+    def _native_blocks(self, model: nn.Module, ctx: PassContext) -> None:
+        """Run the qualifying blocks natively; their answers must match the module path's
+        (``NATIVE_TOLERANCE``) on padded batches and on single sequences."""
+        from stackcomp.nn.native_blocks import apply_native_blocks, native_blocks_report, native_model_report
+
+        why_not = {name: why for name, why in native_blocks_report(model).items() if why is not None}
+        if len(why_not) == len(native_blocks_report(model)):
+            first = next(iter(why_not.items()), ("the model", "it has no stack of transformer blocks"))
+            raise PassError(f"stage {ctx.stage!r}: native_blocks: no block can run natively ({first[0]}: {first[1]})")
+        batches = [_with_padding(b) for b in _parity_batches(model, ctx, self.params.parity_sequences)]
+        batches += [_first_sequence(b) for b in batches]  # single sentences: what native blocks are for
+        modules = [_real_outputs(model, b, ctx.task) for b in batches]
+        native = apply_native_blocks(model)
+        answers = [_real_outputs(model, b, ctx.task) for b in batches]
+        what = answers[0][1]
+        err = _rel_error([a for a, _ in answers], [m for m, _ in modules])
+        whole = native_model_report(model)
+        ctx.report["native_blocks"] = {"native": native, "not_native": why_not,
+                                       "whole_model": "embeddings and blocks in one call" if whole is None else whole}
+        ctx.report["native_parity"] = {"native_vs_modules": err, "tolerance": NATIVE_TOLERANCE,
+                                       "batches": len(batches), "compared": what}
+        ctx.log.info("native blocks: %d of %d; parity (%s) %.3g relative to the module path", len(native),
+                     len(native) + len(why_not), what, err)
+        if not err <= NATIVE_TOLERANCE:
+            raise PassError(f"stage {ctx.stage!r}: with native blocks the {what} differ from the module path's by "
+                            f"{err:.3g} (relative; at most {NATIVE_TOLERANCE})")
 
     def _export(self, model: nn.Module, ctx: PassContext) -> None:
         from stackcomp.onnx_export import (
@@ -459,6 +514,14 @@ def _with_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for row in range(1, mask.shape[0]):
         mask[row, max(1, width - row * max(1, width // (2 * mask.shape[0]))):] = 0
     return {**batch, "attention_mask": mask}
+
+
+def _first_sequence(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's first row alone, its padding dropped (a batch of one as a single sentence comes)."""
+    mask = batch.get("attention_mask")
+    keep = mask[0].bool() if mask is not None and mask.dim() == 2 else None
+    return {k: (v[:1][:, keep] if keep is not None and v.dim() == 2 and v.shape[1] == keep.numel() else v[:1])
+            for k, v in batch.items()}
 
 
 def _real_share(batches: list[dict[str, torch.Tensor]]) -> float:

@@ -1,0 +1,499 @@
+"""Each encoder block's inference as one C++ call ("native blocks"), for single sentences on CPU.
+
+Why: once a block's arithmetic is int8 kernels (a fused QKV projection, the varlen attention, a
+fused residual LayerNorm, a fused FFN), a single sentence's forward is mostly Python: about fifteen
+module calls per block, each with its hooks, checks and small tensor views, around five C++ calls
+that take microseconds. On a 2-core CPU the module glue took three quarters of a pruned int8
+MiniLM's time per sentence. A native block (``EncoderBlock`` of the C++ extension) holds the
+block's kernel operands and runs the five calls in C++ (the GIL released), as PyTorch's own
+``nn.TransformerEncoderLayer`` fast path and BetterTransformer did for their layers.
+
+What qualifies (:func:`block_parts`): a post-norm block in BERT's layout as ``pack``'s fusions leave
+it -- ``attention.self.query`` a :class:`~stackcomp.nn.fused_qkv.FusedInt8QKV` and
+``attention.output.dense`` an ``Int8Linear``, both on the ``kernel`` backend, ``attention.output``
+and ``output`` :class:`~stackcomp.nn.fused_norm.FusedResidualNorm`, ``output.dense`` a
+:class:`~stackcomp.nn.fused.FusedInt8FFN` -- which BERT, RoBERTa, ELECTRA, XLM-R and MiniLM blocks
+become. Another layout joins by appending a function to :data:`BLOCK_LAYOUTS` that returns its
+:class:`BlockParts` (or why not).
+
+The blocks run on the unpadded layout (:mod:`stackcomp.nn.unpadded`): applying native blocks applies
+unpadding, and a block steps aside -- runs its own modules -- wherever the unpadded model does
+(training, gradients, tracing and export, calls that want per-layer states or attention weights) and
+for any mask other than "no padding" or the packed sequences' padding mask. The kernels are the same
+ones the modules call, so the answers match the module path up to the attention's float order
+(a single sentence's module path runs SDPA); ``pack`` (``native_blocks: true``) checks them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from stackcomp.kernels import ds_cpu
+from stackcomp.kernels.ffn import ACTS, AMX_MIN_TOKENS, PATHS
+from stackcomp.nn.base import register_model_link
+from stackcomp.nn.fused import FusedFFNInput, FusedInt8FFN
+from stackcomp.nn.fused_norm import FusedResidualNorm
+from stackcomp.nn.fused_qkv import FusedInt8QKV, FusedQKVPart
+from stackcomp.nn.quantized import Int8Linear, KernelInt8
+from stackcomp.nn import unpadded
+
+__all__ = ["BLOCK_LAYOUTS", "CONFIG_FLAG", "MODEL_LAYOUTS", "BlockParts", "ModelParts", "apply_native_blocks",
+           "block_parts", "link_native_blocks", "model_parts", "native_blocks_report", "native_model_report",
+           "remove_native_blocks"]
+
+#: the config attribute that marks a model saved with native blocks
+CONFIG_FLAG = "stackcomp_native_blocks"
+_CPU = torch.device("cpu")
+#: a native block called with fewer tokens runs on the calling thread alone: up to 32 tokens the int8 GEMMs
+#: are one AMX block of rows, and the norms and attention take microseconds, so splitting them across
+#: threads costs more in forks and joins than it shares (``bench/native_blocks.py`` measures the crossover)
+SERIAL_BELOW_TOKENS = 33
+#: a block's arguments that make it a decoder step (cross-attention, a cache): it then runs its modules
+_CROSS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value")
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """What a native block is built from: the block's own modules, and its attention's shape."""
+
+    qkv: FusedInt8QKV
+    attention_output: FusedResidualNorm  # dense: an Int8Linear on the kernel backend
+    ffn_output: FusedResidualNorm  # dense: a FusedInt8FFN
+    heads: int
+    head_dim: int
+    scale: float
+
+
+def bert_block_parts(block: nn.Module) -> BlockParts | str:
+    """BERT's layout (RoBERTa, ELECTRA, XLM-R, MiniLM share it), as pack's fusions leave it; else why not."""
+    attention = getattr(block, "attention", None)
+    self_attn, attn_out = getattr(attention, "self", None), getattr(attention, "output", None)
+    intermediate, output = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if None in (self_attn, attn_out, intermediate, output):
+        return "not BERT's layout (attention.self, attention.output, intermediate, output)"
+    if getattr(block, "crossattention", None) is not None or getattr(block, "is_decoder", False):
+        return "a decoder block (cross-attention or causal)"
+    qkv = getattr(self_attn, "query", None)
+    if not isinstance(qkv, FusedInt8QKV) or not all(isinstance(getattr(self_attn, n, None), FusedQKVPart)
+                                                    for n in ("key", "value")):
+        return "query, key and value are not one FusedInt8QKV (pack fuse_qkv: true)"
+    if not (isinstance(attn_out, FusedResidualNorm) and isinstance(output, FusedResidualNorm)):
+        return "its outputs are not FusedResidualNorm (pack fuse_norm: true)"
+    if type(attn_out.dense) is not Int8Linear:
+        return f"attention.output.dense is {type(attn_out.dense).__name__}, not an Int8Linear"
+    if not isinstance(output.dense, FusedInt8FFN) or not all(
+            isinstance(getattr(intermediate, n, None), (FusedFFNInput, nn.Identity))
+            for n in ("dense", "intermediate_act_fn")):
+        return "the FFN is not a FusedInt8FFN (pack fuse_ffn: true)"
+    for name, layer in (("attention.self.query", qkv), ("attention.output.dense", attn_out.dense)):
+        if layer.backend != "kernel":
+            return f"{name} runs the {layer.backend!r} int8 backend; native blocks take the 'kernel' one"
+    head_dim = int(getattr(self_attn, "attention_head_size", 0) or 0)
+    features = qkv.query_features
+    if head_dim < 1 or features % head_dim or not (features == qkv.key_features == qkv.value_features):
+        return (f"query/key/value features {qkv.query_features}/{qkv.key_features}/{qkv.value_features} are not "
+                f"equal multiples of the head size {head_dim}")
+    if attn_out.dense.in_features != features:
+        return f"attention.output.dense takes {attn_out.dense.in_features} features, the heads give {features}"
+    scale = getattr(self_attn, "scaling", None)
+    return BlockParts(qkv, attn_out, output, features // head_dim, head_dim,
+                      float(scale) if scale is not None else head_dim ** -0.5)
+
+
+#: functions ``block -> BlockParts | str`` (why not), tried in order; a plugin appends its model's layout
+BLOCK_LAYOUTS: list[Callable[[nn.Module], BlockParts | str]] = [bert_block_parts]
+
+
+def block_parts(block: nn.Module) -> BlockParts | str:
+    """The first layout that recognizes ``block``, or why none does (their reasons joined)."""
+    reasons = []
+    for layout in BLOCK_LAYOUTS:
+        found = layout(block)
+        if isinstance(found, BlockParts):
+            return found
+        reasons.append(found)
+    return "; ".join(reasons)
+
+
+# ----------------------------------------------------------------------------- building the C++ block
+
+
+def _route_operands(route: Any, n: int) -> tuple[list, list, int, int]:
+    """(short-call operands, long-call operands, their kernel paths) of a KernelRoute: n tensors each."""
+    small, small_path = route.pick(1)
+    large, large_path = route.pick(AMX_MIN_TOKENS)
+    return list(small[:n]), list(large[:n]), PATHS[small_path], PATHS[large_path]
+
+
+def _routes(parts: BlockParts) -> tuple[Any, Any, Any] | str:
+    """The three kernel routes the modules themselves run (made and cached by them), or why not."""
+    routes = []
+    for name, layer in (("attention.self.query", parts.qkv), ("attention.output.dense", parts.attention_output.dense)):
+        runner, route = layer.prepared(_CPU)
+        if not isinstance(runner, KernelInt8):
+            return f"{name}: the int8 kernel does not run here"
+        routes.append(route)
+    ffn = parts.ffn_output.dense._kernel()
+    if ffn is None:
+        return "output.dense: the fused FFN kernel does not run here"
+    return routes[0], routes[1], ffn
+
+
+def _build(parts: BlockParts, routes: tuple) -> Any:
+    qkv, out, ffn = routes
+    n1, n2 = parts.attention_output.LayerNorm, parts.ffn_output.LayerNorm
+    ffn_layer = parts.ffn_output.dense
+    return qkv.ext.EncoderBlock(
+        *_route_operands(qkv, 4), *_route_operands(out, 4), *_route_operands(ffn, 8),
+        [n1.weight.detach(), n1.bias.detach(), n2.weight.detach(), n2.bias.detach()],
+        [parts.qkv.out_features, parts.qkv.query_features, parts.qkv.key_features, parts.heads, parts.head_dim,
+         parts.attention_output.dense.out_features, ffn.ops.hidden, ffn.ops.out, ACTS[ffn_layer.activation],
+         AMX_MIN_TOKENS, SERIAL_BELOW_TOKENS],
+        [parts.scale, float(n1.eps), float(n2.eps)], _sources(parts))
+
+
+#: bumped whenever a module, buffer or parameter is registered anywhere (``set_module``, ``setattr``): a
+#: native block then finds its parts again before it runs
+_REGISTRATIONS = [0]
+
+
+def _registered(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _hook in (torch.nn.modules.module.register_module_module_registration_hook,
+              torch.nn.modules.module.register_module_buffer_registration_hook,
+              torch.nn.modules.module.register_module_parameter_registration_hook):
+    _hook(_registered)
+
+
+def _sources(parts: BlockParts) -> list[torch.Tensor]:
+    """The parts' own tensors (int8 buffers, norm parameters): the C++ block checks they stay as they were."""
+    tensors = [t for m in (parts.qkv, parts.attention_output.dense, parts.ffn_output.dense)
+               for t in m._buffers.values() if t is not None]
+    return tensors + [t for m in (parts.attention_output.LayerNorm, parts.ffn_output.LayerNorm)
+                      for t in m._parameters.values() if t is not None]
+
+
+def _caches(parts: BlockParts) -> tuple:
+    """The layers' own cached kernel operands: a layer moved with ``.to()`` drops them."""
+    return parts.qkv._prepared, parts.attention_output.dense._prepared, parts.ffn_output.dense._cache
+
+
+@functools.lru_cache(maxsize=256)
+def _whole_sequences(batch: int, length: int) -> torch.Tensor:
+    """Sequence starts of a batch without padding (every block of every forward of that shape shares them)."""
+    return torch.arange(0, batch * length + 1, length, dtype=torch.int64)
+
+
+class _NativeForward:
+    """Set as a block's ``forward``: the C++ block where it may run, else the block's own forward."""
+
+    def __init__(self, block: nn.Module, unpadder: Any):
+        self.block, self.unpadder = block, unpadder
+        self._parts: tuple[int, BlockParts | None] | None = None  # (registrations, parts) when found
+        self._native: tuple[int, tuple, Any] | None = None  # (extension load, layers' caches, EncoderBlock or None)
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: the C++ block is rebuilt on first use
+        return {"block": self.block, "unpadder": self.unpadder, "_parts": None, "_native": None}
+
+    def native(self) -> Any | None:
+        """The C++ block for the block's current modules and weights (None: it cannot run here); found
+        again after any module registration, rebuilt when a weight tensor moves or changes in place."""
+        if self._parts is None or self._parts[0] != _REGISTRATIONS[0]:
+            parts = block_parts(self.block)
+            self._parts = (_REGISTRATIONS[0], parts if isinstance(parts, BlockParts) else None)
+            self._native = None
+        parts = self._parts[1]
+        if parts is None:
+            return None
+        built, gen = self._native, ds_cpu._state["gen"]  # gen: which load of the extension
+        if (built is None or built[0] != gen or not all(a is b for a, b in zip(built[1], _caches(parts), strict=True))
+                or (built[2] is not None and not built[2].fresh())):
+            routes = _routes(parts)
+            block = None if isinstance(routes, str) else _build(parts, routes)
+            self._native = built = (gen, _caches(parts), block)
+        return built[2]
+
+    @staticmethod
+    def _starts(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        if mask is None:  # no padding: every row of the batch is one whole sequence
+            return _whole_sequences(hidden.shape[0], hidden.shape[1])
+        if mask.dim() != 2 or mask.dtype != torch.bool or hidden.shape[0] != 1 or mask.shape == hidden.shape[:2]:
+            return None  # a 4-D mask, or a padded batch the unpadder left as it is
+        cu = unpadded._cu_seqlens(mask)
+        return cu if int(cu[-1]) == hidden.shape[1] else None
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> Any:
+        block = self.block
+        if not (block.training or any(a is not None for a in args) or any(kwargs.get(k) is not None for k in _CROSS)
+                or kwargs.get("output_attentions") or self.unpadder.block_outputs_wanted() or unpadded._tracing()
+                or not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3
+                or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
+                or (hidden_states.requires_grad and torch.is_grad_enabled())):
+            starts = self._starts(hidden_states, attention_mask)
+            native = self.native() if starts is not None else None
+            if native is not None:
+                x = hidden_states.reshape(-1, hidden_states.shape[-1]).contiguous()
+                return native.forward(x, starts).view(hidden_states.shape)
+        return type(block).forward(block, hidden_states, attention_mask, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the whole base model
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """What a native base model is built from: its embeddings' tables and norm, its blocks (every one
+    native), its pooler (run as a module; None: none), and how its forward's output is made."""
+
+    word: nn.Module
+    position: nn.Module
+    token_type: nn.Module
+    norm: nn.LayerNorm
+    blocks: tuple[nn.Module, ...]
+    pooler: nn.Module | None
+    output: Callable[..., Any]  # (last_hidden_state=..., pooler_output=...) -> the base model's output
+
+
+def _table(m: nn.Module) -> tuple[list[torch.Tensor], int, bool] | None:
+    """(weight, scale, offset, remap; width; 4-bit) of an embedding the C++ model can look up, else None."""
+    from stackcomp.nn.quantized import Int4Embedding
+    from stackcomp.nn.remapped import RemappedEmbedding
+
+    none = torch.empty(0)
+    remap = m._buffers.get("remap")
+    remap = none if remap is None else remap
+    if isinstance(m, Int4Embedding):
+        return [m.weight, m.weight_scale, m.weight_offset, remap], m.embedding_dim, True
+    if type(m) in (nn.Embedding, RemappedEmbedding) and m.max_norm is None and m.weight.dtype == torch.float32:
+        return [m.weight.detach(), none, none, remap], m.embedding_dim, False
+    return None
+
+
+def bert_model_parts(base: nn.Module) -> ModelParts | str:
+    """transformers' ``BertModel`` (MiniLM and other BERT checkpoints), every block native; else why not."""
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
+
+    if not isinstance(base, BertModel) or type(base.embeddings) is not BertEmbeddings:
+        return "not transformers' BertModel with its own embeddings"
+    if base.config.is_decoder:
+        return "a decoder"
+    e = base.embeddings
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        if _table(getattr(e, name)) is None:
+            return f"embeddings.{name} is {type(getattr(e, name)).__name__}: not a float32 or 4-bit table"
+    blocks = tuple(base.encoder.layer)
+    for i, block in enumerate(blocks):
+        why = block_parts(block)
+        if isinstance(why, str):
+            return f"encoder.layer.{i}: {why}"
+    return ModelParts(e.word_embeddings, e.position_embeddings, e.token_type_embeddings, e.LayerNorm, blocks,
+                      base.pooler, BaseModelOutputWithPoolingAndCrossAttentions)
+
+
+#: functions ``base model -> ModelParts | str`` (why not), tried in order; where none recognizes a model its
+#: blocks still run natively one by one
+MODEL_LAYOUTS: list[Callable[[nn.Module], ModelParts | str]] = [bert_model_parts]
+
+
+def model_parts(base: nn.Module) -> ModelParts | str:
+    reasons = []
+    for layout in MODEL_LAYOUTS:
+        found = layout(base)
+        if isinstance(found, ModelParts):
+            return found
+        reasons.append(found)
+    return "; ".join(reasons)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(batch: int, length: int) -> torch.Tensor:
+    return torch.arange(length, dtype=torch.int64).repeat(batch)
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(tokens: int) -> torch.Tensor:
+    return torch.zeros(tokens, dtype=torch.int64)
+
+
+def _accepted(name: str, value: Any) -> bool:
+    """Whether a base-model keyword leaves the native path's answer as it is (anything else: the modules run)."""
+    if name == "return_dict":
+        return value is None or value is True
+    return value is None or value is False
+
+
+class _Built(NamedTuple):
+    registrations: int
+    gen: int
+    parts: ModelParts | str
+    blocks: list[BlockParts]
+    caches: tuple
+    model: Any  # EncoderModel, or None where it cannot run
+
+
+def _model_caches(blocks: list[BlockParts]) -> tuple:
+    return tuple(c for parts in blocks for c in _caches(parts))
+
+
+def _block_native(block: nn.Module) -> Any | None:
+    """The block's C++ block (its own native forward's, where it has one)."""
+    forward = block.__dict__.get("forward")
+    return (forward if isinstance(forward, _NativeForward) else _NativeForward(block, None)).native()
+
+
+class _NativeModel:
+    """Set as the base model's ``forward``: embeddings and every block in one C++ call, the pooler as its
+    module; the model's own forward wherever a native block would step aside, or for inputs it does
+    not take (``inputs_embeds``, a cache, cross-attention, per-layer outputs, ``return_dict=False``)."""
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+        self._built: tuple | None = None  # (registrations, extension load, parts, layers' caches, EncoderModel)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"base": self.base, "_built": None}
+
+    def native(self) -> tuple[ModelParts, Any] | None:
+        """(parts, the C++ model) for the model's current modules and weights, or None where it cannot run;
+        found again after a module registration, rebuilt when a tensor moves or changes in place."""
+        built, gen = self._built, ds_cpu._state["gen"]
+        if built is not None and built.registrations == _REGISTRATIONS[0] and built.gen == gen:
+            if built.model is None:
+                return None
+            if all(a is b for a, b in zip(built.caches, _model_caches(built.blocks), strict=True)) and built.model.fresh():
+                return built.parts, built.model
+        parts = model_parts(self.base)
+        blocks, model = [], None
+        if isinstance(parts, ModelParts):
+            blocks = [block_parts(b) for b in parts.blocks]
+            natives = [_block_native(b) for b in parts.blocks]
+            if all(n is not None for n in natives):
+                tables = [_table(m) for m in (parts.word, parts.position, parts.token_type)]
+                norm = [parts.norm.weight.detach(), parts.norm.bias.detach()]
+                sources = [t for table in tables for t in table[0] if t.numel()] + norm
+                model = ds_cpu.get_extension().EncoderModel(
+                    [t[0] for t in tables], [t[1] for t in tables], [t[2] for t in tables], norm,
+                    float(parts.norm.eps), natives, SERIAL_BELOW_TOKENS, sources)
+        self._built = _Built(_REGISTRATIONS[0], gen, parts, blocks, _model_caches(blocks), model)
+        return None if model is None else (parts, model)
+
+    def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> Any:
+        base = self.base
+        config = base.config
+        found = None
+        if not (base.training or args or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+                or input_ids.device.type != "cpu" or config.output_hidden_states or config.output_attentions
+                or config.return_dict is False or unpadded._tracing() or torch.is_grad_enabled()
+                or not all(_accepted(k, v) for k, v in kwargs.items())):
+            found = self.native()
+        if found is None:
+            return type(base).forward(base, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
+        parts, model = found
+        b, n = input_ids.shape
+        ids = input_ids.reshape(-1)
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                return type(base).forward(base, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
+            if not bool(attention_mask.all()):
+                keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+        positions = _positions(b, n) if position_ids is None else position_ids.expand(b, n).reshape(-1)
+        types = _zeros(b * n) if token_type_ids is None else token_type_ids.expand(b, n).reshape(-1)
+        if keep is None:
+            starts = _whole_sequences(b, n)
+        else:
+            ids, positions, types = ids[keep], positions[keep], types[keep]
+            starts = unpadded.cu_seqlens_from_mask(attention_mask)
+        h = model.forward(ids.long(), types.long(), positions.long(), starts)
+        if keep is None:
+            full = h.view(b, n, h.shape[-1])
+        else:
+            full = h.new_zeros(b * n, h.shape[-1]).index_copy_(0, keep, h).view(b, n, h.shape[-1])
+        pooled = parts.pooler(full) if parts.pooler is not None else None
+        return parts.output(last_hidden_state=full, pooler_output=pooled)
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from stackcomp.targets import block_stacks
+
+    return [(f"{name}.{i}", block) for name, stack in block_stacks(model) for i, block in enumerate(stack)]
+
+
+def native_blocks_report(model: nn.Module) -> dict[str, str | None]:
+    """Each block by name: None where it can run natively here, else why not."""
+    report: dict[str, str | None] = {}
+    for name, block in _blocks(model):
+        parts = block_parts(block)
+        if isinstance(parts, BlockParts):
+            routes = _routes(parts)
+            parts = routes if isinstance(routes, str) else None
+        report[name] = parts
+    return report
+
+
+def native_model_report(model: nn.Module) -> str | None:
+    """None where the whole base model (embeddings and blocks) runs as one C++ call here, else why not
+    (its blocks may still run natively one by one)."""
+    base = getattr(model, "base_model", model)
+    parts = model_parts(base)
+    if isinstance(parts, str):
+        return parts
+    for block in parts.blocks:
+        routes = _routes(block_parts(block))
+        if isinstance(routes, str):
+            return routes
+    return None
+
+
+def apply_native_blocks(model: nn.Module) -> list[str]:
+    """Run every qualifying block of ``model`` natively (idempotent; unpadding is applied first).
+    Returns the names of the blocks that do; raises ValueError where the model cannot run unpadded."""
+    unpadded.apply_unpadding(model)
+    unpadder = unpadded.unpadder_of(model)
+    native = []
+    for name, block in _blocks(model):
+        if isinstance(block.__dict__.get("forward"), _NativeForward):
+            native.append(name)
+        elif isinstance(block_parts(block), BlockParts):
+            block.forward = _NativeForward(block, unpadder)
+            native.append(name)
+    base = getattr(model, "base_model", model)
+    if native and not isinstance(base.__dict__.get("forward"), _NativeModel) and isinstance(model_parts(base), ModelParts):
+        base.forward = _NativeModel(base)
+    setattr(model.config, CONFIG_FLAG, True)
+    return native
+
+
+def remove_native_blocks(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_native_blocks` (the blocks run their modules again; unpadding stays)."""
+    for _, block in _blocks(model):
+        if isinstance(block.__dict__.get("forward"), _NativeForward):
+            del block.__dict__["forward"]
+    base = getattr(model, "base_model", model)
+    if isinstance(base.__dict__.get("forward"), _NativeModel):
+        del base.__dict__["forward"]
+    if hasattr(getattr(model, "config", None), CONFIG_FLAG):
+        delattr(model.config, CONFIG_FLAG)
+    return model
+
+
+@register_model_link
+def link_native_blocks(model: nn.Module) -> None:
+    """Apply native blocks to a model loaded with the :data:`CONFIG_FLAG` in its config (else nothing)."""
+    if getattr(getattr(model, "config", None), CONFIG_FLAG, False):
+        apply_native_blocks(model)
