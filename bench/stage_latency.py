@@ -12,6 +12,8 @@
                                                                   # path; both: STAGE%fbgemm%vnni
     ... runs/minilm-sst2-fast ft prune25_vocab_kernel_unpad%torchtables  # STAGE%torchtables: 4-bit tables
                                                                   # looked up with torch ops (no compiled lookup)
+    ... runs/minilm-sst2-fast ft prune25_vocab_kernel_half_native%blocks  # STAGE%blocks: native blocks one by
+                                                                  # one, the base model's forward transformers' own
 
 Each evaluate stage times its own model when it runs, so models evaluated at different times
 (another session, another load on the machine) are not comparable. This loads the named stages'
@@ -91,7 +93,17 @@ FBGEMM = "%fbgemm"
 VNNI = "%vnni"
 #: ``STAGE%torchtables``: the stage's model with its 4-bit tables looked up by torch ops
 TORCH_TABLES = "%torchtables"
-SWITCHES = (FBGEMM, VNNI, TORCH_TABLES)
+#: ``STAGE%blocks``: a native-blocks stage with its base model's forward back to transformers' own: each
+#: block still one C++ call, but not the embeddings and blocks as one (the two levers side by side)
+BLOCKS_ONLY = "%blocks"
+SWITCHES = (FBGEMM, VNNI, TORCH_TABLES, BLOCKS_ONLY)
+
+
+def without_native_model(model):
+    """``model`` with its base model's native forward removed (its blocks' kept)."""
+    base = getattr(model, "base_model", model)
+    base.__dict__.pop("forward", None)
+    return model
 
 
 def without_ffn_amx(model):
@@ -167,6 +179,8 @@ def main() -> None:
         model = load_model(folder, device="cpu").eval()
         if VNNI in switches:
             model = without_ffn_amx(model)
+        if BLOCKS_ONLY in switches:
+            model = without_native_model(model)
         if TORCH_TABLES in switches:
             for m in model.modules():
                 if isinstance(m, Int4Embedding):

@@ -359,7 +359,7 @@ struct EmbeddingTable {
   }
 };
 
-// A BERT-layout encoder without its head, on packed tokens: LN(word + token type + position) then the blocks.
+// A BERT-layout encoder without its head, on packed tokens: LN(word + token type + position), then the blocks.
 // Built once by stackcomp/nn/native_blocks.py from the model's own modules (the blocks are EncoderBlocks).
 struct EncoderModel {
   EmbeddingTable word, position, token_type;
@@ -384,9 +384,12 @@ struct EncoderModel {
                   "EncoderModel: ids, token types and positions must be int64 CPU (tokens)");
     c10::optional<c10::ParallelGuard> serial;  // as EncoderBlock::forward: short calls on this thread alone
     if (ids.size(0) < serial_below) serial.emplace(true);
+    // BertEmbeddings' own ops in its order (word + token type, + position, torch's LayerNorm): the same floats
+    // as the module path, so the int8 layers after it round every value the same way
     auto e = word.rows(ids);
     e.add_(token_type.rows(token_types));
-    auto h = add_layernorm(e, position.rows(positions), ln_gamma, ln_beta, eps);
+    e.add_(position.rows(positions));
+    auto h = at::layer_norm(e, {e.size(1)}, ln_gamma, ln_beta, eps);
     for (const auto& b : blocks) h = b.forward(h, cu_seqlens);
     return h;
   }

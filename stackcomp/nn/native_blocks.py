@@ -19,9 +19,17 @@ become. Another layout joins by appending a function to :data:`BLOCK_LAYOUTS` th
 The blocks run on the unpadded layout (:mod:`stackcomp.nn.unpadded`): applying native blocks applies
 unpadding, and a block steps aside -- runs its own modules -- wherever the unpadded model does
 (training, gradients, tracing and export, calls that want per-layer states or attention weights) and
-for any mask other than "no padding" or the packed sequences' padding mask. The kernels are the same
-ones the modules call, so the answers match the module path up to the attention's float order
-(a single sentence's module path runs SDPA); ``pack`` (``native_blocks: true``) checks them.
+for any mask other than "no padding" or the packed sequences' padding mask.
+
+Where transformers' ``BertModel`` holds only such blocks (MiniLM and other BERT checkpoints), its
+forward runs as one C++ call too (``EncoderModel``: the embeddings with ``BertEmbeddings``' own ops,
+then every block), and the pooler as its module: a single sentence then costs one Python call for the
+whole encoder. Another base model joins through :data:`MODEL_LAYOUTS`.
+
+The kernels and their order are the modules' own, so on a padded batch (both paths pack the real
+tokens) the answers are the module path's exactly; without padding the module path runs SDPA and the
+native one the varlen kernel, which agree to float rounding. ``pack`` (``native_blocks: true``) checks
+both.
 """
 
 from __future__ import annotations

@@ -102,8 +102,9 @@ FUSE_NORM_TOLERANCE = 1e-2
 #: sums, and the per-tensor activation scale of torch-backend int8 linears, which no longer sees pad
 #: positions): like fuse_norm, an int8 layer may round a changed value one step the other way
 UNPAD_TOLERANCE = 2e-2
-#: native blocks call the kernels the modules call, in the same order; a single sequence's module path
-#: runs SDPA where the native block runs the varlen kernel (another float order), as unpadding does
+#: native blocks call the kernels the modules call, in the same order (padded batches: the same answers);
+#: without padding the module path runs SDPA where the native block runs the varlen kernel (another float
+#: order, which an int8 layer after it may round one step the other way), as unpadding does
 NATIVE_TOLERANCE = UNPAD_TOLERANCE
 
 
