@@ -132,7 +132,7 @@ def test_native_embeddings_are_berts_on_the_real_tokens(tmp_path, tables):
     tables = [native_blocks._table(m) for m in (parts.word, parts.position, parts.token_type)]
     norm = [parts.norm.weight.detach(), parts.norm.bias.detach()]
     embeddings_only = _ext().EncoderModel([t[0] for t in tables], [t[1] for t in tables], [t[2] for t in tables],
-                                          norm, float(parts.norm.eps), [], 0, [])
+                                          norm, float(parts.norm.eps), [], [])
     ids, mask = _batch()
     types = (torch.arange(ids.numel()).view(ids.shape) % 2) * mask
     keep = mask.reshape(-1).nonzero().squeeze(1)

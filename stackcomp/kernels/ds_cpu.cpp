@@ -1,6 +1,5 @@
 // Torch binding of the packed DS CPU kernels (ds_cpu_kernels.h); built by ds_cpu.py.
 #include <torch/extension.h>
-#include <c10/util/ParallelGuard.h>
 
 #include "ds_cpu_kernels.h"
 #include "ds_cpu_vnni8.h"
@@ -299,7 +298,6 @@ struct EncoderBlock {
   torch::Tensor ln1_gamma, ln1_beta, ln2_gamma, ln2_beta;
   int64_t q_features = 0, k_features = 0, heads = 0, head_dim = 0, ffn_hidden = 0, act = 0, large_from = 0;
   int64_t qkv_out = 0, attn_out_features = 0, ffn_out = 0;
-  int64_t serial_below = 0;  // calls of fewer tokens run on the calling thread alone (see forward)
   double scale = 1.0, eps1 = 1e-12, eps2 = 1e-12;
 
   static int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
@@ -325,10 +323,6 @@ struct EncoderBlock {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous() && h.device().is_cpu(),
                 "EncoderBlock: h must be contiguous float32 CPU (tokens, hidden)");
     const int64_t T = h.size(0);
-    // A single sentence's GEMMs are one AMX block of rows, and its norms and attention a few microseconds:
-    // split across threads, the forks and joins cost more than the work they share
-    c10::optional<c10::ParallelGuard> serial;
-    if (T < serial_below) serial.emplace(true);
     int64_t path = 0;
     const auto& a = qkv.pick(T, large_from, &path);
     auto y = linear_forward(h, a[0], a[1], a[2], a[3], qkv_out, path);  // (T, q + k + v)
@@ -366,7 +360,6 @@ struct EncoderModel {
   torch::Tensor ln_gamma, ln_beta;
   double eps = 1e-12;
   std::vector<EncoderBlock> blocks;
-  int64_t serial_below = 0;
   EncoderBlock sources;  // only its fresh(): the embedding tensors' places and versions
 
   bool fresh() const {
@@ -382,8 +375,6 @@ struct EncoderModel {
     for (const auto* t : {&ids, &token_types, &positions})
       TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu() && t->size(0) == ids.size(0),
                   "EncoderModel: ids, token types and positions must be int64 CPU (tokens)");
-    c10::optional<c10::ParallelGuard> serial;  // as EncoderBlock::forward: short calls on this thread alone
-    if (ids.size(0) < serial_below) serial.emplace(true);
     // BertEmbeddings' own ops in its order (word + token type, + position, torch's LayerNorm): the same floats
     // as the module path, so the int8 layers after it round every value the same way
     auto e = word.rows(ids);
@@ -474,8 +465,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        std::vector<torch::Tensor> norms, std::vector<int64_t> sizes, std::vector<double> scalars,
                        std::vector<torch::Tensor> sources) {
              TORCH_CHECK(norms.size() == 4, "EncoderBlock: norms are ln1 gamma, beta, ln2 gamma, beta");
-             TORCH_CHECK(sizes.size() == 11, "EncoderBlock: sizes are qkv_out, q_features, k_features, heads, head_dim, "
-                         "attn_out_features, ffn_hidden, ffn_out, act, large_from, serial_below");
+             TORCH_CHECK(sizes.size() == 10, "EncoderBlock: sizes are qkv_out, q_features, k_features, heads, head_dim, "
+                         "attn_out_features, ffn_hidden, ffn_out, act, large_from");
              TORCH_CHECK(scalars.size() == 3, "EncoderBlock: scalars are scale, eps1, eps2");
              EncoderBlock b;
              b.qkv = int8_route(qkv_small, qkv_large, qkv_paths_small, qkv_path_large, 4, "qkv");
@@ -495,7 +486,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              b.ffn_out = sizes[7];
              b.act = sizes[8];
              b.large_from = sizes[9];
-             b.serial_below = sizes[10];
              b.scale = scalars[0];
              b.eps1 = scalars[1];
              b.eps2 = scalars[2];
@@ -511,7 +501,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<EncoderModel>(m, "EncoderModel", "a BERT-layout encoder's embeddings and blocks in one call")
       .def(py::init([](std::vector<std::vector<torch::Tensor>> tables, std::vector<int64_t> widths,
                        std::vector<bool> int4, std::vector<torch::Tensor> norm, double eps,
-                       std::vector<EncoderBlock> blocks, int64_t serial_below, std::vector<torch::Tensor> sources) {
+                       std::vector<EncoderBlock> blocks, std::vector<torch::Tensor> sources) {
              TORCH_CHECK(tables.size() == 3 && widths.size() == 3 && int4.size() == 3,
                          "EncoderModel: three tables (word, position, token type)");
              TORCH_CHECK(norm.size() == 2, "EncoderModel: norm is the embeddings' LayerNorm gamma, beta");
@@ -523,7 +513,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              mdl.ln_beta = norm[1];
              mdl.eps = eps;
              mdl.blocks = std::move(blocks);
-             mdl.serial_below = serial_below;
              mdl.sources.remember(std::move(sources));
              return mdl;
            }))

@@ -44,12 +44,12 @@ from torch import nn
 
 from stackcomp.kernels import ds_cpu
 from stackcomp.kernels.ffn import ACTS, AMX_MIN_TOKENS, PATHS
+from stackcomp.nn import unpadded
 from stackcomp.nn.base import register_model_link
 from stackcomp.nn.fused import FusedFFNInput, FusedInt8FFN
 from stackcomp.nn.fused_norm import FusedResidualNorm
 from stackcomp.nn.fused_qkv import FusedInt8QKV, FusedQKVPart
 from stackcomp.nn.quantized import Int8Linear, KernelInt8
-from stackcomp.nn import unpadded
 
 __all__ = ["BLOCK_LAYOUTS", "CONFIG_FLAG", "MODEL_LAYOUTS", "BlockParts", "ModelParts", "apply_native_blocks",
            "block_parts", "link_native_blocks", "model_parts", "native_blocks_report", "native_model_report",
@@ -58,10 +58,6 @@ __all__ = ["BLOCK_LAYOUTS", "CONFIG_FLAG", "MODEL_LAYOUTS", "BlockParts", "Model
 #: the config attribute that marks a model saved with native blocks
 CONFIG_FLAG = "stackcomp_native_blocks"
 _CPU = torch.device("cpu")
-#: a native block called with fewer tokens runs on the calling thread alone: up to 32 tokens the int8 GEMMs
-#: are one AMX block of rows, and the norms and attention take microseconds, so splitting them across
-#: threads costs more in forks and joins than it shares (``bench/native_blocks.py`` measures the crossover)
-SERIAL_BELOW_TOKENS = 33
 #: a block's arguments that make it a decoder step (cross-attention, a cache): it then runs its modules
 _CROSS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values", "past_key_value")
 
@@ -162,7 +158,7 @@ def _build(parts: BlockParts, routes: tuple) -> Any:
         [n1.weight.detach(), n1.bias.detach(), n2.weight.detach(), n2.bias.detach()],
         [parts.qkv.out_features, parts.qkv.query_features, parts.qkv.key_features, parts.heads, parts.head_dim,
          parts.attention_output.dense.out_features, ffn.ops.hidden, ffn.ops.out, ACTS[ffn_layer.activation],
-         AMX_MIN_TOKENS, SERIAL_BELOW_TOKENS],
+         AMX_MIN_TOKENS],
         [parts.scale, float(n1.eps), float(n2.eps)], _sources(parts))
 
 
@@ -391,7 +387,7 @@ class _NativeModel:
                 sources = [t for table in tables for t in table[0] if t.numel()] + norm
                 model = ds_cpu.get_extension().EncoderModel(
                     [t[0] for t in tables], [t[1] for t in tables], [t[2] for t in tables], norm,
-                    float(parts.norm.eps), natives, SERIAL_BELOW_TOKENS, sources)
+                    float(parts.norm.eps), natives, sources)
         self._built = _Built(_REGISTRATIONS[0], gen, parts, blocks, _model_caches(blocks), model)
         return None if model is None else (parts, model)
 
