@@ -185,6 +185,19 @@ def test_pack_native_blocks_gives_the_module_paths_answers(tmp_path, head, table
     assert torch.equal(last[~real], torch.zeros_like(last[~real]))  # padding: zeros, as unpadded
 
 
+def test_float_masks_and_rows_without_tokens(tmp_path):
+    """A float 0/1 mask is a padding mask; a row with no real token gets zeros, as unpadded."""
+    model, _ = _native(tmp_path)
+    modules = _module_path(model)
+    ids, mask = _batch()
+    mask[2] = 0
+    embedded = _counting(model.bert.embeddings)
+    with torch.inference_mode():
+        got = model.bert(input_ids=ids, attention_mask=mask.float()).last_hidden_state
+        ref = modules.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got, ref) and not got[2].any() and not embedded
+
+
 def test_it_steps_aside_where_the_modules_must_run(tmp_path):
     model, _ = _native(tmp_path)
     modules = _module_path(model)

@@ -227,6 +227,8 @@ class _NativeForward:
 
     @staticmethod
     def _starts(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        if not hidden.numel():
+            return None
         if mask is None:  # no padding: every row of the batch is one whole sequence
             return _whole_sequences(hidden.shape[0], hidden.shape[1])
         if mask.dim() != 2 or mask.dtype != torch.bool or hidden.shape[0] != 1 or mask.shape == hidden.shape[:2]:
@@ -398,7 +400,8 @@ class _NativeModel:
         config = base.config
         found = None
         if not (base.training or args or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
-                or input_ids.device.type != "cpu" or config.output_hidden_states or config.output_attentions
+                or not input_ids.numel() or input_ids.device.type != "cpu" or config.output_hidden_states
+                or config.output_attentions
                 or config.return_dict is False or unpadded._tracing() or torch.is_grad_enabled()
                 or not all(_accepted(k, v) for k, v in kwargs.items())):
             found = self.native()
@@ -408,18 +411,20 @@ class _NativeModel:
         b, n = input_ids.shape
         ids = input_ids.reshape(-1)
         keep = None
+        real = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
                 return type(base).forward(base, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
-            if not bool(attention_mask.all()):
-                keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+            real = attention_mask.bool()
+            if not bool(real.all()):
+                keep = real.reshape(-1).nonzero().squeeze(1)
         positions = _positions(b, n) if position_ids is None else position_ids.expand(b, n).reshape(-1)
         types = _zeros(b * n) if token_type_ids is None else token_type_ids.expand(b, n).reshape(-1)
         if keep is None:
             starts = _whole_sequences(b, n)
         else:
             ids, positions, types = ids[keep], positions[keep], types[keep]
-            starts = unpadded.cu_seqlens_from_mask(attention_mask)
+            starts = unpadded.cu_seqlens_from_mask(real)
         h = model.forward(ids.long(), types.long(), positions.long(), starts)
         if keep is None:
             full = h.view(b, n, h.shape[-1])
