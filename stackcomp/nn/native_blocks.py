@@ -114,15 +114,21 @@ def bert_block_parts(block: nn.Module) -> BlockParts | str:
 BLOCK_LAYOUTS: list[Callable[[nn.Module], BlockParts | str]] = [bert_block_parts]
 
 
-def block_parts(block: nn.Module) -> BlockParts | str:
-    """The first layout that recognizes ``block``, or why none does (their reasons joined)."""
+def _recognized(layouts: list[Callable], module: nn.Module, kind: type) -> Any:
+    """What the first of ``layouts`` that recognizes ``module`` finds (a ``kind``), or why none does (their
+    reasons joined)."""
     reasons = []
-    for layout in BLOCK_LAYOUTS:
-        found = layout(block)
-        if isinstance(found, BlockParts):
+    for layout in layouts:
+        found = layout(module)
+        if isinstance(found, kind):
             return found
         reasons.append(found)
     return "; ".join(reasons)
+
+
+def block_parts(block: nn.Module) -> BlockParts | str:
+    """The parts of ``block`` by the first of :data:`BLOCK_LAYOUTS` that recognizes it, or why none does."""
+    return _recognized(BLOCK_LAYOUTS, block, BlockParts)
 
 
 # ----------------------------------------------------------------------------- building the C++ block
@@ -312,13 +318,8 @@ MODEL_LAYOUTS: list[Callable[[nn.Module], ModelParts | str]] = [bert_model_parts
 
 
 def model_parts(base: nn.Module) -> ModelParts | str:
-    reasons = []
-    for layout in MODEL_LAYOUTS:
-        found = layout(base)
-        if isinstance(found, ModelParts):
-            return found
-        reasons.append(found)
-    return "; ".join(reasons)
+    """The parts of ``base`` by the first of :data:`MODEL_LAYOUTS` that recognizes it, or why none does."""
+    return _recognized(MODEL_LAYOUTS, base, ModelParts)
 
 
 @functools.lru_cache(maxsize=256)
