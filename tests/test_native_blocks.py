@@ -271,18 +271,36 @@ def test_a_saved_model_loads_with_native_blocks(tmp_path):
         assert not embedded
 
 
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta"])
+@pytest.mark.parametrize("left", [False, True])
+def test_roberta_models_run_as_one_call_with_their_own_positions(tmp_path, kind, left):
+    """RoBERTa counts positions over the real tokens from padding_idx + 1: left padding moves them."""
+    model, ctx = _native(tmp_path, make_tiny_model(kind))
+    assert ctx.report["native_blocks"]["whole_model"] == "embeddings and blocks in one call"
+    ids, mask = _batch()
+    if left:
+        ids, mask = ids.flip(1), mask.flip(1)
+    modules = _module_path(model)
+    embedded = _counting(model.roberta.embeddings)
+    real = mask.bool()
+    with torch.inference_mode():
+        got = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = modules.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got[real], ref[real]) and not embedded
+
+
 def test_blocks_of_other_bert_layouts_run_natively_one_by_one(tmp_path):
-    model, ctx = _native(tmp_path, make_tiny_model("roberta"))
+    model, ctx = _native(tmp_path, make_tiny_model("electra"))  # its embeddings project 16 -> 32 features
     report = ctx.report["native_blocks"]
     assert len(report["native"]) == 2 and "BertModel" in report["whole_model"]
     ids, mask = _batch()
     modules = _module_path(model)
-    embedded = _counting(model.roberta.embeddings)
-    attended = _counting(model.roberta.encoder.layer[0].attention)
+    embedded = _counting(model.electra.embeddings)
+    attended = _counting(model.electra.encoder.layer[0].attention)
     with torch.inference_mode():
         got = model(input_ids=ids, attention_mask=mask).logits
         ref = modules(input_ids=ids, attention_mask=mask).logits
-    assert _rel(got, ref) < NATIVE_TOLERANCE and len(embedded) == 1 and not attended
+    assert torch.equal(got, ref) and len(embedded) == 1 and not attended
 
 
 def test_what_cannot_run_natively_says_why(tmp_path):

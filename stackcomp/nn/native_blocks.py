@@ -21,8 +21,8 @@ unpadding, and a block steps aside -- runs its own modules -- wherever the unpad
 (training, gradients, tracing and export, calls that want per-layer states or attention weights) and
 for any mask other than "no padding" or the packed sequences' padding mask.
 
-Where transformers' ``BertModel`` holds only such blocks (MiniLM and other BERT checkpoints), its
-forward runs as one C++ call too (``EncoderModel``: the embeddings with ``BertEmbeddings``' own ops,
+Where transformers' ``BertModel`` (MiniLM and other BERT checkpoints), ``RobertaModel`` or
+``XLMRobertaModel`` holds only such blocks, its forward runs as one C++ call too (``EncoderModel``: the embeddings with ``BertEmbeddings``' own ops,
 then every block), and the pooler as its module: a single sentence then costs one Python call for the
 whole encoder. Another base model joins through :data:`MODEL_LAYOUTS`.
 
@@ -52,8 +52,8 @@ from stackcomp.nn.fused_qkv import FusedInt8QKV, FusedQKVPart
 from stackcomp.nn.quantized import Int8Linear, KernelInt8
 
 __all__ = ["BLOCK_LAYOUTS", "CONFIG_FLAG", "MODEL_LAYOUTS", "BlockParts", "ModelParts", "apply_native_blocks",
-           "block_parts", "link_native_blocks", "model_parts", "native_blocks_report", "native_model_report",
-           "remove_native_blocks"]
+           "block_parts", "bert_block_parts", "bert_model_parts", "link_native_blocks", "model_parts",
+           "native_blocks_report", "native_model_report", "remove_native_blocks", "roberta_model_parts"]
 
 #: the config attribute that marks a model saved with native blocks
 CONFIG_FLAG = "stackcomp_native_blocks"
@@ -273,6 +273,7 @@ class ModelParts:
     blocks: tuple[nn.Module, ...]
     pooler: nn.Module | None
     output: Callable[..., Any]  # (last_hidden_state=..., pooler_output=...) -> the base model's output
+    positions: Callable[[torch.Tensor], torch.Tensor] | None = None  # input_ids -> position ids; None: 0, 1, ...
 
 
 def _table(m: nn.Module) -> tuple[list[torch.Tensor], int, bool] | None:
@@ -290,13 +291,10 @@ def _table(m: nn.Module) -> tuple[list[torch.Tensor], int, bool] | None:
     return None
 
 
-def bert_model_parts(base: nn.Module) -> ModelParts | str:
-    """transformers' ``BertModel`` (MiniLM and other BERT checkpoints), every block native; else why not."""
+def _encoder_parts(base: nn.Module, positions: Callable[[torch.Tensor], torch.Tensor] | None) -> ModelParts | str:
+    """A BERT-like base model's parts (its embeddings' arithmetic checked by the caller), else why not."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-    from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
 
-    if not isinstance(base, BertModel) or type(base.embeddings) is not BertEmbeddings:
-        return "not transformers' BertModel with its own embeddings"
     if base.config.is_decoder:
         return "a decoder"
     e = base.embeddings
@@ -309,12 +307,34 @@ def bert_model_parts(base: nn.Module) -> ModelParts | str:
         if isinstance(why, str):
             return f"encoder.layer.{i}: {why}"
     return ModelParts(e.word_embeddings, e.position_embeddings, e.token_type_embeddings, e.LayerNorm, blocks,
-                      base.pooler, BaseModelOutputWithPoolingAndCrossAttentions)
+                      base.pooler, BaseModelOutputWithPoolingAndCrossAttentions, positions)
+
+
+def bert_model_parts(base: nn.Module) -> ModelParts | str:
+    """transformers' ``BertModel`` (MiniLM and other BERT checkpoints), every block native; else why not."""
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
+
+    if not isinstance(base, BertModel) or type(base.embeddings) is not BertEmbeddings:
+        return "not transformers' BertModel with its own embeddings"
+    return _encoder_parts(base, None)
+
+
+def roberta_model_parts(base: nn.Module) -> ModelParts | str:
+    """transformers' ``RobertaModel`` / ``XLMRobertaModel``: BERT's arithmetic with positions counted over
+    the real tokens from ``padding_idx + 1`` (their embeddings' own function makes them); else why not."""
+    from transformers.models.roberta.modeling_roberta import RobertaEmbeddings, RobertaModel
+    from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings, XLMRobertaModel
+
+    e = getattr(base, "embeddings", None)
+    if not any(isinstance(base, model) and type(e) is emb
+               for model, emb in ((RobertaModel, RobertaEmbeddings), (XLMRobertaModel, XLMRobertaEmbeddings))):
+        return "not transformers' RobertaModel or XLMRobertaModel with its own embeddings"
+    return _encoder_parts(base, lambda ids: e.create_position_ids_from_input_ids(ids, e.padding_idx, 0))
 
 
 #: functions ``base model -> ModelParts | str`` (why not), tried in order; where none recognizes a model its
 #: blocks still run natively one by one
-MODEL_LAYOUTS: list[Callable[[nn.Module], ModelParts | str]] = [bert_model_parts]
+MODEL_LAYOUTS: list[Callable[[nn.Module], ModelParts | str]] = [bert_model_parts, roberta_model_parts]
 
 
 def model_parts(base: nn.Module) -> ModelParts | str:
@@ -419,7 +439,10 @@ class _NativeModel:
             real = attention_mask.bool()
             if not bool(real.all()):
                 keep = real.reshape(-1).nonzero().squeeze(1)
-        positions = _positions(b, n) if position_ids is None else position_ids.expand(b, n).reshape(-1)
+        if position_ids is not None:
+            positions = position_ids.expand(b, n).reshape(-1)
+        else:
+            positions = _positions(b, n) if parts.positions is None else parts.positions(input_ids).reshape(-1)
         types = _zeros(b * n) if token_type_ids is None else token_type_ids.expand(b, n).reshape(-1)
         if keep is None:
             starts = _whole_sequences(b, n)
