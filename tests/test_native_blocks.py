@@ -27,6 +27,7 @@ from stackcomp.nn.native_blocks import (
     block_parts,
     model_parts,
     native_blocks_report,
+    native_model_report,
     remove_native_blocks,
 )
 from stackcomp.passes.pack import NATIVE_TOLERANCE
@@ -301,6 +302,26 @@ def test_blocks_of_other_bert_layouts_run_natively_one_by_one(tmp_path):
         got = model(input_ids=ids, attention_mask=mask).logits
         ref = modules(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, ref) and len(embedded) == 1 and not attended
+
+
+def test_without_the_kernel_the_modules_run_and_with_it_again_the_native_model(tmp_path, monkeypatch):
+    from stackcomp.kernels import ds_cpu
+
+    model, _ = _native(tmp_path)
+    ids, mask = _batch()
+    embedded = _counting(model.bert.embeddings)
+    monkeypatch.setenv("STACKCOMP_KERNELS", "torch")
+    ds_cpu.reset()
+    try:
+        with torch.inference_mode():
+            off = model(input_ids=ids, attention_mask=mask).logits
+        assert len(embedded) == 1 and "not loaded" in native_model_report(model)
+    finally:
+        monkeypatch.delenv("STACKCOMP_KERNELS")
+        ds_cpu.reset()
+    with torch.inference_mode():
+        on = model(input_ids=ids, attention_mask=mask).logits
+    assert len(embedded) == 1 and _rel(on, off) < NATIVE_TOLERANCE  # torch ops: the dequantized weights
 
 
 def test_what_cannot_run_natively_says_why(tmp_path):

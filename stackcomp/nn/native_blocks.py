@@ -143,6 +143,9 @@ def _route_operands(route: Any, n: int) -> tuple[list, list, int, int]:
 
 def _routes(parts: BlockParts) -> tuple[Any, Any, Any] | str:
     """The three kernel routes the modules themselves run (made and cached by them), or why not."""
+    if ds_cpu.extension_with("EncoderModel", "native blocks") is None:
+        return "the C++ kernel with native blocks is not loaded (" + (
+            ds_cpu.build_error() or "disabled, or a build older than native blocks: rebuild it") + ")"
     routes = []
     for name, layer in (("attention.self.query", parts.qkv), ("attention.output.dense", parts.attention_output.dense)):
         runner, route = layer.prepared(_CPU)
