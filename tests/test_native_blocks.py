@@ -227,6 +227,11 @@ def test_it_steps_aside_where_the_modules_must_run(tmp_path):
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask)
     assert len(embedded) == 6
+    with torch.no_grad():  # a trace records the modules' ops (a graph of the native call would be opaque)
+        traced = torch.jit.trace(model, (ids, mask), strict=False)
+    assert len(embedded) > 6  # (the trace runs the model more than once)
+    with torch.inference_mode():
+        assert _rel(traced(ids, mask)["logits"], ref.logits) < NATIVE_TOLERANCE
 
 
 def test_threads_share_a_native_model(tmp_path):
