@@ -285,3 +285,22 @@ def test_fuse_ffn_is_off_by_default_and_parity_failures_raise(tmp_path):
             run_pack(make_tiny_model("bert"), tmp_path, fuse_ffn=True, fuse_ffn_tolerance=1e-3)
     finally:
         FusedInt8FFN.forward = real
+
+
+def test_a_jit_trace_of_the_fused_int8_stack_records_its_arithmetic(tmp_path):
+    """A compiled kernel call is opaque to torch.jit.trace (it would be baked in as a constant): while
+    tracing, the int8 and fused layers record their arithmetic as ops, so the graph answers new inputs."""
+    if not _ext().ffn_has_vnni():
+        pytest.skip("this build has no VNNI path: pack fuses no FFN")
+    model = run_int8(make_tiny_model("bert"), tmp_path / "i", backend="kernel")
+    model, _ = run_pack(model, tmp_path / "p", fuse_ffn=True, fuse_qkv=True, fuse_norm=True)
+    g = torch.Generator().manual_seed(0)
+    ids, other = (torch.randint(1000, 2000, (3, 11), generator=g) for _ in range(2))
+    mask = torch.ones_like(ids)
+    mask[1:, 7:] = 0
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (ids, mask), strict=False)
+    with torch.inference_mode():
+        for x in (ids, other):
+            eager = model(input_ids=x, attention_mask=mask).logits
+            assert torch.allclose(traced(x, mask)["logits"], eager, atol=1e-5 * float(eager.abs().max()))

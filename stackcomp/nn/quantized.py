@@ -527,9 +527,10 @@ _CPU = torch.device("cpu")
 
 
 def _exporting() -> bool:
-    """True while torch.onnx / torch.export traces: int8 layers then record their backend's arithmetic
-    as ops with an ONNX form (:mod:`stackcomp.onnx_ops`), packed layers standard ops."""
-    if torch.onnx.is_in_onnx_export():
+    """True while torch.onnx / torch.export / torch.jit.trace record a graph: int8 layers then record
+    their backend's arithmetic as ops with an ONNX form (:mod:`stackcomp.onnx_ops`), packed and fused
+    layers standard ops. (A compiled kernel call is opaque to a trace: it would be baked in as a constant.)"""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting and is_exporting())

@@ -59,7 +59,7 @@ IN_BLOCK_POSITIONS = ("rope_theta", "global_rope_theta", "rotary_dim", "relative
 def _tracing() -> bool:
     """Exporting (the int8 layers' test), or a jit trace or compile: a graph is recorded, so a packing
     that depends on the mask's values would be baked into it."""
-    return bool(_exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+    return bool(_exporting() or torch.compiler.is_compiling())
 
 
 # ----------------------------------------------------------------------------- transformers' interfaces
