@@ -118,11 +118,11 @@ def test_a_native_block_is_the_modules_kernels_in_their_order(tmp_path):
         q, k, v = (y[:, i * f:(i + 1) * f].view(tokens, parts.heads, parts.head_dim) for i in range(3))
         ctx = ext.varlen_attention(q, k, v, cu, parts.scale, False).view(tokens, f)
         o, path = out.pick(tokens)
-        attn = ext.linear_forward(ctx, *o[:4], parts.attention_output.dense.out_features, PATHS[path])
-        n1, n2 = parts.attention_output.LayerNorm, parts.ffn_output.LayerNorm
+        attn = ext.linear_forward(ctx, *o[:4], parts.attention_dense.out_features, PATHS[path])
+        n1, n2 = parts.norm1, parts.norm2
         mid = ext.add_layernorm(attn, h, n1.weight.detach(), n1.bias.detach(), n1.eps)
         o, path = ffn.pick(tokens)
-        ff = ext.ffn_forward(mid, *o[:8], ffn.ops.hidden, ffn.ops.out, ACTS[parts.ffn_output.dense.activation],
+        ff = ext.ffn_forward(mid, *o[:8], ffn.ops.hidden, ffn.ops.out, ACTS[parts.ffn.activation],
                              PATHS[path])
         expected = ext.add_layernorm(ff, mid, n2.weight.detach(), n2.bias.detach(), n2.eps)
         assert torch.equal(native.forward(h, cu), expected)
@@ -312,6 +312,24 @@ def test_roberta_models_run_as_one_call_with_their_own_positions(tmp_path, kind,
         got = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
         ref = modules.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(got[real], ref[real]) and not embedded
+
+
+def test_distilbert_blocks_run_natively_with_its_own_norms(tmp_path):
+    """DistilBERT's blocks add and call nn.LayerNorm (no FusedResidualNorm): the native block does the same."""
+    model, ctx = _native(tmp_path, make_tiny_model("distilbert"))
+    report = ctx.report["native_blocks"]
+    assert report["native"] == ["distilbert.transformer.layer.0", "distilbert.transformer.layer.1"]
+    assert "BertModel" in report["whole_model"]
+    assert block_parts(model.distilbert.transformer.layer[0]).torch_norms
+    ids, mask = _batch()
+    modules = _module_path(model)
+    attended = _counting(model.distilbert.transformer.layer[0].attention)
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        ref = modules(input_ids=ids, attention_mask=mask).logits
+        single = model(input_ids=ids[:1]).logits
+        assert _rel(single, modules(input_ids=ids[:1]).logits) < NATIVE_TOLERANCE
+    assert torch.equal(got, ref) and not attended
 
 
 def test_blocks_of_other_bert_layouts_run_natively_one_by_one(tmp_path):

@@ -13,8 +13,9 @@ it -- ``attention.self.query`` a :class:`~stackcomp.nn.fused_qkv.FusedInt8QKV` a
 ``attention.output.dense`` an ``Int8Linear``, both on the ``kernel`` backend, ``attention.output``
 and ``output`` :class:`~stackcomp.nn.fused_norm.FusedResidualNorm`, ``output.dense`` a
 :class:`~stackcomp.nn.fused.FusedInt8FFN` -- which BERT, RoBERTa, ELECTRA, XLM-R and MiniLM blocks
-become. Another layout joins by appending a function to :data:`BLOCK_LAYOUTS` that returns its
-:class:`BlockParts` (or why not).
+become, or DistilBERT's ``TransformerBlock`` with the same fused layers (its norms plain
+``nn.LayerNorm``, computed as torch does). Another layout joins by appending a function to
+:data:`BLOCK_LAYOUTS` that returns its :class:`BlockParts` (or why not).
 
 The blocks run on the unpadded layout (:mod:`stackcomp.nn.unpadded`): applying native blocks applies
 unpadding, and a block steps aside -- runs its own modules -- wherever the unpadded model does
@@ -22,9 +23,10 @@ unpadding, and a block steps aside -- runs its own modules -- wherever the unpad
 for any mask other than "no padding" or the packed sequences' padding mask.
 
 Where transformers' ``BertModel`` (MiniLM and other BERT checkpoints), ``RobertaModel`` or
-``XLMRobertaModel`` holds only such blocks, its forward runs as one C++ call too (``EncoderModel``: the embeddings with ``BertEmbeddings``' own ops,
-then every block), and the pooler as its module: a single sentence then costs one Python call for the
-whole encoder. Another base model joins through :data:`MODEL_LAYOUTS`.
+``XLMRobertaModel`` holds only such blocks, its forward runs as one C++ call too (``EncoderModel``:
+the embeddings with the embeddings module's own ops, then every block), and the pooler as its
+module: a single sentence then costs one Python call for the whole encoder. Another base model
+joins through :data:`MODEL_LAYOUTS`.
 
 The kernels and their order are the modules' own, so on a padded batch (both paths pack the real
 tokens) the answers are the module path's exactly; without padding the module path runs SDPA and the
@@ -52,8 +54,8 @@ from stackcomp.nn.fused_qkv import FusedInt8QKV, FusedQKVPart
 from stackcomp.nn.quantized import Int8Linear, KernelInt8
 
 __all__ = ["BLOCK_LAYOUTS", "CONFIG_FLAG", "MODEL_LAYOUTS", "BlockParts", "ModelParts", "apply_native_blocks",
-           "block_parts", "bert_block_parts", "bert_model_parts", "link_native_blocks", "model_parts",
-           "native_blocks_report", "native_model_report", "remove_native_blocks", "roberta_model_parts"]
+           "bert_block_parts", "bert_model_parts", "block_parts", "distilbert_block_parts", "link_native_blocks",
+           "model_parts", "native_blocks_report", "native_model_report", "remove_native_blocks", "roberta_model_parts"]
 
 #: the config attribute that marks a model saved with native blocks
 CONFIG_FLAG = "stackcomp_native_blocks"
@@ -64,14 +66,40 @@ _CROSS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_
 
 @dataclass(frozen=True)
 class BlockParts:
-    """What a native block is built from: the block's own modules, and its attention's shape."""
+    """What a native block is built from: the block's own modules, and its attention's shape. The block
+    computes ``mid = norm1(attention_dense(attention(qkv(h))) + h)``, ``out = norm2(ffn(mid) + mid)``."""
 
     qkv: FusedInt8QKV
-    attention_output: FusedResidualNorm  # dense: an Int8Linear on the kernel backend
-    ffn_output: FusedResidualNorm  # dense: a FusedInt8FFN
+    attention_dense: Int8Linear  # on the kernel backend
+    norm1: nn.LayerNorm
+    ffn: FusedInt8FFN
+    norm2: nn.LayerNorm
     heads: int
     head_dim: int
     scale: float
+    torch_norms: bool = False  # the module adds and calls nn.LayerNorm (else FusedResidualNorm's kernel)
+
+
+def _attention_shape(qkv: FusedInt8QKV, head_dim: int, dense: nn.Module) -> tuple[int, int] | str:
+    """(heads, head_dim) of a fused projection whose query, key and value each hold whole heads, or why not."""
+    features = qkv.query_features
+    if head_dim < 1 or features % head_dim or not (features == qkv.key_features == qkv.value_features):
+        return (f"query/key/value features {qkv.query_features}/{qkv.key_features}/{qkv.value_features} are not "
+                f"equal multiples of the head size {head_dim}")
+    if dense.in_features != features:
+        return f"the attention's output dense takes {dense.in_features} features, the heads give {features}"
+    return features // head_dim, head_dim
+
+
+def _kernel_backend(**layers: Int8Linear) -> str | None:
+    for name, layer in layers.items():
+        if layer.backend != "kernel":
+            return f"{name} runs the {layer.backend!r} int8 backend; native blocks take the 'kernel' one"
+    return None
+
+
+def _fused_ffn_input(*modules: nn.Module | None) -> bool:
+    return all(isinstance(m, (FusedFFNInput, nn.Identity)) for m in modules)
 
 
 def bert_block_parts(block: nn.Module) -> BlockParts | str:
@@ -91,27 +119,47 @@ def bert_block_parts(block: nn.Module) -> BlockParts | str:
         return "its outputs are not FusedResidualNorm (pack fuse_norm: true)"
     if type(attn_out.dense) is not Int8Linear:
         return f"attention.output.dense is {type(attn_out.dense).__name__}, not an Int8Linear"
-    if not isinstance(output.dense, FusedInt8FFN) or not all(
-            isinstance(getattr(intermediate, n, None), (FusedFFNInput, nn.Identity))
-            for n in ("dense", "intermediate_act_fn")):
+    if not isinstance(output.dense, FusedInt8FFN) or not _fused_ffn_input(
+            getattr(intermediate, "dense", None), getattr(intermediate, "intermediate_act_fn", None)):
         return "the FFN is not a FusedInt8FFN (pack fuse_ffn: true)"
-    for name, layer in (("attention.self.query", qkv), ("attention.output.dense", attn_out.dense)):
-        if layer.backend != "kernel":
-            return f"{name} runs the {layer.backend!r} int8 backend; native blocks take the 'kernel' one"
-    head_dim = int(getattr(self_attn, "attention_head_size", 0) or 0)
-    features = qkv.query_features
-    if head_dim < 1 or features % head_dim or not (features == qkv.key_features == qkv.value_features):
-        return (f"query/key/value features {qkv.query_features}/{qkv.key_features}/{qkv.value_features} are not "
-                f"equal multiples of the head size {head_dim}")
-    if attn_out.dense.in_features != features:
-        return f"attention.output.dense takes {attn_out.dense.in_features} features, the heads give {features}"
+    why = _kernel_backend(**{"attention.self.query": qkv, "attention.output.dense": attn_out.dense})
+    shape = _attention_shape(qkv, int(getattr(self_attn, "attention_head_size", 0) or 0), attn_out.dense)
+    if why is not None or isinstance(shape, str):
+        return why or shape
     scale = getattr(self_attn, "scaling", None)
-    return BlockParts(qkv, attn_out, output, features // head_dim, head_dim,
-                      float(scale) if scale is not None else head_dim ** -0.5)
+    return BlockParts(qkv, attn_out.dense, attn_out.LayerNorm, output.dense, output.LayerNorm, *shape,
+                      float(scale) if scale is not None else shape[1] ** -0.5)
+
+
+def distilbert_block_parts(block: nn.Module) -> BlockParts | str:
+    """DistilBERT's ``TransformerBlock`` (its norms plain ``nn.LayerNorm`` after an add), as pack's fusions
+    leave it; else why not."""
+    attention, ffn = getattr(block, "attention", None), getattr(block, "ffn", None)
+    norm1, norm2 = getattr(block, "sa_layer_norm", None), getattr(block, "output_layer_norm", None)
+    if None in (attention, ffn, norm1, norm2) or not hasattr(attention, "q_lin"):
+        return "not DistilBERT's layout (attention.q_lin, sa_layer_norm, ffn, output_layer_norm)"
+    qkv = attention.q_lin
+    if not isinstance(qkv, FusedInt8QKV) or not all(isinstance(getattr(attention, n, None), FusedQKVPart)
+                                                    for n in ("k_lin", "v_lin")):
+        return "q_lin, k_lin and v_lin are not one FusedInt8QKV (pack fuse_qkv: true)"
+    if type(getattr(attention, "out_lin", None)) is not Int8Linear:
+        return f"attention.out_lin is {type(getattr(attention, 'out_lin', None)).__name__}, not an Int8Linear"
+    if not isinstance(getattr(ffn, "lin2", None), FusedInt8FFN) or not _fused_ffn_input(
+            getattr(ffn, "lin1", None), getattr(ffn, "activation", None)):
+        return "the FFN is not a FusedInt8FFN (pack fuse_ffn: true)"
+    if not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in (norm1, norm2)):
+        return "its norms are not affine nn.LayerNorm"
+    why = _kernel_backend(**{"attention.q_lin": qkv, "attention.out_lin": attention.out_lin})
+    shape = _attention_shape(qkv, int(getattr(attention, "attention_head_size", 0) or 0), attention.out_lin)
+    if why is not None or isinstance(shape, str):
+        return why or shape
+    scale = getattr(attention, "scaling", None)
+    return BlockParts(qkv, attention.out_lin, norm1, ffn.lin2, norm2, *shape,
+                      float(scale) if scale is not None else shape[1] ** -0.5, torch_norms=True)
 
 
 #: functions ``block -> BlockParts | str`` (why not), tried in order; a plugin appends its model's layout
-BLOCK_LAYOUTS: list[Callable[[nn.Module], BlockParts | str]] = [bert_block_parts]
+BLOCK_LAYOUTS: list[Callable[[nn.Module], BlockParts | str]] = [bert_block_parts, distilbert_block_parts]
 
 
 def _recognized(layouts: list[Callable], module: nn.Module, kind: type) -> Any:
@@ -147,27 +195,26 @@ def _routes(parts: BlockParts) -> tuple[Any, Any, Any] | str:
         return "the C++ kernel with native blocks is not loaded (" + (
             ds_cpu.build_error() or "disabled, or a build older than native blocks: rebuild it") + ")"
     routes = []
-    for name, layer in (("attention.self.query", parts.qkv), ("attention.output.dense", parts.attention_output.dense)):
+    for name, layer in (("the QKV projection", parts.qkv), ("the attention's output dense", parts.attention_dense)):
         runner, route = layer.prepared(_CPU)
         if not isinstance(runner, KernelInt8):
             return f"{name}: the int8 kernel does not run here"
         routes.append(route)
-    ffn = parts.ffn_output.dense._kernel()
+    ffn = parts.ffn._kernel()
     if ffn is None:
-        return "output.dense: the fused FFN kernel does not run here"
+        return "the fused FFN kernel does not run here"
     return routes[0], routes[1], ffn
 
 
 def _build(parts: BlockParts, routes: tuple) -> Any:
     qkv, out, ffn = routes
-    n1, n2 = parts.attention_output.LayerNorm, parts.ffn_output.LayerNorm
-    ffn_layer = parts.ffn_output.dense
+    n1, n2 = parts.norm1, parts.norm2
     return qkv.ext.EncoderBlock(
         *_route_operands(qkv, 4), *_route_operands(out, 4), *_route_operands(ffn, 8),
         [n1.weight.detach(), n1.bias.detach(), n2.weight.detach(), n2.bias.detach()],
         [parts.qkv.out_features, parts.qkv.query_features, parts.qkv.key_features, parts.heads, parts.head_dim,
-         parts.attention_output.dense.out_features, ffn.ops.hidden, ffn.ops.out, ACTS[ffn_layer.activation],
-         AMX_MIN_TOKENS],
+         parts.attention_dense.out_features, ffn.ops.hidden, ffn.ops.out, ACTS[parts.ffn.activation],
+         AMX_MIN_TOKENS, int(parts.torch_norms)],
         [parts.scale, float(n1.eps), float(n2.eps)], _sources(parts))
 
 
@@ -188,15 +235,13 @@ for _hook in (torch.nn.modules.module.register_module_module_registration_hook,
 
 def _sources(parts: BlockParts) -> list[torch.Tensor]:
     """The parts' own tensors (int8 buffers, norm parameters): the C++ block checks they stay as they were."""
-    tensors = [t for m in (parts.qkv, parts.attention_output.dense, parts.ffn_output.dense)
-               for t in m._buffers.values() if t is not None]
-    return tensors + [t for m in (parts.attention_output.LayerNorm, parts.ffn_output.LayerNorm)
-                      for t in m._parameters.values() if t is not None]
+    tensors = [t for m in (parts.qkv, parts.attention_dense, parts.ffn) for t in m._buffers.values() if t is not None]
+    return tensors + [t for m in (parts.norm1, parts.norm2) for t in m._parameters.values() if t is not None]
 
 
 def _caches(parts: BlockParts) -> tuple:
     """The layers' own cached kernel operands: a layer moved with ``.to()`` drops them."""
-    return parts.qkv._prepared, parts.attention_output.dense._prepared, parts.ffn_output.dense._cache
+    return parts.qkv._prepared, parts.attention_dense._prepared, parts.ffn._cache
 
 
 @functools.lru_cache(maxsize=256)
@@ -400,7 +445,8 @@ class _NativeModel:
         if built is not None and built.registrations == _REGISTRATIONS[0] and built.gen == gen:
             if built.model is None:
                 return None
-            if all(a is b for a, b in zip(built.caches, _model_caches(built.blocks), strict=True)) and built.model.fresh():
+            same = all(a is b for a, b in zip(built.caches, _model_caches(built.blocks), strict=True))
+            if same and built.model.fresh():
                 return built.parts, built.model
         parts = model_parts(self.base)
         blocks, model = [], None
@@ -438,7 +484,8 @@ class _NativeModel:
         real = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
-                return type(base).forward(base, input_ids, attention_mask, token_type_ids, position_ids, *args, **kwargs)
+                return type(base).forward(base, input_ids, attention_mask, token_type_ids, position_ids, *args,
+                                          **kwargs)
             real = attention_mask.bool()
             if not bool(real.all()):
                 keep = real.reshape(-1).nonzero().squeeze(1)
@@ -509,7 +556,8 @@ def apply_native_blocks(model: nn.Module) -> list[str]:
             block.forward = _NativeForward(block, unpadder)
             native.append(name)
     base = getattr(model, "base_model", model)
-    if native and not isinstance(base.__dict__.get("forward"), _NativeModel) and isinstance(model_parts(base), ModelParts):
+    if (native and not isinstance(base.__dict__.get("forward"), _NativeModel)
+            and isinstance(model_parts(base), ModelParts)):
         base.forward = _NativeModel(base)
     setattr(model.config, CONFIG_FLAG, True)
     return native

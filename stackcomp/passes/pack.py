@@ -88,7 +88,8 @@ class PackParams(PassParams):
     unpad: bool = Field(default=False, description="CPU: run the encoder on each batch's real tokens only (no "
                         "padding; attention per sequence in the C++ kernel)", json_schema_extra=KEY_OMIT_DEFAULT)
     native_blocks: bool = Field(default=False, description="CPU, with unpad and the fusions: run each fused int8 "
-                                "encoder block as one C++ call (no per-module Python)", json_schema_extra=KEY_OMIT_DEFAULT)
+                                "encoder block as one C++ call (no per-module Python)",
+                                json_schema_extra=KEY_OMIT_DEFAULT)
 
 
 #: fuse_qkv computes what the three int8 linears did (the same input rounding): only float summation
