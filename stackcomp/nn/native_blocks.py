@@ -91,11 +91,20 @@ def _attention_shape(qkv: FusedInt8QKV, head_dim: int, dense: nn.Module) -> tupl
     return features // head_dim, head_dim
 
 
-def _kernel_backend(**layers: Int8Linear) -> str | None:
+def _assemble(attention: nn.Module, layers: dict[str, nn.Module], norm1: nn.LayerNorm, ffn: FusedInt8FFN,
+              norm2: nn.LayerNorm, torch_norms: bool = False) -> BlockParts | str:
+    """A layout's found layers as :class:`BlockParts` (``layers``: the QKV projection and the attention's
+    output dense by their names in the block), once they run the kernel backend and hold whole heads."""
+    (qkv_name, qkv), (dense_name, dense) = layers.items()
     for name, layer in layers.items():
         if layer.backend != "kernel":
             return f"{name} runs the {layer.backend!r} int8 backend; native blocks take the 'kernel' one"
-    return None
+    shape = _attention_shape(qkv, int(getattr(attention, "attention_head_size", 0) or 0), dense)
+    if isinstance(shape, str):
+        return shape
+    scale = getattr(attention, "scaling", None)
+    return BlockParts(qkv, dense, norm1, ffn, norm2, *shape, float(scale) if scale is not None else shape[1] ** -0.5,
+                      torch_norms)
 
 
 def _fused_ffn_input(*modules: nn.Module | None) -> bool:
@@ -122,13 +131,8 @@ def bert_block_parts(block: nn.Module) -> BlockParts | str:
     if not isinstance(output.dense, FusedInt8FFN) or not _fused_ffn_input(
             getattr(intermediate, "dense", None), getattr(intermediate, "intermediate_act_fn", None)):
         return "the FFN is not a FusedInt8FFN (pack fuse_ffn: true)"
-    why = _kernel_backend(**{"attention.self.query": qkv, "attention.output.dense": attn_out.dense})
-    shape = _attention_shape(qkv, int(getattr(self_attn, "attention_head_size", 0) or 0), attn_out.dense)
-    if why is not None or isinstance(shape, str):
-        return why or shape
-    scale = getattr(self_attn, "scaling", None)
-    return BlockParts(qkv, attn_out.dense, attn_out.LayerNorm, output.dense, output.LayerNorm, *shape,
-                      float(scale) if scale is not None else shape[1] ** -0.5)
+    return _assemble(self_attn, {"attention.self.query": qkv, "attention.output.dense": attn_out.dense},
+                     attn_out.LayerNorm, output.dense, output.LayerNorm)
 
 
 def distilbert_block_parts(block: nn.Module) -> BlockParts | str:
@@ -149,13 +153,8 @@ def distilbert_block_parts(block: nn.Module) -> BlockParts | str:
         return "the FFN is not a FusedInt8FFN (pack fuse_ffn: true)"
     if not all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in (norm1, norm2)):
         return "its norms are not affine nn.LayerNorm"
-    why = _kernel_backend(**{"attention.q_lin": qkv, "attention.out_lin": attention.out_lin})
-    shape = _attention_shape(qkv, int(getattr(attention, "attention_head_size", 0) or 0), attention.out_lin)
-    if why is not None or isinstance(shape, str):
-        return why or shape
-    scale = getattr(attention, "scaling", None)
-    return BlockParts(qkv, attention.out_lin, norm1, ffn.lin2, norm2, *shape,
-                      float(scale) if scale is not None else shape[1] ** -0.5, torch_norms=True)
+    return _assemble(attention, {"attention.q_lin": qkv, "attention.out_lin": attention.out_lin}, norm1, ffn.lin2,
+                     norm2, torch_norms=True)
 
 
 #: functions ``block -> BlockParts | str`` (why not), tried in order; a plugin appends its model's layout
