@@ -407,6 +407,8 @@ def _accepted(name: str, value: Any) -> bool:
 
 
 class _Built(NamedTuple):
+    """What a native base model was built from, and when: any change of these builds it again."""
+
     registrations: int
     gen: int
     parts: ModelParts | str
@@ -432,7 +434,7 @@ class _NativeModel:
 
     def __init__(self, base: nn.Module):
         self.base = base
-        self._built: tuple | None = None  # (registrations, extension load, parts, layers' caches, EncoderModel)
+        self._built: _Built | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"base": self.base, "_built": None}
