@@ -39,6 +39,7 @@ from transformers import AutoTokenizer
 from stackcomp.artifacts import load_model
 from stackcomp.data import DataOptions
 from stackcomp.evaluate import size_report
+from stackcomp.nn.native_blocks import remove_native_model
 from stackcomp.nn.quantized import Int4Embedding
 from stackcomp.report import Run
 from stackcomp.tasks import get_task
@@ -98,12 +99,6 @@ TORCH_TABLES = "%torchtables"
 BLOCKS_ONLY = "%blocks"
 SWITCHES = (FBGEMM, VNNI, TORCH_TABLES, BLOCKS_ONLY)
 
-
-def without_native_model(model):
-    """``model`` with its base model's native forward removed (its blocks' kept)."""
-    base = getattr(model, "base_model", model)
-    base.__dict__.pop("forward", None)
-    return model
 
 
 def without_ffn_amx(model):
@@ -180,7 +175,7 @@ def main() -> None:
         if VNNI in switches:
             model = without_ffn_amx(model)
         if BLOCKS_ONLY in switches:
-            model = without_native_model(model)
+            model = remove_native_model(model)
         if TORCH_TABLES in switches:
             for m in model.modules():
                 if isinstance(m, Int4Embedding):

@@ -288,36 +288,42 @@ struct Int8Route {  // one int8 GEMM's operands for short calls and for long one
   }
 };
 
-struct EncoderBlock {
-  Int8Route qkv, attn_out, ffn;
-  // the modules' own tensors the operands were made from, with where they were and their in-place update
-  // counts then: fresh() is false once one moved or changed (Python then builds the block again)
-  std::vector<torch::Tensor> sources;
+// The module tensors a native object's operands were made from, with where they were and their in-place
+// update counts then: fresh() is false once one moved or changed (Python then builds the object again)
+struct TensorSources {
+  std::vector<torch::Tensor> tensors;
   std::vector<int64_t> versions;
   std::vector<const void*> places;
-  torch::Tensor ln1_gamma, ln1_beta, ln2_gamma, ln2_beta;
-  int64_t q_features = 0, k_features = 0, heads = 0, head_dim = 0, ffn_hidden = 0, act = 0, large_from = 0;
-  int64_t qkv_out = 0, attn_out_features = 0, ffn_out = 0;
-  bool torch_norms = false;  // the block's module adds, then calls torch's LayerNorm (DistilBERT): the same here
-  double scale = 1.0, eps1 = 1e-12, eps2 = 1e-12;
 
   static int64_t version_of(const torch::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
 
-  void remember(std::vector<torch::Tensor> tensors) {
-    sources = std::move(tensors);
+  void remember(std::vector<torch::Tensor> ts) {
+    tensors = std::move(ts);
     versions.clear();
     places.clear();
-    for (const auto& t : sources) {
+    for (const auto& t : tensors) {
       versions.push_back(version_of(t));
       places.push_back(t.data_ptr());
     }
   }
 
   bool fresh() const {
-    for (size_t i = 0; i < sources.size(); ++i)
-      if (sources[i].data_ptr() != places[i] || version_of(sources[i]) != versions[i]) return false;
+    for (size_t i = 0; i < tensors.size(); ++i)
+      if (tensors[i].data_ptr() != places[i] || version_of(tensors[i]) != versions[i]) return false;
     return true;
   }
+};
+
+struct EncoderBlock {
+  Int8Route qkv, attn_out, ffn;
+  TensorSources sources;  // the block's int8 buffers and norm parameters
+  torch::Tensor ln1_gamma, ln1_beta, ln2_gamma, ln2_beta;
+  int64_t q_features = 0, k_features = 0, heads = 0, head_dim = 0, ffn_hidden = 0, act = 0, large_from = 0;
+  int64_t qkv_out = 0, attn_out_features = 0, ffn_out = 0;
+  bool torch_norms = false;  // the block's module adds, then calls torch's LayerNorm (DistilBERT): the same here
+  double scale = 1.0, eps1 = 1e-12, eps2 = 1e-12;
+
+  bool fresh() const { return sources.fresh(); }
 
   // h: (tokens, hidden) float32; cu_seqlens: int64 (sequences + 1) starts of the packed sequences
   torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& cu_seqlens) const {
@@ -367,7 +373,7 @@ struct EncoderModel {
   torch::Tensor ln_gamma, ln_beta;
   double eps = 1e-12;
   std::vector<EncoderBlock> blocks;
-  EncoderBlock sources;  // only its fresh(): the embedding tensors' places and versions
+  TensorSources sources;  // the embedding tables and norm
 
   bool fresh() const {
     if (!sources.fresh()) return false;
@@ -500,7 +506,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              TORCH_CHECK(b.heads >= 1 && b.head_dim >= 1 && b.q_features == b.heads * b.head_dim &&
                          b.k_features == b.q_features && b.qkv_out == 3 * b.q_features,
                          "EncoderBlock: query, key and value must each have heads * head_dim features");
-             b.remember(std::move(sources));
+             b.sources.remember(std::move(sources));
              return b;
            }))
       .def("forward", &EncoderBlock::forward, "h (tokens, hidden), cu_seqlens (sequences + 1) -> (tokens, hidden)",

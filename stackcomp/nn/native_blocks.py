@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from stackcomp.kernels import ds_cpu
+from stackcomp.kernels.attention import cu_seqlens_from_mask
 from stackcomp.kernels.ffn import ACTS, AMX_MIN_TOKENS, PATHS
 from stackcomp.nn import unpadded
 from stackcomp.nn.base import register_model_link
@@ -55,7 +56,8 @@ from stackcomp.nn.quantized import Int8Linear, KernelInt8
 
 __all__ = ["BLOCK_LAYOUTS", "CONFIG_FLAG", "MODEL_LAYOUTS", "BlockParts", "ModelParts", "apply_native_blocks",
            "bert_block_parts", "bert_model_parts", "block_parts", "distilbert_block_parts", "link_native_blocks",
-           "model_parts", "native_blocks_report", "native_model_report", "remove_native_blocks", "roberta_model_parts"]
+           "model_parts", "native_blocks_report", "native_model_report", "remove_native_blocks", "remove_native_model",
+           "roberta_model_parts"]
 
 #: the config attribute that marks a model saved with native blocks
 CONFIG_FLAG = "stackcomp_native_blocks"
@@ -499,7 +501,7 @@ class _NativeModel:
             starts = _whole_sequences(b, n)
         else:
             ids, positions, types = ids[keep], positions[keep], types[keep]
-            starts = unpadded.cu_seqlens_from_mask(real)
+            starts = cu_seqlens_from_mask(real)
         h = model.forward(ids.long(), types.long(), positions.long(), starts)
         if keep is None:
             full = h.view(b, n, h.shape[-1])
@@ -564,14 +566,20 @@ def apply_native_blocks(model: nn.Module) -> list[str]:
     return native
 
 
+def remove_native_model(model: nn.Module) -> nn.Module:
+    """The base model's forward back to its own (its blocks stay native one by one)."""
+    base = getattr(model, "base_model", model)
+    if isinstance(base.__dict__.get("forward"), _NativeModel):
+        del base.__dict__["forward"]
+    return model
+
+
 def remove_native_blocks(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_native_blocks` (the blocks run their modules again; unpadding stays)."""
     for _, block in _blocks(model):
         if isinstance(block.__dict__.get("forward"), _NativeForward):
             del block.__dict__["forward"]
-    base = getattr(model, "base_model", model)
-    if isinstance(base.__dict__.get("forward"), _NativeModel):
-        del base.__dict__["forward"]
+    remove_native_model(model)
     if hasattr(getattr(model, "config", None), CONFIG_FLAG):
         delattr(model.config, CONFIG_FLAG)
     return model

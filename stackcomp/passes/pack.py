@@ -151,8 +151,6 @@ class PackPass(Pass):
         qkv = self._plan_qkv(model, plan) if self.params.fuse_qkv else None
         norm = self._plan_norm(model, layout, plan) if self.params.fuse_norm else None
         unpad = self._plan_unpad(model, layout) if self.params.unpad else None
-        if self.params.native_blocks:
-            self._plan_native(layout)
         n24_dense = [r["kept_dense"] for r in plan.values() if "kept_dense" in r]
         report = {"target": self.params.target, "layout": layout, "ds_kernel": kernel, "ds_kernel_reason": why,
                   "cpu_variant": cpu_variant, "layers": plan,
@@ -176,6 +174,7 @@ class PackPass(Pass):
             report["unpad"] = unpad
             state["unpad"] = True
         if self.params.native_blocks:
+            self._plan_native(layout)
             state["native_blocks"] = True
         return Analysis(report=report, state=state)
 
@@ -384,8 +383,9 @@ class PackPass(Pass):
         (``NATIVE_TOLERANCE``) on padded batches and on single sequences."""
         from stackcomp.nn.native_blocks import apply_native_blocks, native_blocks_report, native_model_report
 
-        why_not = {name: why for name, why in native_blocks_report(model).items() if why is not None}
-        if len(why_not) == len(native_blocks_report(model)):
+        blocks = native_blocks_report(model)
+        why_not = {name: why for name, why in blocks.items() if why is not None}
+        if len(why_not) == len(blocks):
             first = next(iter(why_not.items()), ("the model", "it has no stack of transformer blocks"))
             raise PassError(f"stage {ctx.stage!r}: native_blocks: no block can run natively ({first[0]}: {first[1]})")
         batches = [_with_padding(b) for b in _parity_batches(model, ctx, self.params.parity_sequences)]
